@@ -1,0 +1,74 @@
+"""The `data` and `tokenizer` sections of a preset, as dataclasses.
+
+The preset validator reads the type hints and defaults from these classes: a field here
+is a preset key. A source is either a bare string (a built-in dataset name such as
+"fineweb_edu", or a local path) or an object whose `type` picks one of the specs below.
+Relative paths are relative to the project root (where main.py is).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+
+@dataclass
+class TextSourceSpec:
+    """Local .txt/.md files: one file, or a folder searched recursively."""
+
+    type: Literal["text"]
+    path: str
+    name: Optional[str] = None  # shown in logs and per-source loss; default: the path
+    extensions: list[str] = field(default_factory=lambda: [".txt", ".md"])
+    chunk_chars: int = 8000  # long files are cut into documents of about this size
+
+
+@dataclass
+class HFSourceSpec:
+    """A Hugging Face dataset, streamed; or local json/jsonl/parquet/text files through
+    the same loader (`"dataset": "json", "data_files": "qa.jsonl"`)."""
+
+    type: Literal["hf"]
+    dataset: str
+    name: Optional[str] = None
+    config: Optional[str] = None
+    split: str = "train"
+    text_field: str = "text"
+    fields: Optional[list[str]] = None  # multi-field records, joined by `format`
+    format: Optional[str] = None  # e.g. "Q: {question}\nA: {answer}"
+    data_files: Optional[Union[str, list[str]]] = None
+    chunk_chars: int = 0  # 0 keeps records whole
+
+
+@dataclass
+class PdfSourceSpec:
+    """A folder of PDFs (searched recursively), or one PDF."""
+
+    type: Literal["pdf"]
+    path: str
+    name: Optional[str] = None
+    min_chunk_chars: int = 3000
+    max_chunk_chars: int = 5000
+
+
+SourceSpec = Union[str, TextSourceSpec, HFSourceSpec, PdfSourceSpec]
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceSpec] = field(default_factory=list)
+    mix_strategy: Literal["round_robin", "sequential", "weighted"] = "round_robin"
+    source_weights: Optional[list[float]] = None  # for "weighted", one per source
+    eval_fraction: float = 0.01  # share of documents held out for evaluation (by hash of id)
+    min_text_length: int = 32  # shorter documents are dropped
+    dedup: bool = True  # drop exact duplicate documents within a run
+    num_workers: int = 0  # background tokenizer processes (0: in the training process)
+    seed: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    type: Literal["bpe", "hf", "file"] = "bpe"
+    name: Optional[str] = None  # "hf": a Hugging Face tokenizer name such as "gpt2"
+    path: Optional[str] = None  # "file": a local tokenizer.json
+    vocab_size: int = 8192  # "bpe": trained on the preset's own sources
+    train_chars: int = 5_000_000  # "bpe": characters of training text used to learn merges

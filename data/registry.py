@@ -1,0 +1,212 @@
+"""The data registry: turns the preset's `data.sources` into opened Source plugins,
+splits held-out documents off by a hash of their id, filters and de-duplicates, and
+mixes the training documents of every source into one ordered stream."""
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from .config import DataConfig, HFSourceSpec, PdfSourceSpec, TextSourceSpec
+from .sources.base import Document, Source, SourceError
+
+
+class AllSourcesFailed(Exception):
+    """No source could be opened. `failures` is a list of (source name, reason)."""
+
+    def __init__(self, failures: list[tuple[str, str]]):
+        self.failures = failures
+        lines = "\n".join(f"  - {name}: {reason}" for name, reason in failures)
+        super().__init__(f"no data source could be opened:\n{lines}")
+
+
+def make_source(spec) -> Source:
+    """The Source plugin for one entry of `data.sources`."""
+    if isinstance(spec, str):
+        from .sources.builtin import BUILTIN_DATASETS, builtin_spec
+
+        if spec in BUILTIN_DATASETS:
+            return make_source(builtin_spec(spec))
+        path = Path(spec)
+        if path.suffix.lower() == ".pdf" or (path.is_dir() and any(path.rglob("*.pdf")) and not any(path.rglob("*.txt"))):
+            spec = PdfSourceSpec(type="pdf", path=spec)
+        else:
+            spec = TextSourceSpec(type="text", path=spec)
+    if isinstance(spec, TextSourceSpec):
+        from .sources.text import TextSource
+
+        return TextSource(spec.path, spec.name, spec.extensions, spec.chunk_chars)
+    if isinstance(spec, HFSourceSpec):
+        from .sources.hf import HFSource
+
+        return HFSource(spec)
+    if isinstance(spec, PdfSourceSpec):
+        from .sources.pdf import PdfSource
+
+        return PdfSource(spec)
+    raise TypeError(f"not a source spec: {spec!r}")
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    """Deterministic held-out membership from a hash of the document id."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def text_key(text: str) -> bytes:
+    """Hash of whitespace-normalised text, for cheap exact-duplicate detection."""
+    return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=12).digest()
+
+
+def open_sources(cfg: DataConfig, log: Callable[[str], None] = print) -> list[Source]:
+    """Every source that opens; the others are reported with their reason and skipped.
+    Raises AllSourcesFailed (listing each source and why) when none opens."""
+    opened, failures = [], []
+    for spec in cfg.sources:
+        label = spec if isinstance(spec, str) else (spec.name or getattr(spec, "dataset", None) or spec.path)
+        try:
+            source = make_source(spec)
+            source.check()
+        except SourceError as e:
+            failures.append((str(label), str(e)))
+            log(f"[data] skipping source {label}: {e}")
+            continue
+        opened.append(source)
+    if not opened:
+        raise AllSourcesFailed(failures or [("(none)", "data.sources is empty")])
+    return opened
+
+
+class DocumentMixer:
+    """One ordered stream of training documents drawn from several sources.
+
+    Each source is read endlessly (epoch after epoch), filtered (held-out split, minimum
+    length, duplicates within an epoch) and drawn by `strategy`:
+    round_robin takes one document from each source in turn; sequential reads each source
+    through once before the next; weighted draws a source at random by `weights`.
+    `state_dict()` records how far each source has been read, so a restarted run replays
+    to the same place without tokenising what it skips.
+    """
+
+    def __init__(self, sources: list[Source], cfg: DataConfig, shard: int = 0, num_shards: int = 1):
+        self.sources, self.cfg = sources, cfg
+        self.shard, self.num_shards = shard, num_shards
+        self.strategy = cfg.mix_strategy
+        weights = cfg.source_weights or [1.0] * len(sources)
+        if len(weights) != len(sources):  # a source failed to open: keep the weights that apply
+            weights = [1.0] * len(sources)
+        self.weights = [float(w) for w in weights]
+        self.rng = random.Random(cfg.seed * 1000003 + shard)
+        self.epoch = [0] * len(sources)
+        self.consumed = [0] * len(sources)  # training documents taken in the current epoch
+        self.turn = 0  # round_robin / sequential pointer
+        self._iters: list[Optional[Iterator[Document]]] = [None] * len(sources)
+
+    # -- per-source filtered iteration -------------------------------------------------
+    def _filtered(self, i: int) -> Iterator[Document]:
+        seen: set[bytes] = set()
+        for doc in self.sources[i].documents(self.shard, self.num_shards):
+            if len(doc.text.strip()) < self.cfg.min_text_length:
+                continue
+            if is_heldout(doc.doc_id, self.cfg.eval_fraction):
+                continue
+            if self.cfg.dedup:
+                key = text_key(doc.text)
+                if key in seen:
+                    continue
+                seen.add(key)
+            yield doc
+
+    def _next_from(self, i: int) -> Optional[Document]:
+        """The next document of source i, or None when its current epoch is exhausted."""
+        if self._iters[i] is None:
+            it = self._filtered(i)
+            for _ in range(self.consumed[i]):  # replay to the saved position
+                if next(it, None) is None:
+                    break
+            self._iters[i] = it
+        doc = next(self._iters[i], None)
+        if doc is None:
+            self._iters[i] = None
+            if self.consumed[i] == 0:
+                raise SourceError(f"{self.sources[i].name} has no training documents in shard {self.shard}")
+            self.epoch[i] += 1
+            self.consumed[i] = 0
+            return None
+        self.consumed[i] += 1
+        return doc
+
+    def _pick(self) -> int:
+        if self.strategy == "weighted":
+            return self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
+        return self.turn
+
+    def next_document(self) -> tuple[int, Document]:
+        """(source index, document)."""
+        while True:
+            i = self._pick()
+            doc = self._next_from(i)
+            if self.strategy == "round_robin" or (self.strategy == "sequential" and doc is None):
+                self.turn = (self.turn + 1) % len(self.sources)
+            if doc is not None:
+                return i, doc
+
+    def __iter__(self):
+        while True:
+            yield self.next_document()
+
+    def set_weights(self, weights: list[float]) -> None:
+        self.weights = [float(w) for w in weights]
+
+    def state_dict(self) -> dict:
+        return {"epoch": list(self.epoch), "consumed": list(self.consumed), "turn": self.turn,
+                "weights": list(self.weights), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = list(state["epoch"]), list(state["consumed"])
+        self.turn, self.weights = state["turn"], list(state["weights"])
+        self.rng.setstate(_as_rng_state(state["rng"]))
+        self._iters = [None] * len(self.sources)
+
+
+def _as_rng_state(state):
+    """random.Random state survives torch.save(weights_only) as nested lists: retuple it."""
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def eval_documents(sources: list[Source], cfg: DataConfig, max_chars_per_source: int,
+                   scan_limit: int = 20000) -> list[Document]:
+    """Held-out documents of every source (the same on every rank), up to a character
+    budget per source; streams are scanned for at most `scan_limit` documents."""
+    docs = []
+    for source in sources:
+        chars = 0
+        for n, doc in enumerate(source.documents(0, 1)):
+            if n >= scan_limit or chars >= max_chars_per_source:
+                break
+            if len(doc.text.strip()) >= cfg.min_text_length and is_heldout(doc.doc_id, cfg.eval_fraction):
+                docs.append(doc)
+                chars += len(doc.text)
+    return docs
+
+
+def sample_texts(sources: list[Source], cfg: DataConfig, max_chars: int) -> Iterator[str]:
+    """Training text for learning a tokenizer: round-robin over sources, held-out excluded,
+    until `max_chars` characters."""
+    iters = [iter(s.documents(0, 1)) for s in sources]
+    total = 0
+    while iters and total < max_chars:
+        for it in list(iters):
+            doc = next(it, None)
+            if doc is None:
+                iters.remove(it)
+                continue
+            if is_heldout(doc.doc_id, cfg.eval_fraction):
+                continue
+            total += len(doc.text)
+            yield doc.text

@@ -1,0 +1,61 @@
+"""The training loop and everything around it: presets, checkpoints, DDP, progress.
+
+`run()` is what main.py calls: pick (rank 0), train, and turn every user-fixable problem
+into a clear message and an exit code instead of a traceback. `train()` is the Python
+API that raises instead (tests use it with a small budget)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import TOKEN_BUDGET, AuxiliaryConfig, Preset, TrainConfig
+from .loop import RunResult, TrainError, train
+from .preset import PresetError, load_preset, preset_from_dict
+
+__all__ = ["TOKEN_BUDGET", "AuxiliaryConfig", "Preset", "PresetError", "RunResult", "TrainConfig", "TrainError",
+           "load_preset", "preset_from_dict", "run", "train"]
+
+
+def run(root: str | Path = ".") -> int:
+    """The zero-flag program: choose a preset (or resume), train it, exit code out."""
+    from rich.console import Console
+
+    from data import OFFLINE_HINT, AllSourcesFailed, TokenizerError
+
+    from .checkpoint import CheckpointError
+    from .distributed import broadcast_object, init_distributed, shutdown
+    from .ui import choose_run
+
+    console = Console()
+    root = Path(root)
+    d = init_distributed()
+    try:
+        plan = None
+        if d.is_main:
+            try:
+                plan = choose_run(root / "configs", root / "checkpoints", console)
+            except PresetError as e:
+                console.print(str(e), style="red", markup=False, highlight=False)
+                plan = "error"
+        plan = broadcast_object(plan, d)
+        if plan is None:
+            return 130  # Ctrl-C at a question: quiet exit
+        if plan == "error":
+            return 2
+        result = train(plan.preset, TOKEN_BUDGET, root / "checkpoints", resume=plan.resume)
+        return 0 if result.finished else 130
+    except AllSourcesFailed as e:
+        if d.is_main:
+            console.print(f"{e}\nstopped before touching any checkpoint.", style="red", markup=False, highlight=False)
+            if any("unreachable" in reason or "HF_HUB_OFFLINE" in reason for _, reason in e.failures):
+                console.print(f"hint: {OFFLINE_HINT}", style="yellow", markup=False, highlight=False)
+        return 2
+    except (PresetError, TokenizerError, CheckpointError, TrainError) as e:
+        if d.is_main:
+            console.print(f"error: {e}", style="red", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        if d.is_main:
+            console.print("interrupted.")
+        return 130
+    finally:
+        shutdown()

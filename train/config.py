@@ -1,0 +1,71 @@
+"""The `train` and `auxiliary` sections of a preset, and the preset as a whole."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from data import DataConfig, TokenizerConfig
+from model import ModelConfig
+
+# The fixed budget of every run: real (non-padding) training tokens, summed over ranks.
+TOKEN_BUDGET = 100_000_000
+
+
+@dataclass
+class TrainConfig:
+    seq_length: int = 256  # tokens per stream per step (T)
+    batch_size: int = 16  # parallel streams per rank (B)
+    grad_accum_steps: int = 1  # micro-steps per optimizer step
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    schedule: Literal["wsd", "cosine"] = "wsd"  # warmup-stable-decay, or warmup-cosine
+    warmup_tokens: int = 2_000_000
+    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 1337
+    log_every_steps: int = 10
+    eval_every_tokens: int = 5_000_000
+    eval_tokens: int = 65_536  # held-out tokens per evaluation
+    checkpoint_every_tokens: int = 5_000_000  # in-run saves for crash recovery
+    samples: int = 2  # generated samples shown at each evaluation
+    sample_tokens: int = 48
+    phase: Literal["A", "B", "C", "E"] = "A"
+
+
+@dataclass
+class AuxiliaryConfig:
+    enable_adaptive_sources: bool = False
+    adaptive_interval_tokens: int = 1_000_000
+    adaptive_min_weight: float = 0.1
+    adaptive_max_weight: float = 5.0
+    adaptive_smoothing: float = 0.5
+
+
+@dataclass
+class Preset:
+    name: str
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (stored in checkpoints, broadcast to DDP ranks)."""
+        return asdict(self)
+
+
+# keys that are accepted anywhere sensible but ignored, with the notice to print
+IGNORED_KEYS = {
+    "train_tokens": f"the token budget is fixed at {TOKEN_BUDGET:,} tokens per run; train_tokens is ignored",
+}
+
+
+def preset_stem(path: Optional[str]) -> str:
+    return Path(path).stem if path else "?"

@@ -1,0 +1,53 @@
+"""Held-out evaluation (cross-entropy, perplexity) and generated samples."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from model import detach_state, generate
+
+
+def reset_mask(inputs: torch.Tensor, eot_id: int, first: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: True where an input token follows an end-of-text; `first` [B] for t=0."""
+    reset = torch.zeros_like(inputs, dtype=torch.bool)
+    reset[:, 1:] = inputs[:, :-1] == eot_id
+    reset[:, 0] = first
+    return reset
+
+
+@torch.no_grad()
+def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=nullcontext) -> dict:
+    """Mean next-token cross-entropy over the held-out windows (each [B, T+1]).
+    Consecutive windows continue the same streams, so recurrent state carries."""
+    if not windows:
+        return {}
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    first = torch.ones(windows[0].shape[0], dtype=torch.bool)
+    for w in windows:
+        w = w.to(device)
+        x, y = w[:, :-1], w[:, 1:]
+        with autocast():
+            out = model(x, state=state if model.carries_state else None, reset_mask=reset_mask(x, eot_id, first.to(device)))
+        total += F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+        state = detach_state(out.state) if model.carries_state else None
+        first = x[:, -1] == eot_id
+    model.train(was_training)
+    loss = total / count
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def sample_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(prompt text, continuation text) for each prompt, by nucleus sampling."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for p in prompts:
+        new = generate(model, p, max_new_tokens=max_new_tokens, top_p=0.9, temperature=0.8,
+                       no_repeat_ngram=3, stop_token=tokenizer.eot_id, generator=gen)
+        out.append((tokenizer.decode(p), tokenizer.decode(new)))
+    return out

@@ -1,0 +1,417 @@
+"""The training run: data, tokenizer and model from a preset, then exactly `budget`
+tokens of AdamW, with evaluation, in-run saves and the end-of-run checkpoint rotation."""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from data import (PackedStreams, TextTokenizer, build_tokenizer, eval_documents, eval_windows, open_sources,
+                  sample_texts)
+from data.registry import DocumentMixer
+from model import build_model, count_params, detach_state, map_state
+
+from .checkpoint import RUN_STATE, atomic_save, load_checkpoint, load_latest, recover_rotation, rotate_checkpoints
+from .config import TOKEN_BUDGET, Preset
+from .distributed import Dist, all_reduce_sum, any_rank, barrier, broadcast_object, gather_objects, init_distributed
+from .evaluate import evaluate, sample_texts as generate_samples
+from .optim import build_optimizer, build_scheduler
+from .preset import preset_from_dict
+from .progress import MetricsLog, Reporter, human
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainError(Exception):
+    """A run that cannot go on for a reason the user can act on; the message says which."""
+
+
+@dataclass
+class RunResult:
+    tokens: int  # training tokens of this run so far (== budget when finished)
+    steps: int
+    finished: bool  # False when stopped early (Ctrl-C / SIGTERM); run_state.pth holds it
+    eval: dict
+    checkpoint: Optional[Path]
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM ask the run to save and stop at the next step boundary; a second
+    Ctrl-C stops at once (checkpoint writes are atomic, so nothing is corrupted)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def pick_device(pref: str, d: Dist) -> torch.device:
+    if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise TrainError('train.device is "cuda" but no CUDA device is available; use "auto"')
+    return torch.device("cuda", d.local_rank)
+
+
+def tokens_allowed(remaining: int, micro: int, rank: int, world: int, per_micro: int) -> int:
+    """Tokens rank `rank` may train on in micro-step `micro` so the run ends at exactly the
+    budget: the last step's remainder is handed out micro-step by micro-step, rank by rank."""
+    before = (micro * world + rank) * per_micro
+    return max(0, min(per_micro, remaining - before))
+
+
+def tolerant_load(model: torch.nn.Module, state: dict, report: Reporter) -> int:
+    """Load what fits; report missing, unexpected and mis-shaped keys. Returns #tensors loaded."""
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    misfit = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    result = model.load_state_dict(fitting, strict=False)
+    missing = sorted(set(result.missing_keys) - set(misfit))
+    for label, keys in (("missing (kept fresh)", missing), ("unexpected (ignored)", result.unexpected_keys),
+                        ("shape mismatch (kept fresh)", misfit)):
+        if keys:
+            report.warn(f"{len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
+    return len(fitting)
+
+
+def _same_architecture(a: dict, b: dict) -> bool:
+    keys = ("arch", "d_model", "n_layers", "n_heads")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+class Trainer:
+    """One run. `train()` below is the entry point; the class keeps the pieces together."""
+
+    def __init__(self, preset: Preset, budget: int, out_dir: Path, resume: bool, reporter: Optional[Reporter]):
+        self.d = init_distributed(preset.train.device)
+        self.out = Path(out_dir)
+        self.rep = reporter or Reporter(enabled=self.d.is_main)
+        if not self.d.is_main:
+            self.rep.enabled = False
+        self.budget = budget
+        self.run_state = None
+        if self.d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if recover_rotation(self.out):
+                self.rep.warn("finished an interrupted checkpoint rotation from the previous run")
+        barrier(self.d)
+        if resume:
+            self.run_state = load_checkpoint(self.out / RUN_STATE)
+            preset, _ = preset_from_dict(self.run_state["preset"], f"{self.out / RUN_STATE} (stored preset)")
+            self.budget = self.run_state["budget"]
+            if self.run_state["world_size"] != self.d.world_size:
+                raise TrainError(f"the interrupted run used {self.run_state['world_size']} processes; resume it "
+                                 f"with the same number (now {self.d.world_size})")
+        self.preset, self.cfg = preset, preset.train
+        self.device = pick_device(self.cfg.device, self.d)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.d.is_main)
+
+    # -- set-up -----------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, d, rep = self.cfg, self.d, self.rep
+        torch.manual_seed(cfg.seed + d.rank)
+        random.seed(cfg.seed + d.rank)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+        self.sources = open_sources(self.preset.data, log=rep.log if d.is_main else (lambda m: None))
+        rep.log(f"[data] {len(self.sources)} source(s): {', '.join(s.name for s in self.sources)}")
+        init = self._resolve_start()
+        self.tokenizer = self._resolve_tokenizer(init)
+        self.model = build_model(self.preset.model, self.tokenizer.vocab_size)
+        if self.run_state is not None:
+            self.model.load_state_dict(self.run_state["model"])
+        elif init is not None:
+            loaded = tolerant_load(self.model, init[1]["model"], rep)
+            rep.log(f"[model] continuing from {init[0]} ({loaded} tensors loaded)")
+        self.model.to(self.device)
+        n_params = count_params(self.model)
+        rep.log(f"[model] {self.preset.model.arch}: {n_params / 1e6:.2f}M parameters, vocab {self.tokenizer.vocab_size}, "
+                f"device {self.device}, world size {d.world_size}")
+        self.n_params = n_params
+        self.train_model = self.model
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+        self.tokens_per_micro = cfg.batch_size * cfg.seq_length
+        self.tokens_per_step = self.tokens_per_micro * cfg.grad_accum_steps * d.world_size
+        self.total_steps = math.ceil(self.budget / self.tokens_per_step)
+        self.optimizer = build_optimizer(self.model, cfg, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step)
+
+        mixer = DocumentMixer(self.sources, self.preset.data, shard=d.rank, num_shards=d.world_size)
+        self.streams = PackedStreams(mixer, self.tokenizer.encode_batch, self.tokenizer.eot_id,
+                                     cfg.batch_size, cfg.seq_length)
+        self.step, self.tokens, self.state = 0, 0, None
+        self.next_eval, self.next_save = cfg.eval_every_tokens, cfg.checkpoint_every_tokens
+        if self.run_state is not None:
+            self._restore()
+        self._prepare_eval()
+
+    def _resolve_start(self):
+        """(name, checkpoint) of the finished run this new run continues from, or None."""
+        if self.run_state is not None:
+            return None
+        latest = load_latest(self.out, warn=self.rep.warn)
+        if latest is None:
+            return None
+        name, ckpt = latest
+        if not _same_architecture(ckpt.get("model_config", {}), asdict(self.preset.model)):
+            self.rep.warn(f"{name} holds a different model ({ckpt.get('model_config', {}).get('arch')}); "
+                          "this run starts from fresh weights (the old file is kept in the rotation)")
+            return None
+        return latest
+
+    def _resolve_tokenizer(self, init) -> TextTokenizer:
+        stored = self.run_state["tokenizer"] if self.run_state is not None else (init[1]["tokenizer"] if init else None)
+        if stored is not None:
+            tok = TextTokenizer.from_json(stored["json"], stored["spec"])
+            wanted = {"type": self.preset.tokenizer.type, "name": self.preset.tokenizer.name,
+                      "path": self.preset.tokenizer.path, "vocab_size": self.preset.tokenizer.vocab_size}
+            if init is not None and stored["spec"] != wanted:
+                self.rep.warn(f"keeping the tokenizer stored in {init[0]} ({stored['spec']['type']}, vocab "
+                              f"{tok.vocab_size}) instead of the preset's, so the weights stay meaningful")
+            return tok
+        # a fresh tokenizer: rank 0 builds it (a BPE is learned from the sources), others receive it
+        built = None
+        if self.d.is_main:
+            tcfg = self.preset.tokenizer
+            t0 = time.time()
+            texts = sample_texts(self.sources, self.preset.data, tcfg.train_chars) if tcfg.type == "bpe" else None
+            tok = build_tokenizer(tcfg, texts)
+            self.rep.log(f"[tokenizer] {tcfg.type}: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
+            built = (tok.to_json(), tok.spec)
+        js, spec = broadcast_object(built, self.d)
+        return TextTokenizer.from_json(js, spec)
+
+    def _prepare_eval(self) -> None:
+        self.eval_batches, self.prompts = [], []
+        if not self.d.is_main:
+            return
+        cfg = self.cfg
+        per_source = max(20_000, cfg.eval_tokens * 8 // max(1, len(self.sources)))
+        docs = eval_documents(self.sources, self.preset.data, per_source)
+        ids = self.tokenizer.encode_batch([doc.text for doc in docs]) if docs else []
+        self.eval_batches = eval_windows(iter(ids), self.tokenizer.eot_id, min(cfg.batch_size, 8), cfg.seq_length,
+                                         cfg.eval_tokens)
+        self.prompts = [x[:16] for x in ids[: cfg.samples] if len(x) >= 16]
+        if not self.eval_batches:
+            self.rep.warn("no held-out text for evaluation (raise data.eval_fraction); evaluation is skipped")
+        else:
+            n = sum(w[:, 1:].numel() for w in self.eval_batches)
+            self.rep.log(f"[eval] {len(docs)} held-out documents, {human(n)} tokens per evaluation")
+
+    # -- checkpoints --------------------------------------------------------------------
+    def _rank_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": list(random.getstate())}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"streams": self.streams.state_dict(), "model_state": map_state(self.state, lambda t: t.cpu()), "rng": rng}
+
+    def _model_cpu_state(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+    def save_run_state(self) -> None:
+        ranks = gather_objects(self._rank_state(), self.d)
+        if self.d.is_main:
+            atomic_save({
+                "format": CHECKPOINT_FORMAT, "kind": "run_state", "model": self._model_cpu_state(),
+                "model_config": asdict(self.preset.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens": self.tokens,
+                "budget": self.budget, "world_size": self.d.world_size, "preset": self.preset.to_dict(),
+                "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
+                "next_eval": self.next_eval, "next_save": self.next_save, "ranks": ranks,
+            }, self.out / RUN_STATE)
+        barrier(self.d)
+
+    def _restore(self) -> None:
+        rs = self.run_state
+        self.optimizer.load_state_dict(rs["optimizer"])
+        self.scheduler.load_state_dict(rs["scheduler"])
+        self.step, self.tokens = rs["step"], rs["tokens"]
+        self.next_eval, self.next_save = rs["next_eval"], rs["next_save"]
+        mine = rs["ranks"][self.d.rank]
+        self.streams.load_state_dict(mine["streams"])
+        self.state = map_state(mine["model_state"], lambda t: t.to(self.device))
+        torch.set_rng_state(mine["rng"]["torch"])
+        version, internal, gauss = mine["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in mine["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
+        self.rep.log(f"[resume] continuing at {human(self.tokens)}/{human(self.budget)} tokens, step {self.step}")
+
+    def final_checkpoint(self, eval_row: dict) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "kind": "final", "model": self._model_cpu_state(),
+            "model_config": asdict(self.preset.model), "preset": self.preset.to_dict(),
+            "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
+            "tokens": self.tokens, "eval": eval_row, "finished_at": time.time(),
+        }
+
+    # -- the loop -------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, d = self.cfg, self.d
+        remaining = self.budget - self.tokens
+        n_step = min(remaining, self.tokens_per_step)
+        loss_sum = torch.zeros((), device=self.device)
+        aux_sums: dict[str, torch.Tensor] = {}
+        n_src = len(self.sources)
+        src_loss = torch.zeros(n_src, device=self.device)
+        src_count = torch.zeros(n_src, device=self.device)
+        for micro in range(cfg.grad_accum_steps):
+            batch = self.streams.next_batch()
+            tokens = batch.tokens.to(self.device, non_blocking=True)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            allowed = tokens_allowed(remaining, micro, d.rank, d.world_size, self.tokens_per_micro)
+            mask = (torch.arange(self.tokens_per_micro, device=self.device) < allowed).view_as(y)
+            sync = d.enabled and micro < cfg.grad_accum_steps - 1
+            with (self.train_model.no_sync() if sync else nullcontext()):
+                with self.autocast():
+                    out = self.train_model(x, state=self.state, reset_mask=batch.reset.to(self.device))
+                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+                ce = ce * mask
+                # DDP averages gradients over ranks, so scale by world size to get a mean over all tokens
+                loss = ce.sum() * (d.world_size / n_step)
+                for key, value in out.aux.items():
+                    if key.startswith("loss/"):
+                        loss = loss + value / cfg.grad_accum_steps
+                        aux_sums[key] = aux_sums.get(key, 0.0) + value.detach() / cfg.grad_accum_steps
+                loss.backward()
+            if self.model.carries_state:
+                self.state = detach_state(out.state)
+            loss_sum += ce.detach().sum()
+            srcs = batch.sources[:, 1:].to(self.device)
+            src_loss.index_add_(0, srcs.flatten(), ce.detach().flatten())
+            src_count.index_add_(0, srcs.flatten(), mask.flatten().float())
+            metrics = {k: v for k, v in out.aux.items() if k.startswith("metric/")}
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += n_step
+        return {"loss_sum": loss_sum, "n": n_step, "src_loss": src_loss, "src_count": src_count,
+                "grad_norm": grad_norm, "aux": aux_sums, "metrics": metrics}
+
+    def run(self) -> RunResult:
+        cfg, d, rep = self.cfg, self.d, self.rep
+        rep.log(f"[train] {human(self.budget)} tokens in {self.total_steps} steps of {human(self.tokens_per_step)} tokens "
+                f"({d.world_size} x {cfg.grad_accum_steps} x {cfg.batch_size} streams x {cfg.seq_length})")
+        rep.start(self.budget, self.tokens)
+        window = {"loss": torch.zeros((), device=self.device), "n": 0, "t": time.perf_counter(), "tokens": self.tokens,
+                  "src_loss": torch.zeros(len(self.sources), device=self.device),
+                  "src_count": torch.zeros(len(self.sources), device=self.device)}
+        last_eval: dict = {}
+        stopped = False
+        self.model.train()
+        try:
+            with StopFlag() as stop:
+                while self.tokens < self.budget:
+                    out = self.train_step()
+                    window["loss"] += out["loss_sum"]
+                    window["n"] += out["n"]
+                    window["src_loss"] += out["src_loss"]
+                    window["src_count"] += out["src_count"]
+                    if self.step % cfg.log_every_steps == 0 or self.tokens >= self.budget:
+                        self._log(window, out)
+                    if self.tokens >= self.next_eval and self.tokens < self.budget:
+                        last_eval = self._evaluate(samples=True)
+                        self.next_eval += cfg.eval_every_tokens
+                    if self.tokens >= self.next_save and self.tokens < self.budget:
+                        self.save_run_state()
+                        self.next_save += cfg.checkpoint_every_tokens
+                    if any_rank(stop.requested, d, self.device):
+                        stopped = True
+                        break
+        finally:
+            rep.close()
+        if stopped:
+            self.save_run_state()
+            rep.log(f"[stop] saved the run at {human(self.tokens)}/{human(self.budget)} tokens to "
+                    f"{self.out / RUN_STATE}; start again and press Enter to resume")
+            return RunResult(self.tokens, self.step, False, last_eval, self.out / RUN_STATE)
+        last_eval = self._evaluate(samples=True)
+        if d.is_main:
+            rotate_checkpoints(self.final_checkpoint(last_eval), self.out)
+            (self.out / RUN_STATE).unlink(missing_ok=True)
+            rep.log(f"[done] {human(self.tokens)} tokens; checkpoint {self.out / 'lm_current.pth'}"
+                    + (f"; held-out loss {last_eval['eval_loss']:.3f} (ppl {last_eval['eval_ppl']:.1f})" if last_eval else ""))
+        barrier(d)
+        return RunResult(self.tokens, self.step, True, last_eval, self.out / "lm_current.pth")
+
+    def _log(self, window: dict, out: dict) -> None:
+        d = self.d
+        packed = torch.cat([window["loss"].view(1), window["src_loss"], window["src_count"]])
+        packed = all_reduce_sum(packed, d)
+        n_src = len(self.sources)
+        now = time.perf_counter()
+        tokens_per_s = (self.tokens - window["tokens"]) / max(1e-9, now - window["t"])
+        loss = packed[0].item() / max(1, self.tokens - window["tokens"])
+        lr = self.scheduler.get_last_lr()[0]
+        row = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
+               "tokens_per_s": tokens_per_s, "grad_norm": float(out["grad_norm"])}
+        src_l, src_c = packed[1:1 + n_src], packed[1 + n_src:]
+        if n_src > 1:
+            row["source_loss"] = {s.name: (src_l[i] / src_c[i]).item() for i, s in enumerate(self.sources) if src_c[i] > 0}
+        for key, value in {**out["aux"], **out["metrics"]}.items():
+            row[key] = float(value)
+        self.metrics.write(row)
+        detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g}" for k, v in out["aux"].items())
+        self.rep.update(self.tokens, loss, lr, tokens_per_s, detail)
+        window.update(loss=torch.zeros((), device=self.device), n=0, t=now, tokens=self.tokens,
+                      src_loss=torch.zeros(n_src, device=self.device), src_count=torch.zeros(n_src, device=self.device))
+
+    def _evaluate(self, samples: bool) -> dict:
+        row: dict = {}
+        if self.d.is_main and self.eval_batches:
+            row = evaluate(self.model, self.eval_batches, self.tokenizer.eot_id, self.device, self.autocast)
+            self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens, **row})
+            self.rep.log(f"[eval] {human(self.tokens)} tokens: held-out loss {row['eval_loss']:.3f}, "
+                         f"perplexity {row['eval_ppl']:.1f}")
+            if samples and self.prompts:
+                for prompt, text in generate_samples(self.model, self.tokenizer, self.prompts, self.cfg.sample_tokens,
+                                                     seed=self.step):
+                    self.rep.log(f"  [sample] {prompt!r} -> {text!r}", style="dim")
+        barrier(self.d)
+        return row
+
+
+def train(preset: Preset, budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,
+          reporter: Optional[Reporter] = None) -> RunResult:
+    """Train `preset` for `budget` tokens (the product always uses TOKEN_BUDGET; tests pass
+    less). With resume=True, continue the interrupted run saved in out_dir/run_state.pth
+    (its stored preset is used). Raises PresetError, AllSourcesFailed, TokenizerError,
+    CheckpointError or TrainError for problems the user can fix."""
+    trainer = Trainer(preset, budget, Path(out_dir), resume, reporter)
+    trainer.setup()
+    return trainer.run()
