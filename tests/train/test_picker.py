@@ -1,0 +1,69 @@
+"""The picker: Enter takes 00_best_general on a terminal, the default is taken (and said)
+without one, and Ctrl-C exits quietly."""
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT
+
+PICK = ("import sys; sys.path.insert(0, {root!r}); from pathlib import Path; from train.ui import choose_preset; "
+        "from rich.console import Console; p = choose_preset(Path({root!r}) / 'configs', Console(width=200)); "
+        "print('PICKED', p.stem if p else None)")
+
+
+def run_in_pty(code: str, keys: bytes, wait_for: bytes, limit: float = 60.0) -> tuple[int, str]:
+    """Run python code on a pseudo-terminal; type `keys` once `wait_for` appears."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "TERM": "xterm", "COLUMNS": "200", "LINES": "50"})
+    os.close(slave)
+    out, sent, deadline = b"", False, time.monotonic() + limit
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        if not sent and wait_for in out:
+            time.sleep(0.3)
+            os.write(master, keys)
+            sent = True
+        if proc.poll() is not None and not ready:
+            break
+    proc.kill() if proc.poll() is None else None
+    os.close(master)
+    return proc.wait(), out.decode(errors="replace")
+
+
+def test_enter_takes_the_default_on_a_terminal():
+    code, out = run_in_pty(PICK.format(root=str(ROOT)), b"\r", b"Preset to train")
+    assert code == 0, out
+    assert "PICKED 00_best_general" in out
+
+
+def test_arrow_then_enter_picks_another():
+    code, out = run_in_pty(PICK.format(root=str(ROOT)), b"\x1b[B\r", b"Preset to train")
+    assert "PICKED 01_best_qa" in out, out
+
+
+def test_no_terminal_takes_the_default_and_says_so():
+    proc = subprocess.run([sys.executable, "-c", PICK.format(root=str(ROOT))], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+    assert "no terminal on stdin: taking the default preset 00_best_general" in proc.stdout
+    assert "PICKED 00_best_general" in proc.stdout
+    assert "params" in proc.stdout and "est. time" in proc.stdout  # the table was shown
+
+
+def test_ctrl_c_at_the_picker_exits_quietly(tmp_path):
+    code_ = ("import sys; sys.path.insert(0, {root!r}); import train; sys.exit(train.run({root!r}))"
+             .format(root=str(ROOT)))
+    code, out = run_in_pty(code_, b"\x03", b"Preset to train")
+    assert code == 130, out
+    assert "Traceback" not in out
