@@ -39,25 +39,26 @@ def machine_flops() -> tuple[float, str]:
         n, dtype, dev = 512, torch.float32, "cpu"
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    (a @ b).sum().item()  # warm-up
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 0.2:
-        (a @ b)
-        reps += 1
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    best = 0.0
+    for _ in range(4):  # the first windows warm up threads and clocks: keep the best
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.05:
+            a @ b
+            reps += 1
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
     label = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
-    return 2 * n**3 * reps / seconds, label
+    return best, label
 
 
 def train_seconds(n_params: int, model_cfg: ModelConfig, seq_length: int, tokens: int) -> float:
     """Rough wall time for `tokens` training tokens: 6 FLOPs per parameter per token plus
-    attention, at a third of the probed matmul rate (the rest of a step is not matmuls)."""
+    attention, at half the probed matmul rate (the rest of a step is not matmuls)."""
     attn = 6 * model_cfg.n_layers * model_cfg.d_model * seq_length
     flops = (6 * n_params + attn) * tokens
     rate, _ = machine_flops()
-    return flops / (rate / 3)
+    return flops / (rate / 2)
 
 
 def human_duration(seconds: float) -> str:

@@ -113,11 +113,6 @@ class Trainer:
             self.rep.enabled = False
         self.budget = budget
         self.run_state = None
-        if self.d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if recover_rotation(self.out):
-                self.rep.warn("finished an interrupted checkpoint rotation from the previous run")
-        barrier(self.d)
         if resume:
             self.run_state = load_checkpoint(self.out / RUN_STATE)
             preset, _ = preset_from_dict(self.run_state["preset"], f"{self.out / RUN_STATE} (stored preset)")
@@ -127,6 +122,13 @@ class Trainer:
                                  f"with the same number (now {self.d.world_size})")
         self.preset, self.cfg = preset, preset.train
         self.device = pick_device(self.cfg.device, self.d)
+        # data first: when no source opens, the run stops here, before any file is touched
+        self.sources = open_sources(preset.data, log=self.rep.log if self.d.is_main else (lambda m: None))
+        if self.d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if recover_rotation(self.out):
+                self.rep.warn("finished an interrupted checkpoint rotation from the previous run")
+        barrier(self.d)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.d.is_main)
 
     # -- set-up -----------------------------------------------------------------------
@@ -140,7 +142,6 @@ class Trainer:
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
 
-        self.sources = open_sources(self.preset.data, log=rep.log if d.is_main else (lambda m: None))
         rep.log(f"[data] {len(self.sources)} source(s): {', '.join(s.name for s in self.sources)}")
         init = self._resolve_start()
         self.tokenizer = self._resolve_tokenizer(init)

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from data import HFSourceSpec
+
 from .config import IGNORED_KEYS, Preset
 
 
@@ -183,7 +185,7 @@ def _cross_checks(p: Preset) -> list[str]:
     except ImportError:
         check_format = None
     for i, s in enumerate(d.sources):
-        fmt = getattr(s, "format", None)
+        fmt = s.format if isinstance(s, HFSourceSpec) else None
         if fmt is not None and check_format is not None:
             fields = getattr(s, "fields", None) or []
             problem = check_format(fmt, fields)

@@ -9,6 +9,7 @@ from typing import Optional
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .checkpoint import RUN_STATE, CheckpointError, load_checkpoint
 from .config import TOKEN_BUDGET, Preset
@@ -33,18 +34,22 @@ def interactive() -> bool:
 def preset_table(paths: list[Path], console: Console) -> Table:
     rate, device = machine_flops()
     table = Table(title=f"Presets (each trains {TOKEN_BUDGET:,} tokens; time estimated for this {device})")
-    for col in ("preset", "description", "model", "params", "est. time"):
-        table.add_column(col, overflow="fold")
+    table.add_column("preset", no_wrap=True, style="bold")
+    table.add_column("params", no_wrap=True, justify="right")
+    table.add_column("est. time", no_wrap=True, justify="right")
+    table.add_column("model and data", ratio=1)
     for path in paths:
         try:
             preset, _ = load_preset(path)
         except PresetError as e:
-            table.add_row(path.stem, f"[red]invalid: {e.problems[0]}[/]", "", "", "")
+            table.add_row(path.stem, "", "", Text(f"invalid: {e.problems[0]}", style="red"))
             continue
         n = param_count(preset.model, vocab_size_guess(preset.tokenizer))
         secs = train_seconds(n, preset.model, preset.train.seq_length, TOKEN_BUDGET)
         m = preset.model
-        table.add_row(path.stem, preset.description, f"{m.arch} d{m.d_model} L{m.n_layers}", human(n), human_duration(secs))
+        about = Text(f"{m.arch} d{m.d_model} L{m.n_layers}", style="cyan")
+        about.append(f"  {preset.description}", style="default")
+        table.add_row(path.stem, human(n), human_duration(secs), about)
     return table
 
 
