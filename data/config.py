@@ -61,7 +61,10 @@ class DataConfig:
     eval_fraction: float = 0.01  # share of documents held out for evaluation (by hash of id)
     min_text_length: int = 32  # shorter documents are dropped
     dedup: bool = True  # drop exact duplicate documents within a run
-    num_workers: int = 0  # background tokenizer processes (0: in the training process)
+    num_workers: int = 0  # background reader/tokenizer processes per rank (0: in the training process)
+    prefetch_docs: int = 64  # documents each background worker may run ahead of the consumer
+    source_retries: int = 3  # a source whose reader raises is reopened this many times, then dropped
+    retry_backoff_s: float = 2.0  # wait before the first retry; doubles with each further one
     seed: int = 0
 
 

@@ -4,13 +4,16 @@ mixes the training documents of every source into one ordered stream."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
-from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from .config import DataConfig, HFSourceSpec, PdfSourceSpec, TextSourceSpec
 from .sources.base import Document, Source, SourceError
+
+_log = logging.getLogger(__name__)
 
 
 class AllSourcesFailed(Exception):
@@ -20,6 +23,15 @@ class AllSourcesFailed(Exception):
         self.failures = failures
         lines = "\n".join(f"  - {name}: {reason}" for name, reason in failures)
         super().__init__(f"no data source could be opened:\n{lines}")
+
+
+class AllSourcesDied(RuntimeError):
+    """Every source of a mixer failed mid-run (after its retries). `failures`: (name, reason)."""
+
+    def __init__(self, failures: list[tuple[str, str]]):
+        self.failures = failures
+        lines = "\n".join(f"  - {name}: {reason}" for name, reason in failures)
+        super().__init__(f"every data source failed during the run:\n{lines}")
 
 
 def make_source(spec) -> Source:
@@ -71,9 +83,10 @@ def open_sources(cfg: DataConfig, log: Callable[[str], None] = print) -> list[So
         try:
             source = make_source(spec)
             source.check()
-        except SourceError as e:
-            failures.append((str(label), str(e)))
-            log(f"[data] skipping source {label}: {e}")
+        except Exception as e:  # SourceError carries the reason; anything else is reported too
+            reason = str(e) if isinstance(e, SourceError) else f"{e.__class__.__name__}: {e}"
+            failures.append((str(label), reason))
+            log(f"[data] skipping source {label}: {reason}")
             continue
         opened.append(source)
     if not opened:
@@ -88,13 +101,23 @@ class DocumentMixer:
     length, duplicates within an epoch) and drawn by `strategy`:
     round_robin takes one document from each source in turn; sequential reads each source
     through once before the next; weighted draws a source at random by `weights`.
+    `set_weights` (adaptive reweighting) switches the strategy to weighted: drawing by
+    weight is the only strategy in which weights mean anything.
+
+    A source whose reader raises mid-run (a network drop) is reopened at its position up to
+    `cfg.source_retries` times, waiting `cfg.retry_backoff_s` * 2**k between tries; then it
+    is dropped from the mix with a warning and the others go on. When every source is
+    dropped, AllSourcesDied is raised. The retry count resets after each good document.
+
     `state_dict()` records how far each source has been read, so a restarted run replays
     to the same place without tokenising what it skips.
     """
 
-    def __init__(self, sources: list[Source], cfg: DataConfig, shard: int = 0, num_shards: int = 1):
+    def __init__(self, sources: list[Source], cfg: DataConfig, shard: int = 0, num_shards: int = 1,
+                 log: Optional[Callable[[str], None]] = None):
         self.sources, self.cfg = sources, cfg
         self.shard, self.num_shards = shard, num_shards
+        self.log = log or _log.warning
         self.strategy = cfg.mix_strategy
         weights = cfg.source_weights or [1.0] * len(sources)
         if len(weights) != len(sources):  # a source failed to open: keep the weights that apply
@@ -104,6 +127,8 @@ class DocumentMixer:
         self.epoch = [0] * len(sources)
         self.consumed = [0] * len(sources)  # training documents taken in the current epoch
         self.turn = 0  # round_robin / sequential pointer
+        self.dead: dict[int, str] = {}  # dropped sources and why
+        self._failures = [0] * len(sources)  # consecutive failures of each source
         self._iters: list[Optional[Iterator[Document]]] = [None] * len(sources)
 
     # -- per-source filtered iteration -------------------------------------------------
@@ -121,28 +146,60 @@ class DocumentMixer:
                 seen.add(key)
             yield doc
 
-    def _next_from(self, i: int) -> Optional[Document]:
-        """The next document of source i, or None when its current epoch is exhausted."""
+    def _read(self, i: int) -> Optional[Document]:
+        """The next filtered document of source i's epoch, reopening at the saved position."""
         if self._iters[i] is None:
             it = self._filtered(i)
             for _ in range(self.consumed[i]):  # replay to the saved position
                 if next(it, None) is None:
                     break
             self._iters[i] = it
-        doc = next(self._iters[i], None)
+        return next(self._iters[i], None)
+
+    def _next_from(self, i: int) -> Optional[Document]:
+        """The next document of source i, or None when its current epoch is exhausted or
+        the source has just been dropped."""
+        while True:
+            try:
+                doc = self._read(i)
+                break
+            except Exception as e:  # the source died under us: retry from its position, then drop
+                self._iters[i] = None
+                self._failures[i] += 1
+                reason = f"{e.__class__.__name__}: {' '.join(str(e).split())[:300]}"
+                if self._failures[i] > self.cfg.source_retries:
+                    self._drop(i, f"failed {self._failures[i]} times, last: {reason}")
+                    return None
+                delay = self.cfg.retry_backoff_s * 2 ** (self._failures[i] - 1)
+                self.log(f"[data] source {self.sources[i].name} failed ({reason}); "
+                         f"retry {self._failures[i]}/{self.cfg.source_retries} in {delay:.0f}s")
+                time.sleep(delay)
         if doc is None:
             self._iters[i] = None
-            if self.consumed[i] == 0:
-                raise SourceError(f"{self.sources[i].name} has no training documents in shard {self.shard}")
+            if self.consumed[i] == 0:  # an empty share (tiny source, many readers): nothing to mix
+                self._drop(i, f"no training documents in shard {self.shard} of {self.num_shards}")
+                return None
             self.epoch[i] += 1
             self.consumed[i] = 0
             return None
+        self._failures[i] = 0
         self.consumed[i] += 1
         return doc
 
+    def _drop(self, i: int, reason: str) -> None:
+        self.dead[i] = reason
+        self.log(f"[data] dropping source {self.sources[i].name}: {reason}; training goes on with the others")
+        if len(self.dead) == len(self.sources):
+            raise AllSourcesDied([(self.sources[j].name, r) for j, r in sorted(self.dead.items())])
+
     def _pick(self) -> int:
         if self.strategy == "weighted":
-            return self.rng.choices(range(len(self.sources)), weights=self.weights)[0]
+            live = [0.0 if j in self.dead else max(w, 0.0) for j, w in enumerate(self.weights)]
+            if sum(live) <= 0:  # every live weight is zero: draw the live sources evenly
+                live = [0.0 if j in self.dead else 1.0 for j in range(len(self.sources))]
+            return self.rng.choices(range(len(self.sources)), weights=live)[0]
+        while self.turn in self.dead:
+            self.turn = (self.turn + 1) % len(self.sources)
         return self.turn
 
     def next_document(self) -> tuple[int, Document]:
@@ -150,6 +207,8 @@ class DocumentMixer:
         while True:
             i = self._pick()
             doc = self._next_from(i)
+            if doc is None and self.strategy != "sequential" and i not in self.dead:
+                doc = self._next_from(i)  # the source starts a new epoch and keeps its turn
             if self.strategy == "round_robin" or (self.strategy == "sequential" and doc is None):
                 self.turn = (self.turn + 1) % len(self.sources)
             if doc is not None:
@@ -160,16 +219,24 @@ class DocumentMixer:
             yield self.next_document()
 
     def set_weights(self, weights: list[float]) -> None:
+        """New drawing weights (one per source); switches the strategy to weighted."""
+        if len(weights) != len(self.sources):
+            raise ValueError(f"{len(weights)} weights for {len(self.sources)} sources")
         self.weights = [float(w) for w in weights]
+        self.strategy = "weighted"
 
     def state_dict(self) -> dict:
         return {"epoch": list(self.epoch), "consumed": list(self.consumed), "turn": self.turn,
-                "weights": list(self.weights), "rng": self.rng.getstate()}
+                "weights": list(self.weights), "rng": self.rng.getstate(), "strategy": self.strategy,
+                "dead": [[i, r] for i, r in sorted(self.dead.items())]}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = list(state["epoch"]), list(state["consumed"])
         self.turn, self.weights = state["turn"], list(state["weights"])
         self.rng.setstate(_as_rng_state(state["rng"]))
+        self.strategy = state.get("strategy", self.strategy)
+        self.dead = {int(i): r for i, r in state.get("dead", [])}
+        self._failures = [0] * len(self.sources)
         self._iters = [None] * len(self.sources)
 
 
@@ -186,12 +253,15 @@ def eval_documents(sources: list[Source], cfg: DataConfig, max_chars_per_source:
     docs = []
     for source in sources:
         chars = 0
-        for n, doc in enumerate(source.documents(0, 1)):
-            if n >= scan_limit or chars >= max_chars_per_source:
-                break
-            if len(doc.text.strip()) >= cfg.min_text_length and is_heldout(doc.doc_id, cfg.eval_fraction):
-                docs.append(doc)
-                chars += len(doc.text)
+        try:
+            for n, doc in enumerate(source.documents(0, 1)):
+                if n >= scan_limit or chars >= max_chars_per_source:
+                    break
+                if len(doc.text.strip()) >= cfg.min_text_length and is_heldout(doc.doc_id, cfg.eval_fraction):
+                    docs.append(doc)
+                    chars += len(doc.text)
+        except Exception as e:  # evaluation goes on with what the others (and this one so far) gave
+            _log.warning("[data] held-out scan of %s stopped: %s: %s", source.name, e.__class__.__name__, e)
     return docs
 
 

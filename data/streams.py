@@ -50,7 +50,12 @@ class PackedStreams:
     def _next_tokens(self) -> tuple[int, list[int]]:
         if not self.pending:
             picked = [self.documents.next_document() for _ in range(self.refill_docs)]
-            encoded = self.encode([doc.text for _, doc in picked])
+            # documents tokenised by a background worker carry their ids (data/prefetch.py)
+            encoded = [getattr(doc, "ids", None) for _, doc in picked]
+            todo = [k for k, ids in enumerate(encoded) if ids is None]
+            if todo:
+                for k, ids in zip(todo, self.encode([picked[k][1].text for k in todo])):
+                    encoded[k] = ids
             self.pending = [(src, ids + [self.eot]) for (src, _), ids in zip(picked, encoded)][::-1]
         return self.pending.pop()
 

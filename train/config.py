@@ -34,7 +34,6 @@ class TrainConfig:
     checkpoint_every_tokens: int = 5_000_000  # in-run saves for crash recovery
     samples: int = 2  # generated samples shown at each evaluation
     sample_tokens: int = 48
-    phase: Literal["A", "B", "C", "E"] = "A"
 
 
 @dataclass
