@@ -388,6 +388,9 @@ class Trainer:
             row[key] = float(value)
         self.metrics.write(row)
         detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g}" for k, v in out["aux"].items())
+        spikes = [float(v) for k, v in out["metrics"].items() if k.startswith("metric/spike_rate/")]
+        if spikes:
+            detail += f"  spike rate {sum(spikes) / len(spikes):.2f}"
         self.rep.update(self.tokens, loss, lr, tokens_per_s, detail)
         window.update(loss=torch.zeros((), device=self.device), n=0, t=now, tokens=self.tokens,
                       src_loss=torch.zeros(n_src, device=self.device), src_count=torch.zeros(n_src, device=self.device))

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 
+import pytest
 import torch
 
 from train import train
@@ -29,8 +30,13 @@ class InterruptAt(Reporter):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_loss_falls_on_real_text_and_checkpoints_appear(tiny_preset, tmp_path):
-    preset = tiny_preset(train={"log_every_steps": 10})
+HATCHLING = {"arch": "hatchling", "d_model": 64, "n_layers": 2, "n_heads": 2, "global_every": 2, "wm_window": 64,
+             "chunk_size": 16}
+
+
+@pytest.mark.parametrize("arch", ["transformer", "hatchling"])
+def test_loss_falls_on_real_text_and_checkpoints_appear(tiny_preset, tmp_path, arch):
+    preset = tiny_preset(train={"log_every_steps": 10}, **({"model": HATCHLING} if arch == "hatchling" else {}))
     result = train(preset, budget=48_000, out_dir=tmp_path)
     assert result.finished and result.tokens == 48_000
     losses = [r["loss"] for r in rows(tmp_path, "train")]
@@ -47,14 +53,17 @@ def test_budget_is_exact_when_steps_do_not_divide_it(tiny_preset, tmp_path):
     assert load_checkpoint(tmp_path / CURRENT)["tokens"] == 1000
 
 
-def test_interrupted_run_resumes_exactly(tiny_preset, tmp_path):
+@pytest.mark.parametrize("arch", ["transformer", "hatchling"])
+def test_interrupted_run_resumes_exactly(tiny_preset, tmp_path, arch):
     budget = 6_400  # 50 steps of 128 tokens
-    preset = tiny_preset(train={"log_every_steps": 1})
+    preset = tiny_preset(train={"log_every_steps": 1}, **({"model": HATCHLING} if arch == "hatchling" else {}))
     straight = train(preset, budget=budget, out_dir=tmp_path / "a")
     stopped = train(preset, budget=budget, out_dir=tmp_path / "b", reporter=InterruptAt(2_560))
     assert not stopped.finished and (tmp_path / "b" / RUN_STATE).exists()
     saved = load_checkpoint(tmp_path / "b" / RUN_STATE)
     assert saved["tokens"] == stopped.tokens == 2_560
+    carried = saved["ranks"][0]["model_state"]
+    assert (carried is not None) == (arch == "hatchling")  # recurrent state is part of the save
     resumed = train(preset, budget=budget, out_dir=tmp_path / "b", resume=True)
     assert resumed.finished and resumed.tokens == budget and resumed.steps == straight.steps
     a = load_checkpoint(tmp_path / "a" / CURRENT)["model"]

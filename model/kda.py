@@ -1,0 +1,274 @@
+"""Kimi Delta Attention (KDA): the gated delta rule with a per-channel decay.
+
+For every head, with a fast-weight state S of shape [dk, dv]:
+
+    S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T
+    o_t = S_t^T (scale * q_t)
+
+alpha_t in (0, 1]^dk is a per-key-channel decay (passed in log space, `log_alpha <= 0`),
+beta_t in [0, 1] a per-head write strength. Read the update as: decay the memory, ask it
+what it currently stores under k_t, and move that answer a fraction beta_t of the way
+towards v_t (an error-correcting write).
+
+Three forms of the same function, all computing in float32:
+
+- `kda_recurrent`: the specification, one token at a time (a loop over `kda_step`).
+- `kda_chunk`: the chunked parallel form used for training; exact, not an approximation.
+- `kda_step`: one token, for generation.
+
+Shapes (batch first, heads second): q, k [B, H, T, dk]; v [B, H, T, dv];
+log_alpha [B, H, T, dk]; beta [B, H, T]; state [B, H, dk, dv].
+
+Document resets: `reset` ([B, T] or [B, H, T] bool, True at the first token of a new
+document) zeroes a stream's state *before* that token is written, so the token and
+everything after it never see the previous document. All three forms implement it
+exactly (a mask, not a huge negative decay), so gradients stay finite.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+# ------------------------------------------------------------------------------------
+# One step and the sequential reference
+# ------------------------------------------------------------------------------------
+
+
+def _float32(fn):
+    """Run fn with autocast off: under bf16 autocast the matmuls of the state recurrence
+    would otherwise drop to bf16 and the state would drift over long sequences."""
+
+    @functools.wraps(fn)
+    def wrapper(q, *args, **kwargs):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return wrapper
+
+
+@_float32
+def kda_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    state: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    reset: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of KDA.
+
+    q, k: [B, H, dk]; v: [B, H, dv]; log_alpha: [B, H, dk]; beta: [B, H];
+    state: [B, H, dk, dv] or None (zeros); reset: [B] or [B, H] bool or None.
+    Returns (o [B, H, dv] in v's dtype, new state [B, H, dk, dv] float32).
+    """
+    dtype = v.dtype
+    q, k, v, log_alpha, beta = (x.float() for x in (q, k, v, log_alpha, beta))
+    B, H, dk = q.shape
+    scale = dk ** -0.5 if scale is None else scale
+    if state is None:
+        state = q.new_zeros(B, H, dk, v.shape[-1])
+    state = state.float()
+    if reset is not None:  # a new document starts here: forget everything before it
+        keep = ~reset.reshape(B, -1)  # [B, 1] or [B, H]
+        state = state * keep[..., None, None]
+    S = state * log_alpha.exp()[..., None]  # Diag(alpha) S
+    recalled = torch.einsum("bhk,bhkv->bhv", k, S)  # what the memory returns for k
+    S = S + (beta[..., None] * k)[..., :, None] * (v - recalled)[..., None, :]
+    o = torch.einsum("bhk,bhkv->bhv", q * scale, S)
+    return o.to(dtype), S
+
+
+@_float32
+def kda_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    reset: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: KDA over a sequence, one token at a time.
+
+    q, k [B, H, T, dk]; v [B, H, T, dv]; log_alpha [B, H, T, dk]; beta [B, H, T];
+    initial_state [B, H, dk, dv] or None; reset [B, T] / [B, H, T] bool or None.
+    Returns (o [B, H, T, dv], final state [B, H, dk, dv] float32).
+    """
+    B, H, T, _ = q.shape
+    reset = _reset_bht(reset, B, H, T)
+    S = initial_state
+    outs = []
+    # unbind (not x[:, :, t]) so the backward stacks gradients once instead of T times
+    steps = zip(*(x.unbind(2) for x in (q, k, v, log_alpha, beta)))
+    resets = reset.unbind(2) if reset is not None else [None] * T
+    for (q_t, k_t, v_t, la_t, b_t), r_t in zip(steps, resets):
+        o, S = kda_step(q_t, k_t, v_t, la_t, b_t, S, scale, r_t)
+        outs.append(o)
+    return torch.stack(outs, dim=2), S
+
+
+# ------------------------------------------------------------------------------------
+# The chunked parallel form
+# ------------------------------------------------------------------------------------
+#
+# Within a chunk of C tokens that starts from state S0, write G_t = sum_{s<=t} log alpha_s
+# (a cumulative log-decay per key channel, so G only decreases) and unroll the recurrence
+# (a WY/UT-style representation of the product of Householder-like factors):
+#
+#     S_t = Diag(e^{G_t}) S0 + sum_{i<=t} Diag(e^{G_t - G_i}) k_i u_i^T
+#
+# where the "pseudo-values" u_i are what token i actually writes. Substituting into the
+# delta rule gives a unit lower-triangular system for all u of the chunk at once:
+#
+#     u_t + beta_t sum_{i<t} A_ti u_i = beta_t (v_t - (e^{G_t} * k_t)^T S0),
+#     A_ti = sum_d k_t[d] k_i[d] e^{G_t[d] - G_i[d]}
+#
+# i.e. U = T (V - (e^G * K) S0) with T = (I + diag(beta) strict_tril(A))^{-1} diag(beta).
+# So U = U~ - W S0 with U~ = T V and W = T (e^G * K), both independent of S0 and computed
+# for every chunk in parallel. Only the small recurrence over chunk states is sequential:
+#
+#     O     = (e^G * Q) S0 + tril(Aqk) U,        Aqk_ti = sum_d q_t[d] k_i[d] e^{G_t[d]-G_i[d]}
+#     S_end = Diag(e^{G_C}) S0 + (e^{G_C - G} * K)^T U
+#
+# Numerical care: e^{G_t - G_i} (t >= i) is <= 1, but splitting it as e^{G_t} e^{-G_i} to
+# use a matmul overflows once a chunk decays by more than ~e^-88. So the decayed score
+# matrices are built from sub-chunks of `sub` tokens: pairs in the same sub-chunk use
+# the explicit pairwise exponent, pairs in different sub-chunks are factored through the
+# last token r of the key's sub-chunk, e^{G_t - G_r} e^{G_r - G_i}, both factors <= 1.
+#
+# Resets: a token at or after a reset may only combine with tokens of its own segment
+# (segment = number of resets so far in the chunk), and only segment 0 sees S0.
+
+
+def _reset_bht(reset: Optional[torch.Tensor], B: int, H: int, T: int) -> Optional[torch.Tensor]:
+    """reset [B, T] or [B, H, T] (or None) -> [B, H, T] bool (or None)."""
+    if reset is None:
+        return None
+    reset = reset.bool()
+    if reset.dim() == 2:
+        reset = reset[:, None, :]
+    return reset.expand(B, H, T)
+
+
+def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decay-weighted dot products inside each chunk.
+
+    q, k, G: [..., C, dk] (G the within-chunk cumulative log-decay). Returns
+    (Aqk, Akk), each [..., C, C], with X[t, i] = sum_d x_t[d] k_i[d] exp(G_t[d] - G_i[d])
+    for t >= i and 0 above the diagonal.
+    """
+    C, dk = q.shape[-2], q.shape[-1]
+    n = C // sub
+    lead = q.shape[:-2]
+    # (1) pairs inside one sub-chunk: the explicit pairwise exponent, [..., n, s, s, dk]
+    Gs = G.unflatten(-2, (n, sub))
+    diff = Gs[..., :, None, :] - Gs[..., None, :, :]
+    tri = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+    decay = torch.where(tri[..., None], diff, float("-inf")).exp()  # 0 above the diagonal
+    ks = k.unflatten(-2, (n, sub))
+    k_pairs = decay * ks[..., None, :, :]  # [..., n, s(t), s(i), dk]: k_i decayed to time t
+    rows = torch.stack([q.unflatten(-2, (n, sub)), ks], dim=-1)  # [..., n, s(t), dk, 2]
+    diag_qk, diag_kk = (k_pairs @ rows).unbind(-1)  # [..., n, s(t), s(i)] each
+    # (2) pairs in different sub-chunks, factored through r = last token of the key's
+    # sub-chunk b: keys scaled by e^{G_r - G_i} <= 1, rows by e^{G_t - G_r} (<= 1 where used;
+    # clamped elsewhere, those entries are masked out below).
+    Gr = Gs[..., -1, :]  # [..., n, dk]
+    k_dec = ks * (Gr[..., :, None, :] - Gs).exp()  # [..., n(b), s, dk]
+    row_dec = (G[..., None, :, :] - Gr[..., :, None, :]).clamp(max=0).exp()  # [..., n(b), C, dk]
+    blk = torch.arange(C, device=q.device) // sub
+    later_block = blk[:, None] > blk[None, :]  # [C, C]: query's sub-chunk after key's
+    eye_n = torch.eye(n, dtype=q.dtype, device=q.device)
+
+    def assemble(rows: torch.Tensor, diag: torch.Tensor) -> torch.Tensor:
+        off = (rows[..., None, :, :] * row_dec) @ k_dec.transpose(-1, -2)  # [..., n(b), C, s]
+        off = off.movedim(-3, -2).reshape(*lead, C, C)  # column index = b * s + j
+        off = off.masked_fill(~later_block, 0.0)
+        # place the [n, s, s] diagonal blocks on the block diagonal of a [C, C] matrix
+        on = torch.einsum("...ati,ab->...atbi", diag, eye_n).reshape(*lead, C, C)
+        return off + on
+
+    return assemble(q, diag_qk), assemble(k, diag_kk)
+
+
+def _sub_chunk(chunk_size: int) -> int:
+    """Largest divisor of chunk_size that is at most 16 (the explicit pairwise block)."""
+    for s in range(min(16, chunk_size), 0, -1):
+        if chunk_size % s == 0:
+            return s
+    return 1
+
+
+@_float32
+def kda_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_alpha: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    reset: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KDA over a sequence in chunks of `chunk_size` (any T; the tail chunk is padded).
+
+    Same arguments and results as `kda_recurrent`; differentiable by autograd.
+    """
+    B, H, T, dk = q.shape
+    dv = v.shape[-1]
+    dtype = v.dtype
+    scale = dk ** -0.5 if scale is None else scale
+    C = chunk_size
+    q, k, v, g, beta = (x.float() for x in (q, k, v, log_alpha, beta))
+    q = q * scale
+    reset = _reset_bht(reset, B, H, T)
+    pad = (-T) % C
+    if pad:  # padded tokens: no decay (g = 0) and no write (beta = 0) leave the state as is
+        q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+        beta = torch.nn.functional.pad(beta, (0, pad))
+        if reset is not None:
+            reset = torch.nn.functional.pad(reset, (0, pad))
+    N = (T + pad) // C
+    q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, d]
+    beta = beta.unflatten(2, (N, C))  # [B, H, N, C]
+    G = g.cumsum(-2)
+
+    Aqk, Akk = _decayed_scores(q, k, G, _sub_chunk(C))
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    Aqk = Aqk.masked_fill(~causal, 0.0)
+    Akk = Akk.masked_fill(~causal.tril(-1), 0.0)  # strictly lower: u_t depends on earlier u_i
+    eG = G.exp()
+    k_end = k * (G[..., -1:, :] - G).exp()  # e^{G_C - G_i} k_i: how each write looks at chunk end
+    decay_end = eG[..., -1, :]  # [B, H, N, dk]
+    if reset is not None:
+        seg = reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
+        same = seg[..., :, None] == seg[..., None, :]
+        Aqk, Akk = Aqk * same, Akk * same
+        sees_s0 = (seg == 0)[..., None].float()  # tokens before the chunk's first reset
+        eG = eG * sees_s0
+        k_end = k_end * (seg == seg[..., -1:])[..., None]  # only the last segment survives
+        decay_end = decay_end * sees_s0[..., -1, :]
+
+    # U = U~ - W S0, with [U~ | W] = (I + diag(beta) Akk)^{-1} diag(beta) [V | e^G K]
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = beta[..., None] * torch.cat([v, eG * k], dim=-1)
+    sol = torch.linalg.solve_triangular(eye + beta[..., None] * Akk, rhs, upper=False, unitriangular=True)
+    u_free, w = sol[..., :dv], sol[..., dv:]
+    q_s0 = eG * q  # how each query reads the chunk's initial state
+
+    S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
+    outs = []
+    # unbind once: indexing chunk n inside the loop would make autograd scatter each
+    # slice's gradient into a full-size zero tensor, O(N) times (quadratic in T)
+    per_chunk = zip(*(x.unbind(2) for x in (u_free, w, q_s0, Aqk, k_end.transpose(-1, -2), decay_end[..., None])))
+    for u_c, w_c, q_c, A_c, kT_c, dec_c in per_chunk:  # the only sequential part, one step per chunk
+        u = u_c - w_c @ S
+        outs.append(q_c @ S + A_c @ u)
+        S = dec_c * S + kT_c @ u
+    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]
+    return o.to(dtype), S

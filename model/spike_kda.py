@@ -1,0 +1,157 @@
+"""The Spike-KDA mixer: Kimi Delta Attention whose writes and forgetting are driven by
+leaky integrate-and-fire spikes.
+
+    x ──qkv──> short causal conv + SiLU ──> q, k (L2-normalised), v
+    x ──drive──> LIF neurons (one per head and key channel) ──> spikes s_t in {0,1}^{H x dk}
+    x ──low-rank──> decay magnitude a_t > 0 per key channel
+    log alpha_t = -a_t * s_t          a channel forgets only when it spikes
+    beta_t      = sigmoid(w x_t) * mean_d s_t[d]   a head writes in proportion to its spikes
+    o_t = KDA(q, k, v, alpha, beta) ──> gated RMSNorm (RMSNorm(o) * silu(gate(x))) ──> out_proj
+
+Event-driven semantics: a head with no spikes at step t has beta_t = 0 and alpha_t = 1,
+so its fast-weight state is left exactly as it was (no write, no decay): it can be
+skipped at inference. It still reads (o_t = S^T q_t), so its memory keeps serving.
+
+State per layer (batch first): {"S": [B, H, dk, dv] fast weights, "membrane": [B, H, dk]
+LIF membranes, "conv": [B, conv_size - 1, 3 * H * dk] the last inputs of the q/k/v conv}.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kda import kda_chunk, kda_recurrent, kda_step
+from .lif import lif_scan
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time followed by SiLU.
+
+    x: [B, T, D]; tail: [B, K-1, D] the inputs before x (None = zeros); reset: [B, T] bool.
+    Returns (y [B, T, D], new tail [B, K-1, D]). Inputs from before a document reset are
+    treated as zeros for the positions after it, so the conv never mixes documents.
+    """
+
+    def __init__(self, dim: int, size: int):
+        super().__init__()
+        self.size = size
+        # like nn.Conv1d's default for a depthwise conv: U(-1/sqrt(K), 1/sqrt(K))
+        self.weight = nn.Parameter(torch.empty(dim, size).uniform_(-size ** -0.5, size ** -0.5))
+
+    def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor] = None, reset: Optional[torch.Tensor] = None):
+        B, T, D = x.shape
+        K = self.size
+        if tail is None:
+            tail = x.new_zeros(B, K - 1, D)
+        xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
+        if reset is not None:  # segment id per input position; the tail belongs to segment 0
+            seg = F.pad(reset.long().cumsum(1), (K - 1, 0))  # [B, K-1+T]
+        y = x * self.weight[:, K - 1]
+        for lag in range(1, K):  # y_t = sum_lag w[K-1-lag] x_{t-lag}
+            term = xx[:, K - 1 - lag: K - 1 - lag + T] * self.weight[:, K - 1 - lag]
+            if reset is not None:
+                term = term * (seg[:, K - 1 - lag: K - 1 - lag + T] == seg[:, K - 1:])[..., None]
+            y = y + term
+        new_tail = xx[:, xx.shape[1] - (K - 1):]
+        if reset is not None:  # keep only inputs of the stream's current document
+            new_tail = new_tail * (seg[:, seg.shape[1] - (K - 1):] == seg[:, -1:])[..., None]
+        return F.silu(y), new_tail
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(o) * weight * silu(gate) over the last dim, in float32. o, gate: [..., d] -> [..., d]."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(o.float(), (o.shape[-1],), self.weight.float(), self.eps) * F.silu(gate.float())
+
+
+class SpikeKDA(nn.Module):
+    """Spike-gated KDA mixer. x: [B, T, d] -> ([B, T, d], new state, spikes [B, T, H, dk])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, dk = cfg.n_heads, cfg.head_dim
+        self.n_heads, self.head_dim = H, dk
+        self.chunk_size, self.impl = cfg.chunk_size, cfg.kda_impl
+        self.lif_decay, self.lif_threshold, self.slope = cfg.lif_decay, cfg.lif_threshold, cfg.lif_surrogate_slope
+        d = cfg.d_model
+        self.qkv_proj = nn.Linear(d, 3 * H * dk, bias=False)
+        self.conv = ShortConv(3 * H * dk, cfg.conv_size)
+        # LIF drive; the bias is set (see init_special) so that spikes start at ~lif_init_rate
+        self.drive_proj = nn.Linear(d, H * dk, bias=True)
+        # per-channel decay magnitude a = exp(A_log[h]) * softplus(up(down(x)) + dt_bias), as in KDA
+        self.decay_down = nn.Linear(d, cfg.decay_rank, bias=False)
+        self.decay_up = nn.Linear(cfg.decay_rank, H * dk, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(H))
+        self.dt_bias = nn.Parameter(torch.zeros(H * dk))
+        self.beta_proj = nn.Linear(d, H, bias=True)
+        self.gate_proj = nn.Linear(d, H * dk, bias=False)
+        self.o_norm = GatedRMSNorm(dk, cfg.norm_eps)
+        self.out_proj = nn.Linear(H * dk, d, bias=False)
+        self.init_special()
+
+    @torch.no_grad()
+    def init_special(self):
+        """Initialise the non-matrix parameters (call again after any blanket re-init)."""
+        cfg = self.cfg
+        # LIF steady state: mean membrane ~ theta/2 leaks (1 - lam) theta/2 per token, so a
+        # mean drive mu fires at rate ~ mu/theta - (1 - lam)/2. Solve for mu at the target rate.
+        self.drive_proj.bias.fill_(cfg.lif_threshold * (cfg.lif_init_rate + (1 - cfg.lif_decay) / 2))
+        self.beta_proj.bias.zero_()
+        # decay rates spread over time scales: A in [1, 16], dt log-uniform in [1e-3, 1e-1]
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def zero_state(self, batch_size: int, device) -> dict:
+        H, dk = self.n_heads, self.head_dim
+        return {
+            "S": torch.zeros(batch_size, H, dk, dk, device=device),
+            "membrane": torch.zeros(batch_size, H, dk, device=device),
+            "conv": torch.zeros(batch_size, self.conv.size - 1, 3 * H * dk, device=device),
+        }
+
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None):
+        B, T, _ = x.shape
+        H, dk = self.n_heads, self.head_dim
+        state = state or {}
+        qkv, conv_tail = self.conv(self.qkv_proj(x), state.get("conv"), reset)
+        q, k, v = qkv.view(B, T, 3, H, dk).unbind(2)  # each [B, T, H, dk]
+        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+
+        # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift)
+        drive = self.drive_proj(x).float().view(B, T, H, dk)
+        spikes, membrane = lif_scan(drive, self.lif_decay, self.lif_threshold, state.get("membrane"), reset, self.slope)
+
+        a = self.A_log.exp()[:, None] * F.softplus(
+            self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
+        log_alpha = -a * spikes  # silent channel: alpha = 1, no forgetting
+        beta = torch.sigmoid(self.beta_proj(x).float()) * spikes.mean(-1)  # silent head: beta = 0
+
+        q, k, v, log_alpha = (t.transpose(1, 2) for t in (q, k, v, log_alpha))  # [B, H, T, d]
+        beta = beta.transpose(1, 2)  # [B, H, T]
+        S0 = state.get("S")
+        if T == 1:  # decoding: O(1) per token
+            o, S = kda_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_alpha[:, :, 0], beta[:, :, 0], S0,
+                            reset=None if reset is None else reset[:, 0])
+            o = o[:, :, None]
+        elif self.impl == "recurrent":
+            o, S = kda_recurrent(q, k, v, log_alpha, beta, S0, reset=reset)
+        else:
+            o, S = kda_chunk(q, k, v, log_alpha, beta, S0, reset=reset, chunk_size=self.chunk_size)
+
+        gate = self.gate_proj(x).view(B, T, H, dk)
+        o = self.o_norm(o.transpose(1, 2), gate)  # [B, T, H, dv]
+        y = self.out_proj(o.reshape(B, T, H * dk))
+        return y, {"S": S, "membrane": membrane, "conv": conv_tail}, spikes
