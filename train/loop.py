@@ -20,7 +20,7 @@ from data import (PackedStreams, TextTokenizer, build_tokenizer, eval_documents,
 from data.registry import DocumentMixer
 from model import build_model, count_params, detach_state, map_state
 
-from .checkpoint import RUN_STATE, atomic_save, load_checkpoint, load_latest, recover_rotation, rotate_checkpoints
+from .checkpoint import RUN_STATE, CheckpointError, atomic_save, load_checkpoint, load_latest, recover_rotation, rotate_checkpoints
 from .config import TOKEN_BUDGET, Preset
 from .distributed import Dist, all_reduce_sum, any_rank, barrier, broadcast_object, gather_objects, init_distributed
 from .evaluate import evaluate, sample_texts as generate_samples
@@ -29,6 +29,7 @@ from .preset import preset_from_dict
 from .progress import MetricsLog, Reporter, human
 
 CHECKPOINT_FORMAT = 1
+MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last save
 
 
 class TrainError(Exception):
@@ -95,6 +96,24 @@ def tolerant_load(model: torch.nn.Module, state: dict, report: Reporter) -> int:
         if keys:
             report.warn(f"{len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
     return len(fitting)
+
+
+def _cat_states(states: list):
+    """Join per-row-group states back along the batch dim (the inverse of slicing)."""
+    first = states[0]
+    if first is None:
+        return None
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states, dim=0)
+    if isinstance(first, dict):
+        return {k: _cat_states([s[k] for s in states]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat_states(list(parts)) for parts in zip(*states))
+    return first
+
+
+def all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _same_architecture(a: dict, b: dict) -> bool:
@@ -168,7 +187,11 @@ class Trainer:
         self.tokens_per_step = self.tokens_per_micro * cfg.grad_accum_steps * d.world_size
         self.total_steps = math.ceil(self.budget / self.tokens_per_step)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step)
+        self.lr_scale = 1.0  # halved by each roll-back after non-finite steps
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step,
+                                         scale=lambda: self.lr_scale)
+        self.splits, self._oom_logged = 1, False  # row groups per micro-batch (doubled on out-of-memory)
+        self.skipped_steps, self.bad_streak = 0, 0
 
         mixer = DocumentMixer(self.sources, self.preset.data, shard=d.rank, num_shards=d.world_size)
         self.streams = PackedStreams(mixer, self.tokenizer.encode_batch, self.tokenizer.eot_id,
@@ -242,18 +265,30 @@ class Trainer:
     def _model_cpu_state(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
 
-    def save_run_state(self) -> None:
+    def save_run_state(self) -> bool:
+        """The in-run save. Never writes non-finite weights; a failed write (disk full) is
+        reported and training goes on, the previous save intact. True if saved."""
         ranks = gather_objects(self._rank_state(), self.d)
+        saved = False
         if self.d.is_main:
-            atomic_save({
-                "format": CHECKPOINT_FORMAT, "kind": "run_state", "model": self._model_cpu_state(),
-                "model_config": asdict(self.preset.model), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens": self.tokens,
-                "budget": self.budget, "world_size": self.d.world_size, "preset": self.preset.to_dict(),
-                "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
-                "next_eval": self.next_eval, "next_save": self.next_save, "ranks": ranks,
-            }, self.out / RUN_STATE)
+            if not all_finite(self.model.parameters()):
+                self.rep.warn("weights are not finite: this save is skipped (the previous one is kept)")
+            else:
+                try:
+                    atomic_save({
+                        "format": CHECKPOINT_FORMAT, "kind": "run_state", "model": self._model_cpu_state(),
+                        "model_config": asdict(self.preset.model), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "step": self.step, "tokens": self.tokens,
+                        "budget": self.budget, "world_size": self.d.world_size, "preset": self.preset.to_dict(),
+                        "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
+                        "next_eval": self.next_eval, "next_save": self.next_save, "ranks": ranks,
+                        "lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps, "splits": self.splits,
+                    }, self.out / RUN_STATE)
+                    saved = True
+                except CheckpointError as e:
+                    self.rep.warn(f"in-run save failed: {e}; training goes on")
         barrier(self.d)
+        return saved
 
     def _restore(self) -> None:
         rs = self.run_state
@@ -261,6 +296,8 @@ class Trainer:
         self.scheduler.load_state_dict(rs["scheduler"])
         self.step, self.tokens = rs["step"], rs["tokens"]
         self.next_eval, self.next_save = rs["next_eval"], rs["next_save"]
+        self.lr_scale, self.skipped_steps = rs.get("lr_scale", 1.0), rs.get("skipped_steps", 0)
+        self.splits = rs.get("splits", 1)
         mine = rs["ranks"][self.d.rank]
         self.streams.load_state_dict(mine["streams"])
         self.state = map_state(mine["model_state"], lambda t: t.to(self.device))
@@ -280,49 +317,118 @@ class Trainer:
         }
 
     # -- the loop -------------------------------------------------------------------------
-    def train_step(self) -> dict:
-        cfg, d = self.cfg, self.d
-        remaining = self.budget - self.tokens
+    def _slice_state(self, state, rows: slice):
+        return map_state(state, lambda t: t[rows])
+
+    def _forward_backward(self, batches, start_state, remaining: int) -> dict:
+        """Forward and backward over the step's micro-batches, each cut into `self.splits`
+        row groups (streams); gradients accumulate, the carried state is sliced and
+        re-joined so splitting changes memory use, not the result."""
+        cfg, d, B, T = self.cfg, self.d, self.cfg.batch_size, self.cfg.seq_length
         n_step = min(remaining, self.tokens_per_step)
-        loss_sum = torch.zeros((), device=self.device)
-        aux_sums: dict[str, torch.Tensor] = {}
         n_src = len(self.sources)
-        src_loss = torch.zeros(n_src, device=self.device)
-        src_count = torch.zeros(n_src, device=self.device)
-        for micro in range(cfg.grad_accum_steps):
-            batch = self.streams.next_batch()
+        acc = {"loss_sum": torch.zeros((), device=self.device), "src_loss": torch.zeros(n_src, device=self.device),
+               "src_count": torch.zeros(n_src, device=self.device), "aux": {}, "metrics": {}}
+        state = start_state
+        rows_per = math.ceil(B / self.splits)
+        groups = [slice(r, min(B, r + rows_per)) for r in range(0, B, rows_per)]
+        n_passes = len(batches) * len(groups)
+        for micro, batch in enumerate(batches):
             tokens = batch.tokens.to(self.device, non_blocking=True)
-            x, y = tokens[:, :-1], tokens[:, 1:]
+            reset = batch.reset.to(self.device, non_blocking=True)
+            srcs = batch.sources[:, 1:].to(self.device, non_blocking=True)
             allowed = tokens_allowed(remaining, micro, d.rank, d.world_size, self.tokens_per_micro)
-            mask = (torch.arange(self.tokens_per_micro, device=self.device) < allowed).view_as(y)
-            sync = d.enabled and micro < cfg.grad_accum_steps - 1
-            with (self.train_model.no_sync() if sync else nullcontext()):
-                with self.autocast():
-                    out = self.train_model(x, state=self.state, reset_mask=batch.reset.to(self.device))
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-                ce = ce * mask
-                # DDP averages gradients over ranks, so scale by world size to get a mean over all tokens
-                loss = ce.sum() * (d.world_size / n_step)
-                for key, value in out.aux.items():
-                    if key.startswith("loss/"):
-                        loss = loss + value / cfg.grad_accum_steps
-                        aux_sums[key] = aux_sums.get(key, 0.0) + value.detach() / cfg.grad_accum_steps
-                loss.backward()
+            mask = (torch.arange(self.tokens_per_micro, device=self.device) < allowed).view(B, T)
+            new_states = []
+            for g, rows in enumerate(groups):
+                x, y = tokens[rows, :-1], tokens[rows, 1:]
+                last = micro == len(batches) - 1 and g == len(groups) - 1
+                with (self.train_model.no_sync() if d.enabled and not last else nullcontext()):
+                    with self.autocast():
+                        out = self.train_model(x, state=self._slice_state(state, rows), reset_mask=reset[rows])
+                    ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+                    ce = ce * mask[rows]
+                    # DDP averages gradients over ranks: scale by world size for a mean over all tokens
+                    loss = ce.sum() * (d.world_size / n_step)
+                    for key, value in out.aux.items():
+                        if key.startswith("loss/"):
+                            loss = loss + value / n_passes
+                            acc["aux"][key] = acc["aux"].get(key, 0.0) + value.detach() / n_passes
+                    loss.backward()
+                new_states.append(out.state)
+                acc["loss_sum"] += ce.detach().sum()
+                acc["src_loss"].index_add_(0, srcs[rows].flatten(), ce.detach().flatten())
+                acc["src_count"].index_add_(0, srcs[rows].flatten(), mask[rows].flatten().float())
+                acc["metrics"] = {k: v for k, v in out.aux.items() if k.startswith("metric/")}
             if self.model.carries_state:
-                self.state = detach_state(out.state)
-            loss_sum += ce.detach().sum()
-            srcs = batch.sources[:, 1:].to(self.device)
-            src_loss.index_add_(0, srcs.flatten(), ce.detach().flatten())
-            src_count.index_add_(0, srcs.flatten(), mask.flatten().float())
-            metrics = {k: v for k, v in out.aux.items() if k.startswith("metric/")}
+                state = detach_state(new_states[0] if len(new_states) == 1 else _cat_states(new_states))
+        acc["state"] = state
+        acc["n"] = n_step
+        return acc
+
+    def train_step(self) -> dict:
+        """One optimizer step. Out of memory: the micro-batch is halved and accumulation
+        doubled (same effective batch, same data) and the step is redone. A non-finite
+        gradient: the step is skipped and counted; after MAX_BAD_STEPS in a row the run
+        rolls back to its last save with half the learning rate."""
+        cfg = self.cfg
+        batches = [self.streams.next_batch() for _ in range(cfg.grad_accum_steps)]
+        start_state = self.state
+        remaining = self.budget - self.tokens
+        while True:
+            try:
+                out = self._forward_backward(batches, start_state, remaining)
+                break
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.d.enabled or self.splits >= cfg.batch_size:
+                    raise TrainError("out of memory even at a micro-batch of one stream; lower train.seq_length or "
+                                     "the model size" if not self.d.enabled else
+                                     "out of memory on this rank; lower train.batch_size and raise train.grad_accum_steps")
+                self.splits *= 2
+                if not self._oom_logged:
+                    self.rep.warn(f"out of memory: micro-batch halved to {math.ceil(cfg.batch_size / self.splits)} "
+                                  f"streams, accumulation doubled to {cfg.grad_accum_steps * self.splits} "
+                                  "(same effective batch)")
+                    self._oom_logged = True
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # identical on every rank: gradients are all-reduced
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            self.rep.warn(f"non-finite loss or gradient at step {self.step + 1}: step skipped "
+                          f"({self.skipped_steps} so far)")
+            if self.bad_streak >= MAX_BAD_STEPS:
+                self._roll_back()
+            return {**out, "n": 0, "skipped": True, "grad_norm": grad_norm}
+        self.bad_streak = 0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.state = out["state"]
         self.step += 1
-        self.tokens += n_step
-        return {"loss_sum": loss_sum, "n": n_step, "src_loss": src_loss, "src_count": src_count,
-                "grad_norm": grad_norm, "aux": aux_sums, "metrics": metrics}
+        self.tokens += out["n"]
+        return {**out, "skipped": False, "grad_norm": grad_norm}
+
+    def _roll_back(self) -> None:
+        """Back to the last in-run save (weights, optimizer, data position, state) with the
+        learning rate halved; without a save yet, only the learning rate is halved."""
+        self.bad_streak = 0
+        self.lr_scale *= 0.5
+        path = self.out / RUN_STATE
+        if path.exists():
+            scale = self.lr_scale
+            self.run_state = load_checkpoint(path)
+            self.model.load_state_dict(self.run_state["model"])
+            self._restore()
+            self.lr_scale = scale
+            self.run_state = None
+            self.rep.warn(f"{MAX_BAD_STEPS} bad steps in a row: rolled back to the save at "
+                          f"{human(self.tokens)} tokens, learning rate x{self.lr_scale:g}")
+        else:
+            self.rep.warn(f"{MAX_BAD_STEPS} bad steps in a row before any save: learning rate x{self.lr_scale:g}")
 
     def run(self) -> RunResult:
         cfg, d, rep = self.cfg, self.d, self.rep
@@ -339,10 +445,11 @@ class Trainer:
             with StopFlag() as stop:
                 while self.tokens < self.budget:
                     out = self.train_step()
-                    window["loss"] += out["loss_sum"]
-                    window["n"] += out["n"]
-                    window["src_loss"] += out["src_loss"]
-                    window["src_count"] += out["src_count"]
+                    if not out["skipped"]:
+                        window["loss"] += out["loss_sum"]
+                        window["n"] += out["n"]
+                        window["src_loss"] += out["src_loss"]
+                        window["src_count"] += out["src_count"]
                     if self.step % cfg.log_every_steps == 0 or self.tokens >= self.budget:
                         self._log(window, out)
                     if self.tokens >= self.next_eval and self.tokens < self.budget:
@@ -357,12 +464,16 @@ class Trainer:
         finally:
             rep.close()
         if stopped:
-            self.save_run_state()
+            if not self.save_run_state():
+                rep.warn("the stop could not be saved; the run resumes from its previous save")
             rep.log(f"[stop] saved the run at {human(self.tokens)}/{human(self.budget)} tokens to "
                     f"{self.out / RUN_STATE}; start again and press Enter to resume")
             return RunResult(self.tokens, self.step, False, last_eval, self.out / RUN_STATE)
         last_eval = self._evaluate(samples=True)
         if d.is_main:
+            if not all_finite(self.model.parameters()):
+                raise TrainError("the final weights are not finite; they were not saved (the last in-run save is "
+                                 f"kept in {self.out / RUN_STATE})")
             rotate_checkpoints(self.final_checkpoint(last_eval), self.out)
             (self.out / RUN_STATE).unlink(missing_ok=True)
             rep.log(f"[done] {human(self.tokens)} tokens; checkpoint {self.out / 'lm_current.pth'}"
@@ -380,7 +491,7 @@ class Trainer:
         loss = packed[0].item() / max(1, self.tokens - window["tokens"])
         lr = self.scheduler.get_last_lr()[0]
         row = {"kind": "train", "step": self.step, "tokens": self.tokens, "loss": loss, "lr": lr,
-               "tokens_per_s": tokens_per_s, "grad_norm": float(out["grad_norm"])}
+               "tokens_per_s": tokens_per_s, "grad_norm": float(out["grad_norm"]), "skipped_steps": self.skipped_steps}
         src_l, src_c = packed[1:1 + n_src], packed[1 + n_src:]
         if n_src > 1:
             row["source_loss"] = {s.name: (src_l[i] / src_c[i]).item() for i, s in enumerate(self.sources) if src_c[i] > 0}
