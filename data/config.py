@@ -2,7 +2,8 @@
 
 The preset validator reads the type hints and defaults from these classes: a field here
 is a preset key. A source is either a bare string (a built-in dataset name such as
-"fineweb_edu", or a local path) or an object whose `type` picks one of the specs below.
+"fineweb_edu", a hub id "owner/name", or a local path) or an object whose `type` picks
+one of the specs below.
 Relative paths are relative to the project root (where main.py is).
 """
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -14,6 +15,8 @@ from .config import DataConfig, HFSourceSpec, PdfSourceSpec, TextSourceSpec
 from .sources.base import Document, Source, SourceError
 
 _log = logging.getLogger(__name__)
+_TABLE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/name" that is not a local path
 
 
 class AllSourcesFailed(Exception):
@@ -35,7 +38,10 @@ class AllSourcesDied(RuntimeError):
 
 
 def make_source(spec) -> Source:
-    """The Source plugin for one entry of `data.sources`."""
+    """The Source plugin for one entry of `data.sources`. A bare string is a built-in
+    name, a PDF file or folder of PDFs, a .jsonl/.json/.parquet/.csv file (read as an `hf`
+    source with text_field "text"), a hub id "owner/name" that is not a local path, or
+    else a text file or folder."""
     if isinstance(spec, str):
         from .sources.builtin import BUILTIN_DATASETS, builtin_spec
 
@@ -44,6 +50,8 @@ def make_source(spec) -> Source:
         path = Path(spec)
         if path.suffix.lower() == ".pdf" or (path.is_dir() and any(path.rglob("*.pdf")) and not any(path.rglob("*.txt"))):
             spec = PdfSourceSpec(type="pdf", path=spec)
+        elif path.suffix.lower() in _TABLE_SUFFIXES or (not Path(spec.split("/")[0]).exists() and _HUB_ID.fullmatch(spec)):
+            spec = HFSourceSpec(type="hf", dataset=spec)  # a .jsonl/.parquet/.csv file, or "owner/name"
         else:
             spec = TextSourceSpec(type="text", path=spec)
     if isinstance(spec, TextSourceSpec):
@@ -59,6 +67,22 @@ def make_source(spec) -> Source:
 
         return PdfSource(spec)
     raise TypeError(f"not a source spec: {spec!r}")
+
+
+def file_shares(shard: int, num_shards: int, n_files: int) -> list[tuple[int, int, int]]:
+    """Which files reader `shard` of `num_shards` reads, for a source made of `n_files`
+    files: a list of (file index, g, j), meaning "the records at positions p % g == j
+    within that file". With at least as many files as readers, each reader gets whole
+    files (f % num_shards == shard: no two readers open the same file); with fewer, each
+    file is shared by the readers k with k % n_files == f, split by position. Either way
+    the shares are disjoint and cover every record. With one file this is p % num_shards."""
+    if num_shards <= 1 or n_files <= 0:
+        return [(f, 1, 0) for f in range(max(n_files, 0))]
+    if n_files >= num_shards:
+        return [(f, 1, 0) for f in range(shard, n_files, num_shards)]
+    f = shard % n_files
+    group = len(range(f, num_shards, n_files))  # readers sharing file f
+    return [(f, group, shard // n_files)]
 
 
 def is_heldout(doc_id: str, fraction: float) -> bool:
