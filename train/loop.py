@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from data import (PackedStreams, TextTokenizer, build_tokenizer, eval_documents, eval_windows, open_sources,
                   sample_texts)
-from data.registry import DocumentMixer
+from data.adaptive import AdaptiveReweighter
+from data.prefetch import make_document_stream
 from model import build_model, count_params, detach_state, map_state
 
 from .checkpoint import RUN_STATE, CheckpointError, atomic_save, load_checkpoint, load_latest, recover_rotation, rotate_checkpoints
@@ -193,11 +194,19 @@ class Trainer:
         self.splits, self._oom_logged = 1, False  # row groups per micro-batch (doubled on out-of-memory)
         self.skipped_steps, self.bad_streak = 0, 0
 
-        mixer = DocumentMixer(self.sources, self.preset.data, shard=d.rank, num_shards=d.world_size)
-        self.streams = PackedStreams(mixer, self.tokenizer.encode_batch, self.tokenizer.eot_id,
+        documents = make_document_stream(self.sources, self.preset.data, d.rank, d.world_size,
+                                         tokenizer=self.tokenizer, log=rep.log if d.is_main else None)
+        self.streams = PackedStreams(documents, self.tokenizer.encode_batch, self.tokenizer.eot_id,
                                      cfg.batch_size, cfg.seq_length)
         self.step, self.tokens, self.state = 0, 0, None
         self.next_eval, self.next_save = cfg.eval_every_tokens, cfg.checkpoint_every_tokens
+        aux = self.preset.auxiliary
+        self.reweighter = None
+        if aux.enable_adaptive_sources and len(self.sources) > 1:
+            self.reweighter = AdaptiveReweighter(len(self.sources), aux.adaptive_min_weight, aux.adaptive_max_weight,
+                                                 aux.adaptive_smoothing)
+        self.next_adapt = aux.adaptive_interval_tokens
+        self.adapt_sums = torch.zeros(2, len(self.sources), device=self.device)  # loss sum, token count
         if self.run_state is not None:
             self._restore()
         self._prepare_eval()
@@ -283,6 +292,8 @@ class Trainer:
                         "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
                         "next_eval": self.next_eval, "next_save": self.next_save, "ranks": ranks,
                         "lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps, "splits": self.splits,
+                        "reweighter": self.reweighter.state_dict() if self.reweighter else None,
+                        "next_adapt": self.next_adapt,
                     }, self.out / RUN_STATE)
                     saved = True
                 except CheckpointError as e:
@@ -298,6 +309,9 @@ class Trainer:
         self.next_eval, self.next_save = rs["next_eval"], rs["next_save"]
         self.lr_scale, self.skipped_steps = rs.get("lr_scale", 1.0), rs.get("skipped_steps", 0)
         self.splits = rs.get("splits", 1)
+        if self.reweighter is not None and rs.get("reweighter") is not None:
+            self.reweighter.load_state_dict(rs["reweighter"])
+            self.next_adapt = rs["next_adapt"]
         mine = rs["ranks"][self.d.rank]
         self.streams.load_state_dict(mine["streams"])
         self.state = map_state(mine["model_state"], lambda t: t.to(self.device))
@@ -450,6 +464,10 @@ class Trainer:
                         window["n"] += out["n"]
                         window["src_loss"] += out["src_loss"]
                         window["src_count"] += out["src_count"]
+                        if self.reweighter is not None:
+                            self.adapt_sums += torch.stack([out["src_loss"], out["src_count"]])
+                            if self.tokens >= self.next_adapt:
+                                self._reweight()
                     if self.step % cfg.log_every_steps == 0 or self.tokens >= self.budget:
                         self._log(window, out)
                     if self.tokens >= self.next_eval and self.tokens < self.budget:
@@ -463,6 +481,9 @@ class Trainer:
                         break
         finally:
             rep.close()
+            close = getattr(self.streams.documents, "close", None)
+            if close is not None:
+                close()  # background data workers
         if stopped:
             if not self.save_run_state():
                 rep.warn("the stop could not be saved; the run resumes from its previous save")
@@ -480,6 +501,21 @@ class Trainer:
                     + (f"; held-out loss {last_eval['eval_loss']:.3f} (ppl {last_eval['eval_ppl']:.1f})" if last_eval else ""))
         barrier(d)
         return RunResult(self.tokens, self.step, True, last_eval, self.out / "lm_current.pth")
+
+    def _reweight(self) -> None:
+        """Adaptive source weights: each source's mean training loss over the interval
+        (summed over ranks) moves its weight; higher loss, more turns."""
+        sums = all_reduce_sum(self.adapt_sums.clone(), self.d)
+        losses = [(l / c).item() if c > 0 else None for l, c in zip(sums[0], sums[1])]
+        weights = self.reweighter.update(losses)
+        self.streams.documents.set_weights(weights)
+        self.adapt_sums.zero_()
+        self.next_adapt += self.preset.auxiliary.adaptive_interval_tokens
+        named = {s.name: round(w, 3) for s, w in zip(self.sources, weights)}
+        self.metrics.write({"kind": "source_weights", "step": self.step, "tokens": self.tokens, "weights": named,
+                            "source_loss": {s.name: l for s, l in zip(self.sources, losses)}})
+        self.rep.log(f"[data] source weights at {human(self.tokens)} tokens: "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in named.items()))
 
     def _log(self, window: dict, out: dict) -> None:
         d = self.d

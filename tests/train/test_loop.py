@@ -111,3 +111,35 @@ def test_tokenizer_is_stored_and_reused(tiny_preset, tmp_path, capsys):
     train(tiny_preset(tokenizer={"vocab_size": 1024}), budget=512, out_dir=tmp_path)
     assert load_checkpoint(tmp_path / CURRENT)["tokenizer"]["json"] == first["json"]
     assert "keeping the tokenizer stored in lm_current.pth" in capsys.readouterr().out
+
+
+def test_adaptive_source_weights_follow_the_loss(corpus, tmp_path):
+    from tests.conftest import tiny_preset_dict
+    from train import preset_from_dict
+
+    raw = tiny_preset_dict(corpus / "books")
+    raw["data"]["sources"] = [{"type": "text", "path": str(corpus / "books" / "tinyshakespeare.txt"), "name": "plays"},
+                              {"type": "text", "path": str(corpus / "books" / "war_and_peace.txt"), "name": "novel"}]
+    raw["auxiliary"] = {"enable_adaptive_sources": True, "adaptive_interval_tokens": 512,
+                        "adaptive_min_weight": 0.5, "adaptive_max_weight": 2.0, "adaptive_smoothing": 0.5}
+    preset, _ = preset_from_dict(raw, "adaptive")
+    train(preset, budget=4096, out_dir=tmp_path)
+    updates = rows(tmp_path, "source_weights")
+    assert len(updates) >= 6
+    for row in updates:
+        assert all(0.5 <= w <= 2.0 for w in row["weights"].values())
+    last = updates[-1]
+    harder = max(last["source_loss"], key=last["source_loss"].get)
+    easier = min(last["source_loss"], key=last["source_loss"].get)
+    assert last["weights"][harder] > last["weights"][easier]
+
+
+def test_resume_is_exact_with_background_data_workers(tiny_preset, tmp_path):
+    preset = tiny_preset(data={"num_workers": 1})
+    straight = train(preset, budget=2048, out_dir=tmp_path / "a")
+    stopped = train(preset, budget=2048, out_dir=tmp_path / "b", reporter=InterruptAt(1024))
+    assert not stopped.finished
+    train(preset, budget=2048, out_dir=tmp_path / "b", resume=True)
+    a = load_checkpoint(tmp_path / "a" / CURRENT)["model"]
+    b = load_checkpoint(tmp_path / "b" / CURRENT)["model"]
+    assert straight.finished and all(torch.equal(a[k], b[k]) for k in a)
