@@ -42,7 +42,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj, path: Path, writer: Callable = torch.save) -> None:
+def atomic_save(obj, path: Path, writer: Optional[Callable] = None) -> None:
     """Write obj to path so that path is never partial: temp file, fsync, rename.
     On failure (disk full, unwritable) the temp file is removed, the old file is
     untouched, and CheckpointError says what happened."""
@@ -51,7 +51,7 @@ def atomic_save(obj, path: Path, writer: Callable = torch.save) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            writer(obj, f)
+            (writer or torch.save)(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

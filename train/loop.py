@@ -31,6 +31,7 @@ from .progress import MetricsLog, Reporter, human
 
 CHECKPOINT_FORMAT = 1
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last save
+MAX_ROLLBACKS = 5  # roll-backs in one run before giving up (the learning rate is then 1/32 of the preset's)
 
 
 class TrainError(Exception):
@@ -192,7 +193,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step,
                                          scale=lambda: self.lr_scale)
         self.splits, self._oom_logged = 1, False  # row groups per micro-batch (doubled on out-of-memory)
-        self.skipped_steps, self.bad_streak = 0, 0
+        self.skipped_steps, self.bad_streak, self.rollbacks = 0, 0, 0
 
         documents = make_document_stream(self.sources, self.preset.data, d.rank, d.world_size,
                                          tokenizer=self.tokenizer, log=rep.log if d.is_main else None)
@@ -430,14 +431,18 @@ class Trainer:
         """Back to the last in-run save (weights, optimizer, data position, state) with the
         learning rate halved; without a save yet, only the learning rate is halved."""
         self.bad_streak = 0
+        self.rollbacks += 1
+        if self.rollbacks > MAX_ROLLBACKS:
+            raise TrainError(f"training keeps producing non-finite values after {MAX_ROLLBACKS} roll-backs with "
+                             "lower learning rates; lower train.lr or check the data (the last save is kept)")
         self.lr_scale *= 0.5
         path = self.out / RUN_STATE
         if path.exists():
-            scale = self.lr_scale
+            scale, skipped = self.lr_scale, self.skipped_steps
             self.run_state = load_checkpoint(path)
             self.model.load_state_dict(self.run_state["model"])
             self._restore()
-            self.lr_scale = scale
+            self.lr_scale, self.skipped_steps = scale, skipped  # these survive the roll-back
             self.run_state = None
             self.rep.warn(f"{MAX_BAD_STEPS} bad steps in a row: rolled back to the save at "
                           f"{human(self.tokens)} tokens, learning rate x{self.lr_scale:g}")
