@@ -32,8 +32,30 @@ class ModelConfig:
     lif_decay: float = 0.9  # membrane leak per token
     lif_threshold: float = 1.0
     kda_impl: Literal["chunk", "recurrent"] = "chunk"  # training form of the KDA layer
+    kernels: Literal["auto", "reference"] = "auto"  # fused CUDA kernels where they build; "reference" forces PyTorch
     lif_init_rate: float = 0.3  # spike rate the LIF drive bias is set for at init
     lif_surrogate_slope: float = 5.0  # fast-sigmoid surrogate: 1 / (1 + slope * |v - threshold|)^2
+    # --- memories (hatchling only; model/procedural.py, model/episodic.py) ---
+    # The trainer maps train.phase onto these: A off, B pm, C pm+em, E pm+em+lifelong.
+    pm_enabled: bool = False  # procedural memory: Hebbian fast-weight slots, one per block
+    em_enabled: bool = False  # episodic memory: novelty-gated span store, one per block
+    lifelong: bool = False  # soft resets: a document boundary keeps committed PM/EM contents
+    mem_dim: int = 0  # width of the memories' keys/values; 0 = d_model
+    plasticity_span: int = 32  # P: tokens per span; commits and writes happen at span ends
+    pm_slots: int = 16  # r: key/value slots per stream
+    pm_rho: float = 0.95  # eligibility trace decay per token
+    pm_commit_threshold: float = 0.3  # heuristic gate: commit when the eligibility evidence exceeds this
+    pm_commit_cap: float = 1.0  # most slot-mass blended in per span (sum of the per-slot commit fractions)
+    pm_strength_max: float = 1.0  # per-slot strength cap
+    pm_budget: float = 4.0  # per-stream cap on the sum of slot strengths
+    pm_base_decay: float = 0.999  # strengths decay by this every span
+    em_slots: int = 64  # M: episodic slots per stream
+    em_topk: int = 4  # slots retrieved per token
+    # EM writes when novelty (1 - max cos to the stored keys) plus a learned term exceeds the
+    # stream's running average novelty by this margin
+    em_novelty_threshold: float = 0.0
+    em_decay: float = 0.999  # strengths decay by this every span
+    em_strength_max: float = 1.0
 
     @property
     def kv_heads(self) -> int:
@@ -60,4 +82,68 @@ class ModelConfig:
                 problems.append((key, "must be at least 1"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append(("dropout", "must be in [0, 1)"))
+        for key in ("plasticity_span", "pm_slots", "em_slots", "em_topk"):
+            if getattr(self, key) < 1:
+                problems.append((key, "must be at least 1"))
+        if self.em_topk > self.em_slots:
+            problems.append(("em_topk", f"must be at most em_slots ({self.em_slots})"))
+        if self.mem_dim < 0:
+            problems.append(("mem_dim", "must be >= 0 (0 = d_model)"))
+        for key in ("pm_rho", "pm_base_decay", "em_decay"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                problems.append((key, "must be in (0, 1]"))
+        for key in ("pm_commit_cap", "pm_strength_max", "pm_budget", "em_strength_max"):
+            if getattr(self, key) <= 0:
+                problems.append((key, "must be positive"))
+        if (self.pm_enabled or self.em_enabled or self.lifelong) and self.arch != "hatchling":
+            problems.append(("arch", "memories (pm_enabled, em_enabled, lifelong) need arch \"hatchling\""))
+        return problems
+
+
+@dataclass
+class AuxHeadsConfig:
+    """Auxiliary training heads (`model/aux_heads.py`); every head is off by default.
+
+    A head is on when its weight is > 0; a head that is off is not built at all (no
+    parameters, nothing for DDP or the optimizer). Each weighted term is added to the
+    training loss: total = CE + sum(weight_i * aux_i). `train.config.AuxiliaryConfig`
+    inherits these fields, so they are keys of a preset's `auxiliary` section.
+    """
+    # policy head: next-token distribution from an internal layer, KL to the (detached) LM head
+    policy_kl_weight: float = 0.0
+    policy_layer: int = -1  # blocks below the policy head (its input is block policy_layer-1's output); -1 = n_layers // 2
+    policy_token_fraction: float = 0.25  # share of positions the KL is computed on (a full-vocab matmul each)
+    # value head: mean NLL of the next value_horizon tokens (detached LM logits), Huber regression
+    value_weight: float = 0.0
+    value_horizon: int = 8
+    # dynamics module: (final hidden, next token embedding) -> final hidden one step ahead, chained
+    dynamics_weight: float = 0.0
+    dynamics_steps: int = 1  # k: chained prediction steps (1-3)
+    dynamics_loss: Literal["cosine", "mse"] = "cosine"
+    # span contrastive: InfoNCE between a masked span's predicted and true representation
+    span_contrastive_weight: float = 0.0
+    span_mask_fraction: float = 0.15  # span length = round(fraction * sequence length), one span per sequence
+    span_temperature: float = 0.1
+    span_l2_normalize: bool = True
+    span_right_context: bool = False  # let the predictor also see hidden states after the span (they attended to it)
+
+    def check_heads(self, n_layers: Optional[int] = None) -> list[tuple[str, str]]:
+        """Cross-field checks: (key, problem) pairs, empty when consistent."""
+        problems = []
+        for key in ("policy_kl_weight", "value_weight", "dynamics_weight", "span_contrastive_weight"):
+            if getattr(self, key) < 0:
+                problems.append((key, "must be >= 0"))
+        if not 0.0 < self.policy_token_fraction <= 1.0:
+            problems.append(("policy_token_fraction", "must be in (0, 1]"))
+        if n_layers is not None and self.policy_kl_weight > 0 and not (
+                self.policy_layer == -1 or 1 <= self.policy_layer <= n_layers):
+            problems.append(("policy_layer", f"must be -1 or in [1, n_layers] (n_layers = {n_layers})"))
+        if self.value_horizon < 1:
+            problems.append(("value_horizon", "must be at least 1"))
+        if not 1 <= self.dynamics_steps <= 3:
+            problems.append(("dynamics_steps", "must be 1, 2 or 3"))
+        if not 0.0 < self.span_mask_fraction < 1.0:
+            problems.append(("span_mask_fraction", "must be in (0, 1)"))
+        if self.span_temperature <= 0:
+            problems.append(("span_temperature", "must be positive"))
         return problems

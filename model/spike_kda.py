@@ -24,9 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels as K
 from .config import ModelConfig
-from .kda import kda_chunk, kda_recurrent, kda_step
-from .lif import lif_scan
 
 
 class ShortConv(nn.Module):
@@ -66,13 +65,13 @@ class ShortConv(nn.Module):
 class GatedRMSNorm(nn.Module):
     """RMSNorm(o) * weight * silu(gate) over the last dim, in float32. o, gate: [..., d] -> [..., d]."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, kernels: str = "auto"):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(o.float(), (o.shape[-1],), self.weight.float(), self.eps) * F.silu(gate.float())
+        return K.gated_rmsnorm(o, gate, self.weight, self.eps, mode=self.kernels)
 
 
 class SpikeKDA(nn.Module):
@@ -83,7 +82,7 @@ class SpikeKDA(nn.Module):
         self.cfg = cfg
         H, dk = cfg.n_heads, cfg.head_dim
         self.n_heads, self.head_dim = H, dk
-        self.chunk_size, self.impl = cfg.chunk_size, cfg.kda_impl
+        self.chunk_size, self.impl, self.kernels = cfg.chunk_size, cfg.kda_impl, cfg.kernels
         self.lif_decay, self.lif_threshold, self.slope = cfg.lif_decay, cfg.lif_threshold, cfg.lif_surrogate_slope
         d = cfg.d_model
         self.qkv_proj = nn.Linear(d, 3 * H * dk, bias=False)
@@ -97,7 +96,7 @@ class SpikeKDA(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(H * dk))
         self.beta_proj = nn.Linear(d, H, bias=True)
         self.gate_proj = nn.Linear(d, H * dk, bias=False)
-        self.o_norm = GatedRMSNorm(dk, cfg.norm_eps)
+        self.o_norm = GatedRMSNorm(dk, cfg.norm_eps, cfg.kernels)
         self.out_proj = nn.Linear(H * dk, d, bias=False)
         self.init_special()
 
@@ -130,26 +129,25 @@ class SpikeKDA(nn.Module):
         q, k, v = qkv.view(B, T, 3, H, dk).unbind(2)  # each [B, T, H, dk]
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
 
-        # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift)
+        # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift), fused on CUDA with
+        # log_alpha = -a * spikes (silent channel: alpha = 1) and beta = sigmoid(w x) * mean(spikes)
         drive = self.drive_proj(x).float().view(B, T, H, dk)
-        spikes, membrane = lif_scan(drive, self.lif_decay, self.lif_threshold, state.get("membrane"), reset, self.slope)
-
         a = self.A_log.exp()[:, None] * F.softplus(
             self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
-        log_alpha = -a * spikes  # silent channel: alpha = 1, no forgetting
-        beta = torch.sigmoid(self.beta_proj(x).float()) * spikes.mean(-1)  # silent head: beta = 0
+        spikes, membrane, log_alpha, beta = K.lif_modulate(
+            drive, a, self.beta_proj(x).float(), self.lif_decay, self.lif_threshold, state.get("membrane"), reset,
+            self.slope, mode=self.kernels)
 
         q, k, v, log_alpha = (t.transpose(1, 2) for t in (q, k, v, log_alpha))  # [B, H, T, d]
         beta = beta.transpose(1, 2)  # [B, H, T]
         S0 = state.get("S")
         if T == 1:  # decoding: O(1) per token
-            o, S = kda_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_alpha[:, :, 0], beta[:, :, 0], S0,
-                            reset=None if reset is None else reset[:, 0])
+            o, S = K.kda_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_alpha[:, :, 0], beta[:, :, 0], S0,
+                              reset=None if reset is None else reset[:, 0], mode=self.kernels)
             o = o[:, :, None]
-        elif self.impl == "recurrent":
-            o, S = kda_recurrent(q, k, v, log_alpha, beta, S0, reset=reset)
-        else:
-            o, S = kda_chunk(q, k, v, log_alpha, beta, S0, reset=reset, chunk_size=self.chunk_size)
+        else:  # fused kernel on CUDA; else the chunked or sequential reference (kda_impl)
+            o, S = K.kda(q, k, v, log_alpha, beta, S0, reset=reset, chunk_size=self.chunk_size, impl=self.impl,
+                         mode=self.kernels)
 
         gate = self.gate_proj(x).view(B, T, H, dk)
         o = self.o_norm(o.transpose(1, 2), gate)  # [B, T, H, dv]

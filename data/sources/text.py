@@ -10,18 +10,32 @@ from .base import Document, Source, SourceError
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
+def _cut_long(para: str, max_chars: int) -> list[str]:
+    """A paragraph over max_chars (a minified file, a 50 MB single line) cut at the last
+    whitespace before each limit, or hard where there is none, so no document, and no
+    'word' the tokenizer sees, is unbounded."""
+    out = []
+    while len(para) > max_chars:
+        cut = max(para.rfind(" ", 0, max_chars), para.rfind("\n", 0, max_chars))
+        cut = cut if cut > max_chars // 2 else max_chars
+        out.append(para[:cut])
+        para = para[cut:].lstrip()
+    return out + ([para] if para else [])
+
+
 def split_paragraphs(text: str, max_chars: int) -> list[str]:
-    """Cut text into pieces of at most ~max_chars, only at blank lines (a paragraph
-    longer than max_chars stays whole rather than being cut mid-sentence)."""
+    """Cut text into pieces of at most ~max_chars at blank lines; a single paragraph
+    longer than max_chars is cut at whitespace."""
     if max_chars <= 0 or len(text) <= max_chars:
         return [text]
     pieces, current, size = [], [], 0
-    for para in _PARAGRAPH_BREAK.split(text):
-        if current and size + len(para) > max_chars:
-            pieces.append("\n\n".join(current))
-            current, size = [], 0
-        current.append(para)
-        size += len(para) + 2
+    for block in _PARAGRAPH_BREAK.split(text):
+        for para in _cut_long(block, max_chars) if len(block) > max_chars else [block]:
+            if current and size + len(para) > max_chars:
+                pieces.append("\n\n".join(current))
+                current, size = [], 0
+            current.append(para)
+            size += len(para) + 2
     if current:
         pieces.append("\n\n".join(current))
     return pieces

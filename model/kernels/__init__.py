@@ -1,0 +1,128 @@
+"""Fused CUDA kernels for the Spike-KDA layer, each with a PyTorch reference beside it.
+
+Public ops (same arguments and results as their references in `reference.py`):
+
+- `lif_modulate`: the LIF spike scan fused with the alpha/beta modulation
+  (spikes, final membrane, log_alpha = -a * spikes, beta = sigmoid(beta_logit) * mean(spikes)).
+- `kda`: the KDA recurrence over a sequence, forward and backward (training).
+- `kda_step`: one KDA token (generation).
+- `gated_rmsnorm`: RMSNorm(o) * weight * silu(gate), float32 out.
+
+Each takes `mode`: "auto" (fused on CUDA tensors when the extension builds, else the
+reference), "reference" (never touches the build: a preset's `model.kernels =
+"reference"`), or "fused" (the kernel or an error: for tests and benchmarks). When
+"auto" falls back it logs one line saying why (once per reason per process). Importing
+this package builds nothing; the build happens on the first fused call (build.py).
+The fused ops compute in float32 with float32 state whatever the input dtype (bf16 in,
+float32 accumulation) and agree with the references to float32 rounding.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from . import build, ops
+from .reference import gated_rmsnorm_reference, kda_reference, kda_step_reference, lif_modulate_reference
+
+MODES = ("auto", "reference", "fused")
+
+
+def _backend(mode: str, x: torch.Tensor, unsupported: Optional[str] = None):
+    """The CUDA backend to run a fused op on x, or None for the reference (with one notice)."""
+    if mode == "reference":
+        build.notice('model.kernels = "reference"', logging.INFO)
+        return None
+    if mode not in MODES:
+        raise ValueError(f"kernels mode must be one of {MODES}, got {mode!r}")
+    if not x.is_cuda:
+        why = "no CUDA device" if not torch.cuda.is_available() else "tensors are on the CPU"
+    elif unsupported:
+        why = unsupported
+    else:
+        be = build.backend()
+        if be is not None:
+            return be
+        why = build.reason() or "extension unavailable"
+    if mode == "fused":
+        raise RuntimeError(f"model.kernels: fused kernel requested but unavailable: {why}")
+    build.notice(why)
+    return None
+
+
+_eager_fns: dict = {}
+
+
+def _eager(fn):
+    """fn under torch.compiler.disable (kernel launches through raw pointers are not
+    traceable), wrapped on first use: importing dynamo at import time would cost seconds."""
+    f = _eager_fns.get(fn)
+    if f is None:
+        f = _eager_fns[fn] = torch.compiler.disable(fn)
+    return f
+
+
+def lif_modulate(drive, a, beta_logit, decay, threshold, membrane=None, reset=None, slope=5.0, mode="auto"):
+    """drive, a: [B, T, H, N]; beta_logit: [B, T, H]; membrane: [B, H, N] or None; reset: [B, T]
+    bool or None. Returns (spikes, final membrane, log_alpha, beta); see reference.py."""
+    bad = None
+    if drive.dim() != 4 or drive.shape[1] == 0:
+        bad = "lif: needs [B, T>0, H, N] drive"
+    elif drive.shape[-1] > ops.LIF_MAX_CHANNELS:
+        bad = f"lif: more than {ops.LIF_MAX_CHANNELS} channels per head"
+    be = _backend(mode, drive, bad)
+    if be is None:
+        return lif_modulate_reference(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
+    return _eager(ops.lif_modulate_fused)(drive, a, beta_logit, decay, threshold, membrane, reset, slope, backend=be)
+
+
+def _kda_unsupported(q: torch.Tensor, T: int) -> Optional[str]:
+    if q.shape[-1] > ops.KDA_MAX_DK:
+        return f"kda: head dim {q.shape[-1]} > {ops.KDA_MAX_DK}"
+    if T == 0:
+        return "kda: empty sequence"
+    return None
+
+
+def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, chunk_size: int = 64,
+        impl: str = "chunk", mode: str = "auto"):
+    """KDA over a sequence: q, k, log_alpha [B, H, T, dk]; v [B, H, T, dv]; beta [B, H, T];
+    initial_state [B, H, dk, dv] or None; reset [B, T] / [B, H, T] bool or None.
+    Returns (o [B, H, T, dv] in v's dtype, final state float32). `chunk_size` and `impl`
+    choose the reference form; the fused kernel is exact and ignores them. In the fused
+    path o is a [B, H, T, dv] view of a [B, T, H, dv] buffer, so o.transpose(1, 2) is contiguous."""
+    be = _backend(mode, q, _kda_unsupported(q, q.shape[2]))
+    if be is None:
+        return kda_reference(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size, impl)
+    return _eager(ops.kda_fused)(q, k, v, log_alpha, beta, initial_state, scale, reset, backend=be)
+
+
+def kda_step(q, k, v, log_alpha, beta, state=None, scale=None, reset=None, mode: str = "auto"):
+    """One KDA token, as model.kda.kda_step: q, k, log_alpha [B, H, dk]; v [B, H, dv];
+    beta [B, H]; state [B, H, dk, dv] or None; reset [B] / [B, H] bool or None."""
+    be = _backend(mode, q, _kda_unsupported(q, 1))
+    if be is None:
+        return kda_step_reference(q, k, v, log_alpha, beta, state, scale, reset)
+    return _eager(ops.kda_step_fused)(q, k, v, log_alpha, beta, state, scale, reset, backend=be)
+
+
+def gated_rmsnorm(o, gate, weight, eps: float, mode: str = "auto"):
+    """RMSNorm(o) * weight * silu(gate) over the last dim, float32 out."""
+    be = _backend(mode, o)
+    if be is None:
+        return gated_rmsnorm_reference(o, gate, weight, eps)
+    return _eager(ops.gated_rmsnorm_fused)(o, gate, weight, eps, backend=be)
+
+
+def status() -> str:
+    """One line for logs: whether the fused kernels are in use, and if not why."""
+    if not build.attempted():
+        return "fused kernels: not tried yet (built on the first CUDA call)"
+    if build.extension() is not None:
+        return "fused kernels: on"
+    return f"fused kernels: off ({build.reason()})"
+
+
+__all__ = ["MODES", "lif_modulate", "kda", "kda_step", "gated_rmsnorm", "status", "lif_modulate_reference",
+           "kda_reference", "kda_step_reference", "gated_rmsnorm_reference"]

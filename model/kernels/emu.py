@@ -1,0 +1,90 @@
+"""A kernel backend that runs the CUDA kernel source on the CPU (tests only).
+
+csrc/emu.cpp includes the very headers the extension is built from, with KERNELS_EMU
+defined, so a plain C++ compiler turns each `__global__` function into host code; the
+fiber emulator in csrc/cuda_emu.h runs every thread of a block with real barrier and
+warp-shuffle semantics. Slow (tiny shapes only) but it checks the kernels' indexing,
+reductions and barrier placement, and the Python glue of ops.py, on machines with no GPU.
+
+`EmuBackend.load()` compiles once per source hash into a cache folder
+(`$SPIKE_KERNELS_EMU_DIR`, else the system temp folder) and raises `EmuUnavailable`
+when there is no C++ compiler.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from . import ops
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+_lock = threading.Lock()
+_loaded: dict[str, "EmuBackend"] = {}
+
+
+class EmuUnavailable(RuntimeError):
+    pass
+
+
+def _sources_hash() -> str:
+    h = hashlib.sha256()
+    for f in sorted(CSRC.iterdir()):
+        if f.suffix in (".h", ".cuh", ".cpp"):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+class EmuBackend:
+    name = "emu"
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        for op in ("lif_fwd", "lif_bwd", "kda_fwd", "kda_bwd", "rms_fwd", "rms_bwd"):
+            fn = getattr(lib, "emu_" + op)
+            fn.restype = ctypes.c_char_p
+            fn.argtypes = [ctypes.c_void_p]
+        sizes = (ctypes.c_int64 * 3)()
+        lib.emu_struct_sizes(sizes)
+        if list(sizes) != ops.STRUCT_SIZES:
+            raise RuntimeError(f"emu: parameter struct sizes {list(sizes)} != ctypes {ops.STRUCT_SIZES}")
+        consts = (ctypes.c_int64 * 3)()
+        lib.emu_kda_constants(consts)
+        if tuple(consts) != (ops.KDA_ROWS, ops.KDA_THREADS, ops.KDA_CHUNK):
+            raise RuntimeError(f"emu: kda constants {tuple(consts)} differ from ops.py")
+
+    def run(self, op: str, params, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise RuntimeError("emu backend runs on CPU tensors only")
+        err = getattr(self.lib, "emu_" + op)(ctypes.addressof(params))
+        if err is not None:
+            raise RuntimeError(f"model.kernels.{op} (emu): {err.decode()}")
+
+    @classmethod
+    def load(cls, verbose: bool = False) -> "EmuBackend":
+        with _lock:
+            key = _sources_hash()
+            if key in _loaded:
+                return _loaded[key]
+            cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+            if cxx is None:
+                raise EmuUnavailable("no C++ compiler (g++ or clang++) on PATH")
+            root = Path(os.environ.get("SPIKE_KERNELS_EMU_DIR") or Path(tempfile.gettempdir()) / "spike_kernels_emu")
+            out = root / key / "emu.so"
+            if not out.exists():
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = out.with_suffix(f".{os.getpid()}.tmp")
+                cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-o", str(tmp), str(CSRC / "emu.cpp")]
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"emu build failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
+                os.replace(tmp, out)
+            _loaded[key] = cls(ctypes.CDLL(str(out)))
+            return _loaded[key]
