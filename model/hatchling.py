@@ -10,6 +10,16 @@ State (batch first throughout): {"layers": [per-layer state]}, where a Spike-KDA
 holds {"S", "membrane", "conv"} and a WM layer {"k", "v", "valid"}; a None state (or a
 None entry) means zeros. `reset_mask` [B, T] resets one stream's state at the first
 token of its new document, in every layer.
+
+Memories (cfg.pm_enabled / cfg.em_enabled; absent, with no parameters, when off): every
+block gets a procedural memory (`procedural.py`) read into the mixer's output and an
+episodic memory (`episodic.py`) read into the residual after the MLP. Their contents sit
+in the layer state under "pm" and "em", and the state gains "clock" [B] int64, the
+stream position, which aligns plasticity spans to absolute positions (`memory.py`). At a
+document start the reset is hard (memories emptied) unless `lifelong` (cfg.lifelong, an
+attribute that may be flipped), which keeps the committed PM and EM contents and resets
+the rest. `memory_state(state)` / `state_from_memory(memory, B, device)` take the
+committed contents out of a state and seed a fresh state with them.
 """
 from __future__ import annotations
 
@@ -20,8 +30,14 @@ import torch
 import torch.nn as nn
 
 from .base import ModelOutput
-from .config import ModelConfig
+from .aux_heads import AuxHeads
+from .config import AuxHeadsConfig, ModelConfig
+from .episodic import COMMITTED as EM_COMMITTED
+from .episodic import EpisodicMemory
 from .layers import RMSNorm, SwiGLU
+from .memory import SpanGrid, committed
+from .procedural import COMMITTED as PM_COMMITTED
+from .procedural import ProceduralMemory
 from .spike_kda import SpikeKDA
 from .wm_attention import WorkingMemoryAttention
 
@@ -32,7 +48,12 @@ def is_wm_layer(cfg: ModelConfig, i: int) -> bool:
 
 
 class HatchlingBlock(nn.Module):
-    """x + mixer(norm(x)), then + mlp(norm(x)). x: [B, T, d] -> ([B, T, d], state, spikes|None)."""
+    """x + mixer(norm(x)) [+ pm(norm(x))], then + mlp(norm(x)) [, then + em(x)].
+    x: [B, T, d] -> ([B, T, d], state, spikes|None).
+
+    With memories on, `grid` (the call's SpanGrid) is required, the state carries "pm" /
+    "em" next to the mixer's entries, and `metrics` (a dict, if given) receives the
+    memories' 0-dim detached statistics."""
 
     def __init__(self, cfg: ModelConfig, wm: bool):
         super().__init__()
@@ -41,26 +62,57 @@ class HatchlingBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
+        # built only when on, so a phase-A model has exactly the phase-A parameters
+        self.pm = ProceduralMemory(cfg) if cfg.pm_enabled else None
+        self.em = EpisodicMemory(cfg) if cfg.em_enabled else None
 
-    def forward(self, x, state=None, reset=None):
+    def zero_state(self, batch_size: int, device) -> dict:
+        state = self.mixer.zero_state(batch_size, device)
+        for name in ("pm", "em"):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name).zero_state(batch_size, device)
+        return state
+
+    def forward(self, x, state=None, reset=None, grid: Optional[SpanGrid] = None, soft: bool = False,
+                metrics: Optional[dict] = None):
         spikes = None
+        memory = {k: state[k] for k in ("pm", "em") if k in state} if state is not None else {}
+        if memory:
+            state = {k: v for k, v in state.items() if k not in memory}
+        h = self.norm1(x)
         if isinstance(self.mixer, SpikeKDA):
-            y, new_state, spikes = self.mixer(self.norm1(x), state, reset)
+            y, new_state, spikes = self.mixer(h, state, reset)
         else:
-            y, new_state = self.mixer(self.norm1(x), state, reset)
+            y, new_state = self.mixer(h, state, reset)
+        stats, surprises = {}, None
+        if self.pm is not None:
+            read, new_state["pm"], pm_stats, surprises = self.pm(h, memory.get("pm"), grid, soft)
+            y = y + read.to(y.dtype)
+            stats.update(pm_stats)
         x = x + self.drop(y)
-        return x + self.mlp(self.norm2(x)), new_state, spikes
+        x = x + self.mlp(self.norm2(x))
+        if self.em is not None:
+            read, new_state["em"], em_stats = self.em(x, memory.get("em"), grid, soft, surprises)
+            x = x + self.drop(read.to(x.dtype))
+            stats.update(em_stats)
+        if metrics is not None:
+            metrics.update(stats)
+        return x, new_state, spikes
 
 
 class HatchlingLM(nn.Module):
     """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux).
 
-    aux: "metric/spike_rate/layer{i}" (0-dim, detached) for every Spike-KDA layer i.
+    aux: "metric/spike_rate/layer{i}" (0-dim, detached) for every Spike-KDA layer i, and
+    with memories on, for every layer i: "metric/pm_{commit_rate, strength, evidence,
+    surprise, gate_prob, read_norm}/layer{i}" and "metric/em_{write_rate, strength,
+    novelty, read_norm}/layer{i}" (commit/write statistics are over the spans that ended
+    in the call, 0 when none did).
     """
 
     carries_state = True
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, aux_cfg: Optional[AuxHeadsConfig] = None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
@@ -69,13 +121,22 @@ class HatchlingLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
+        self.memories = cfg.pm_enabled or cfg.em_enabled
+        self.lifelong = cfg.lifelong  # soft resets; an attribute, so a session can switch it
         self.apply(self._init)
         for block in self.blocks:
             # GPT-2 style: projections into the residual stream scaled down by depth
-            for p in (block.mixer.out_proj.weight, block.mlp.down.weight):
+            residual = [block.mixer.out_proj.weight, block.mlp.down.weight]
+            residual += [mem.out_proj.weight for mem in (block.pm, block.em) if mem is not None]
+            for p in residual:
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
             if isinstance(block.mixer, SpikeKDA):
                 block.mixer.init_special()
+            for mem in (block.pm, block.em):
+                if mem is not None:
+                    mem.init_special()
+        # auxiliary heads (aux_heads.py): built last, with their own init; None when all are off
+        self.aux_heads = AuxHeads.build(aux_cfg, cfg, vocab_size)
 
     def _init(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -85,15 +146,68 @@ class HatchlingLM(nn.Module):
 
     def generation_state(self, batch_size: int, device) -> dict:
         """A zero state: forward(prompt, state) then forward(one token, state) decodes."""
-        return {"layers": [b.mixer.zero_state(batch_size, device) for b in self.blocks]}
+        state = {"layers": [b.zero_state(batch_size, device) for b in self.blocks]}
+        if self.memories:
+            state["clock"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return state
+
+    def memory_state(self, state: dict) -> dict:
+        """The committed memory contents of a state (detached copies), batch first:
+        {"pm": [{"keys", "values", "strength"} per layer], "em": [{"keys", "values",
+        "strength", "novelty_avg"} per layer]} (only the memories that are on). What a
+        lifelong run keeps from one run to the next; eligibility, open-span sums and the
+        mixers' state are not part of it."""
+        out = {}
+        for name, keys in (("pm", PM_COMMITTED), ("em", EM_COMMITTED)):
+            if getattr(self.blocks[0], name) is not None:
+                out[name] = [committed(layer.get(name), keys) for layer in state["layers"]]
+        return out
+
+    def state_from_memory(self, memory: dict, batch_size: int, device) -> dict:
+        """A zero state whose committed PM/EM contents come from `memory` (as returned by
+        memory_state). Stream b gets stream b mod B' of the stored B' streams; memories
+        stored but off in this model, or on here but not stored, are ignored / left empty."""
+        state = self.generation_state(batch_size, device)
+        for name in ("pm", "em"):
+            if name not in memory or getattr(self.blocks[0], name) is None:
+                continue
+            for layer, stored in zip(state["layers"], memory[name]):
+                for key, value in stored.items():
+                    idx = torch.arange(batch_size) % value.shape[0]
+                    layer[name][key] = value[idx].to(device=device, dtype=layer[name][key].dtype).clone()
+        return state
 
     def forward(self, tokens: torch.Tensor, state=None, reset_mask: Optional[torch.Tensor] = None) -> ModelOutput:
         layer_states = state["layers"] if state is not None else [None] * len(self.blocks)
         x = self.drop(self.embed(tokens))
         new_states, aux = [], {}
+        grid, clock = None, None
+        if self.memories:
+            B, T = tokens.shape
+            clock = state.get("clock") if state is not None else None
+            if clock is None:
+                clock = torch.zeros(B, dtype=torch.long, device=tokens.device)
+            start = int(clock[0])  # streams advance together, so one clock value serves them all
+            if B > 1 and not bool((clock == start).all()):
+                raise ValueError("the streams of a state must share one clock (stream position)")
+            grid = SpanGrid(T, self.cfg.plasticity_span, start % self.cfg.plasticity_span, reset_mask, tokens.device)
+        heads = self.aux_heads if self.training else None
+        tap, mid = (heads.tap_layer if heads is not None else None), None
         for i, block in enumerate(self.blocks):
-            x, layer_state, spikes = block(x, layer_states[i], reset_mask)
+            metrics = {} if self.memories else None
+            x, layer_state, spikes = block(x, layer_states[i], reset_mask, grid, self.lifelong, metrics)
+            if i == tap:
+                mid = x  # the policy head's input
             new_states.append(layer_state)
             if spikes is not None:
                 aux[f"metric/spike_rate/layer{i}"] = spikes.detach().mean()
-        return ModelOutput(self.lm_head(self.norm(x)), {"layers": new_states}, aux)
+            for key, value in (metrics or {}).items():
+                aux[f"metric/{key}/layer{i}"] = value
+        new_state = {"layers": new_states}
+        if self.memories:
+            new_state["clock"] = clock + tokens.shape[1]
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        if heads is not None:
+            aux.update(heads(tokens, hidden, logits, self.embed.weight, mid))
+        return ModelOutput(logits, new_state, aux)

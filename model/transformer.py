@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import ModelOutput
-from .config import ModelConfig
+from .aux_heads import AuxHeads
+from .config import AuxHeadsConfig, ModelConfig
 from .layers import RMSNorm, SwiGLU
 
 
@@ -86,11 +87,15 @@ class Block(nn.Module):
 
 class TransformerLM(nn.Module):
     """tokens [B, T] -> ModelOutput(logits [B, T, V], state, aux). Keeps no state across
-    training steps; `generation_state` gives it a KV cache for decoding."""
+    training steps; `generation_state` gives it a KV cache for decoding.
+
+    aux: in training mode, the auxiliary heads' "loss/...", "metric/aux/..." and
+    "signal/surprise" entries (`aux_heads.py`); empty otherwise or when every head is off.
+    """
 
     carries_state = False
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, aux_cfg: Optional[AuxHeadsConfig] = None):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
@@ -104,6 +109,8 @@ class TransformerLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", "down.weight")):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        # built last, with their own init; None when every head is off (then no parameters)
+        self.aux_heads = AuxHeads.build(aux_cfg, cfg, vocab_size)
 
     def _init(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -113,11 +120,18 @@ class TransformerLM(nn.Module):
         return {"pos": 0, "layers": [{"pos": 0} for _ in self.blocks]}
 
     def forward(self, tokens: torch.Tensor, state=None, reset_mask=None) -> ModelOutput:
-        x = self.drop(self.embed(tokens))
+        heads = self.aux_heads if self.training else None
+        tap = heads.tap_layer if heads is not None else None
+        x, mid = self.drop(self.embed(tokens)), None
         for i, block in enumerate(self.blocks):
             x = block(x, state["layers"][i] if state is not None else None)
+            if i == tap:
+                mid = x  # the policy head's input
         if state is not None:
             state["pos"] += tokens.shape[1]
             for layer in state["layers"]:
                 layer["pos"] = state["pos"]
-        return ModelOutput(self.lm_head(self.norm(x)), state, {})
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden)
+        aux = heads(tokens, hidden, logits, self.embed.weight, mid) if heads is not None else {}
+        return ModelOutput(logits, state, aux)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from data import DataConfig, TokenizerConfig
-from model import ModelConfig
+from model import AuxHeadsConfig, ModelConfig
 
 # The fixed budget of every run: real (non-padding) training tokens, summed over ranks.
 TOKEN_BUDGET = 100_000_000
@@ -37,7 +37,9 @@ class TrainConfig:
 
 
 @dataclass
-class AuxiliaryConfig:
+class AuxiliaryConfig(AuxHeadsConfig):
+    """The `auxiliary` section: the auxiliary heads' keys (AuxHeadsConfig) plus adaptive source weights."""
+
     enable_adaptive_sources: bool = False
     adaptive_interval_tokens: int = 1_000_000
     adaptive_min_weight: float = 0.1

@@ -91,9 +91,10 @@ def tolerant_load(model: torch.nn.Module, state: dict, report: Reporter) -> int:
     own = model.state_dict()
     fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     misfit = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    unexpected = sorted(k for k in state if k not in own)
     result = model.load_state_dict(fitting, strict=False)
     missing = sorted(set(result.missing_keys) - set(misfit))
-    for label, keys in (("missing (kept fresh)", missing), ("unexpected (ignored)", result.unexpected_keys),
+    for label, keys in (("missing (kept fresh)", missing), ("unexpected (ignored)", unexpected),
                         ("shape mismatch (kept fresh)", misfit)):
         if keys:
             report.warn(f"{len(keys)} {label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}")
@@ -166,7 +167,7 @@ class Trainer:
         rep.log(f"[data] {len(self.sources)} source(s): {', '.join(s.name for s in self.sources)}")
         init = self._resolve_start()
         self.tokenizer = self._resolve_tokenizer(init)
-        self.model = build_model(self.preset.model, self.tokenizer.vocab_size)
+        self.model = build_model(self.preset.model, self.tokenizer.vocab_size, self.preset.auxiliary)
         if self.run_state is not None:
             self.model.load_state_dict(self.run_state["model"])
         elif init is not None:
@@ -538,8 +539,14 @@ class Trainer:
             row["source_loss"] = {s.name: (src_l[i] / src_c[i]).item() for i, s in enumerate(self.sources) if src_c[i] > 0}
         for key, value in {**out["aux"], **out["metrics"]}.items():
             row[key] = float(value)
+        total = loss + sum(float(v) for v in out["aux"].values())  # CE + the weighted auxiliary terms
+        if out["aux"]:
+            row["loss_total"] = total
+        for key, value in out["aux"].items():
+            row[f"share/{key.split('/', 1)[1]}"] = float(value) / max(total, 1e-12)
         self.metrics.write(row)
-        detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g}" for k, v in out["aux"].items())
+        detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g} ({100 * float(v) / max(total, 1e-12):.1f}%)"
+                           for k, v in out["aux"].items())
         spikes = [float(v) for k, v in out["metrics"].items() if k.startswith("metric/spike_rate/")]
         if spikes:
             detail += f"  spike rate {sum(spikes) / len(spikes):.2f}"

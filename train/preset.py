@@ -135,7 +135,8 @@ class _Validator:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, item in value.items():
-            where = f"{path}.{key}" if path else key
+            shown = key if key.isprintable() and key.strip() == key and key else json.dumps(key)
+            where = f"{path}.{shown}" if path else shown
             if key in IGNORED_KEYS:
                 self.notices.append(f"{where}: {IGNORED_KEYS[key]}")
                 continue
@@ -203,6 +204,7 @@ def _cross_checks(p: Preset) -> list[str]:
     if not 0 <= t.min_lr_ratio <= 1:
         problems.append("train.min_lr_ratio: must be in [0, 1]")
     a = p.auxiliary
+    problems += [f"auxiliary.{k}: {m}" for k, m in a.check_heads(p.model.n_layers)]
     if not 0 < a.adaptive_min_weight <= a.adaptive_max_weight:
         problems.append("auxiliary.adaptive_min_weight: must be > 0 and <= adaptive_max_weight")
     if not 0 <= a.adaptive_smoothing < 1:

@@ -100,7 +100,7 @@ def test_damaged_current_falls_back_to_prev(tiny_preset, tmp_path, capsys):
     assert name == PREV and "lm_current.pth" in warnings[0]
     assert all(torch.equal(ckpt["model"][k], prev_weights[k]) for k in prev_weights)
     train(preset, budget=512, out_dir=tmp_path)  # a new run continues from lm_prev.pth
-    assert "continuing from lm_prev.pth" in capsys.readouterr().out
+    assert "continuing from lm_prev.pth" in " ".join(capsys.readouterr().out.split())
 
 
 def test_tokenizer_is_stored_and_reused(tiny_preset, tmp_path, capsys):
@@ -110,7 +110,7 @@ def test_tokenizer_is_stored_and_reused(tiny_preset, tmp_path, capsys):
     # the preset now asks for another vocabulary: the stored one is kept, with a warning
     train(tiny_preset(tokenizer={"vocab_size": 1024}), budget=512, out_dir=tmp_path)
     assert load_checkpoint(tmp_path / CURRENT)["tokenizer"]["json"] == first["json"]
-    assert "keeping the tokenizer stored in lm_current.pth" in capsys.readouterr().out
+    assert "keeping the tokenizer stored in lm_current.pth" in " ".join(capsys.readouterr().out.split())
 
 
 def test_adaptive_source_weights_follow_the_loss(corpus, tmp_path):

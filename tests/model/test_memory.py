@@ -1,0 +1,274 @@
+"""Procedural and episodic memories (model/procedural.py, model/episodic.py) in HatchlingLM:
+state layout, rails, resets (hard and lifelong), commits that change reads, gradients into
+the neuromodulators, exact save/load, the phase-A model when off, split-call equivalence."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model, detach_state
+from model.episodic import EpisodicMemory
+from model.memory import SpanGrid
+from model.procedural import ProceduralMemory
+
+V = 61
+P = 8
+ATOL = RTOL = 1e-4
+
+
+def mem_cfg(**kw):
+    base = dict(arch="hatchling", d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, global_every=2, wm_window=16,
+                chunk_size=8, conv_size=3, decay_rank=8, pm_enabled=True, em_enabled=True, plasticity_span=P,
+                pm_slots=4, em_slots=6, em_topk=2, pm_commit_threshold=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def mem_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_model(mem_cfg(**kw), V).eval()
+
+
+def tokens(B, T, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def tensors(state):
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for k in sorted(state) for t in tensors(state[k])]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in tensors(v)]
+    return []
+
+
+def memories(state):
+    return [{k: v for k, v in layer.items() if k in ("pm", "em")} for layer in state["layers"]]
+
+
+def assert_same(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
+
+
+def assert_states_same(a, b):
+    ta, tb = tensors(a), tensors(b)
+    assert len(ta) == len(tb)
+    for x, y in zip(ta, tb):
+        if x.dtype in (torch.bool, torch.long):
+            assert torch.equal(x, y)
+        else:
+            assert_same(x, y)
+
+
+def test_state_layout_shapes_and_float32():
+    model = mem_model()
+    B, r, M, d = 3, 4, 6, 32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the memories stay float32 under autocast
+        out = model(tokens(B, 21))
+    assert out.state["clock"].dtype == torch.long and out.state["clock"].tolist() == [21] * B
+    for layer in out.state["layers"]:
+        pm, em = layer["pm"], layer["em"]
+        shapes = {"keys": (B, r, d), "values": (B, r, d), "strength": (B, r), "elig_k": (B, r, d),
+                  "elig_v": (B, r, d), "prev": (B, d), "err_sum": (B,), "count": (B,)}
+        assert {k: tuple(v.shape) for k, v in pm.items()} == shapes
+        assert {k: tuple(v.shape) for k, v in em.items()} == {
+            "keys": (B, M, d), "values": (B, M, d), "strength": (B, M), "novelty_avg": (B,), "pool_sum": (B, 2, d),
+            "pool_mass": (B, 2)}
+        assert all(t.dtype == torch.float32 for t in tensors([pm, em]))
+    metrics = [k for k in out.aux if k.startswith("metric/pm_") or k.startswith("metric/em_")]
+    assert "metric/pm_commit_rate/layer0" in metrics and "metric/em_write_rate/layer1" in metrics
+    assert all(out.aux[k].dim() == 0 and not out.aux[k].requires_grad for k in metrics)
+    assert all(t.shape[0] == B for t in tensors(out.state))  # batch first
+    assert out.aux["metric/pm_commit_rate/layer0"] > 0 and out.aux["metric/em_write_rate/layer0"] > 0
+
+
+def test_disabled_memories_are_exactly_the_phase_a_model():
+    on = mem_model()
+    off = mem_model(pm_enabled=False, em_enabled=False, lifelong=True)
+    assert not any(".pm." in k or ".em." in k for k in off.state_dict())
+    backbone = {k: v for k, v in on.state_dict().items() if ".pm." not in k and ".em." not in k}
+    off.load_state_dict(backbone, strict=True)  # nothing more, nothing less
+    out = off(tokens(2, 20))
+    assert set(out.state) == {"layers"} and all(set(s) <= {"S", "membrane", "conv", "k", "v", "valid"}
+                                                for s in out.state["layers"])
+    assert not any("pm_" in k or "em_" in k for k in out.aux)
+    plain = mem_model(pm_enabled=False, em_enabled=False)
+    plain.load_state_dict(backbone)
+    assert_same(out.logits, plain(tokens(2, 20)).logits)
+
+
+@pytest.mark.parametrize("lifelong", [False, True])
+def test_split_calls_equal_one_call(lifelong):
+    """Any cut of the stream into calls (spans straddling calls, T = 1 decoding, resets)
+    gives the same logits and state as one call."""
+    model = mem_model(lifelong=lifelong)
+    x = tokens(2, 45)
+    reset = torch.zeros(2, 45, dtype=torch.bool)
+    reset[0, 13], reset[1, 30] = True, True
+    full = model(x, reset_mask=reset)
+    logits, state = [], None
+    for lo, hi in ((0, 5), (5, 19), (19, 20), (20, 21), (21, 45)):
+        out = model(x[:, lo:hi], state=detach_state(state), reset_mask=reset[:, lo:hi])
+        logits.append(out.logits)
+        state = out.state
+    assert_same(torch.cat(logits, 1), full.logits)
+    assert_states_same(state, full.state)
+
+
+def test_hard_reset_touches_only_the_stream_whose_document_ended():
+    """History fills the memories; a reset at p in stream 0 makes its outputs from p
+    identical to the new document run alone from an empty state; stream 1 is untouched."""
+    model = mem_model()
+    history, x = tokens(2, 37, seed=2), tokens(2, 25, seed=3)
+    state = model(history).state
+    assert all(layer["em"]["strength"].sum() > 0 for layer in state["layers"])
+    plain = model(x, state=state)
+    for p in (3, 14, 24):  # at a span start (37 + 3 = 40), inside a span, the last token
+        reset = torch.zeros(2, 25, dtype=torch.bool)
+        reset[0, p] = True
+        out = model(x, state=state, reset_mask=reset)
+        fresh = model.generation_state(1, "cpu")
+        fresh["clock"] += 37 + p  # same stream position, so the same spans
+        first = torch.zeros(1, 25 - p, dtype=torch.bool)
+        first[0, 0] = True  # the document's first token
+        alone = model(x[:1, p:], state=fresh, reset_mask=first)
+        assert_same(out.logits[0, p:], alone.logits[0])
+        assert_same(out.logits[0, :p], plain.logits[0, :p])
+        assert_same(out.logits[1], plain.logits[1])
+        for a, b in zip(tensors(out.state), tensors(plain.state)):
+            assert_same(a[1], b[1])  # stream 1's state is exactly the no-reset state
+        for a, b in zip(tensors(memories(out.state)), tensors(memories(alone.state))):
+            assert_same(a[:1], b)  # stream 0's memories end where the document alone ends
+        if p == 14:  # and the next call agrees too
+            nxt = tokens(2, 2 * P, seed=4)
+            assert_same(model(nxt, state=out.state).logits[0], model(nxt[:1], state=alone.state).logits[0])
+
+
+def test_soft_reset_keeps_committed_memories_and_resets_the_rest():
+    """Lifelong: after a reset, stream 0 behaves like the new document run from a state
+    holding only the committed PM/EM contents (mixers, membranes, eligibility, span
+    accumulators all reset); the hard reset differs because it forgets the contents."""
+    model = mem_model(lifelong=True)
+    history, x = tokens(2, 40, seed=2), tokens(2, 20, seed=3)
+    state = model(history).state
+    p = 5
+    reset = torch.zeros(2, 20, dtype=torch.bool)
+    reset[0, p] = True
+    out = model(x, state=state, reset_mask=reset)
+    seeded = model.state_from_memory(model.memory_state(state), 1, "cpu")
+    seeded["clock"] += 40 + p
+    first = torch.zeros(1, 20 - p, dtype=torch.bool)
+    first[0, 0] = True
+    alone = model(x[:1, p:], state=seeded, reset_mask=first)
+    assert_same(out.logits[0, p:], alone.logits[0])
+    for a, b in zip(tensors(memories(out.state)), tensors(memories(alone.state))):
+        assert_same(a[:1], b)
+    # a reset after the call's last span end: the committed contents are exactly as before it
+    late = torch.zeros(2, 20, dtype=torch.bool)
+    late[0, 17] = True  # stream position 57; the last span ended at 56
+    kept, unreset = (model.memory_state(model(x, state=state, reset_mask=m).state) for m in (late, None))
+    assert all(torch.equal(a, b) for a, b in zip(tensors(kept), tensors(unreset)))
+    assert all(t.abs().sum() > 0 for t in tensors(kept))
+    model.lifelong = False
+    hard = model(x, state=state, reset_mask=reset)
+    assert (hard.logits[0, p:] - out.logits[0, p:]).abs().max() > 1e-4  # the kept memories are read
+
+
+def test_a_commit_changes_the_next_read():
+    """Empty memory reads zero; after the first span end, reads in the next span see what
+    was committed/written. With the gate shut (PM) / threshold unreachable (EM), nothing is."""
+    torch.manual_seed(0)
+    cfg = mem_cfg()
+    h = torch.randn(2, 2 * P, 32)
+    grid = SpanGrid(2 * P, P, 0, None, "cpu")
+    for threshold, expect_read in ((0.0, True), (1e9, False)):
+        pm = ProceduralMemory(ModelConfig(**{**cfg.__dict__, "pm_commit_threshold": threshold}))
+        y, state, stats, _ = pm(h, None, grid)
+        assert y[:, :P].abs().max() == 0  # nothing committed before the first span end
+        assert (y[:, P:].abs().max() > 0) == expect_read
+        assert stats["pm_commit_rate"] == float(expect_read)
+        em = EpisodicMemory(ModelConfig(**{**cfg.__dict__, "em_novelty_threshold": threshold + 0.1}))
+        y, state, stats = em(h, None, grid)
+        assert y[:, :P].abs().max() == 0
+        assert (y[:, P:].abs().max() > 0) == expect_read
+        assert (state["strength"].sum() > 0) == expect_read
+
+
+def test_gradients_reach_the_neuromodulator_heads():
+    model = mem_model().train()
+    x = tokens(2, 3 * P + 3)
+    out = model(x)
+    F.cross_entropy(out.logits.flatten(0, 1), x.roll(-1, 1).flatten()).backward()
+    for i, block in enumerate(model.blocks):
+        heads = {"pm.mlp": block.pm.neuromod.mlp[-1].weight, "pm.slot": block.pm.neuromod.slot_score.weight,
+                 "em.mlp": block.em.neuromod.mlp[-1].weight, "pm.pre": block.pm.pre.weight,
+                 "pm.post": block.pm.post.weight, "em.k": block.em.k_proj.weight, "em.pool": block.em.pool.weight}
+        for name, p in heads.items():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i}: no gradient into {name}"
+
+
+def test_rails_hold_under_adversarial_inputs():
+    """Huge activations and a neuromodulator pushed to its extremes: strengths stay within
+    their caps and budget, keys/values unit (or empty), traces bounded, reads finite."""
+    torch.manual_seed(0)
+    cfg = mem_cfg(pm_budget=1.5, pm_strength_max=1.0, pm_commit_cap=5.0, em_strength_max=0.7)
+    pm, em = ProceduralMemory(cfg), EpisodicMemory(cfg)
+    with torch.no_grad():
+        pm.neuromod.mlp[-1].bias.copy_(torch.tensor([0.0, -50.0, 50.0]))  # never decay, full strength
+        em.neuromod.mlp[-1].bias.copy_(torch.tensor([50.0, 50.0]))  # always write, full strength
+    T = 9 * P + 3
+    pm_state = em_state = None
+    for scale in (1e4, 1e8, 1e30):
+        h = torch.randn(2, T, 32) * scale
+        h[0, ::7] *= -1e6
+        grid = SpanGrid(T, P, 0, None, "cpu")
+        y_pm, pm_state, _, _ = pm(h, pm_state, grid)
+        y_em, em_state, _ = em(h, em_state, grid)
+        assert torch.isfinite(y_pm).all() and torch.isfinite(y_em).all()
+        a = pm_state["strength"]
+        assert (a >= 0).all() and (a <= 1.0 + 1e-6).all() and (a.sum(-1) <= 1.5 + 1e-5).all()
+        assert a.sum() > 1.0  # the rails bind: commits happened
+        for key in ("keys", "values"):
+            for s in (pm_state, em_state):
+                norms = s[key].norm(dim=-1)
+                assert ((norms - 1).abs() < 1e-4).logical_or(norms == 0).all()
+        for key in ("elig_k", "elig_v"):
+            assert (pm_state[key].norm(dim=-1) <= 1 / (1 - cfg.pm_rho) + 1e-3).all()
+        S = em_state["strength"]
+        assert (S >= 0).all() and (S <= 0.7 + 1e-6).all() and (S > 0).any()
+        # the read itself is bounded by the strength budget (before the output projection)
+        read = ProceduralMemory.read(F.normalize(torch.randn(2, 5, 32), dim=-1), pm_state["keys"],
+                                     pm_state["values"], a)
+        assert (read.norm(dim=-1) <= 1.5 + 1e-4).all()
+    model = mem_model()
+    with torch.no_grad():
+        model.embed.weight.mul_(1e6)
+    out = model(tokens(2, 30))
+    assert torch.isfinite(out.logits).all() and all(torch.isfinite(t.float()).all() for t in tensors(out.state))
+
+
+def test_runtime_state_save_load_roundtrip_is_exact():
+    model = mem_model()
+    x = tokens(2, 30)
+    state = detach_state(model(x[:, :19]).state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    ta, tb = tensors(state), tensors(loaded)
+    assert len(ta) == len(tb) and all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ta, tb))
+    assert torch.equal(model(x[:, 19:], state=state).logits, model(x[:, 19:], state=loaded).logits)
+    # the committed contents alone (what a lifelong run keeps) round-trip too
+    memory = model.memory_state(state)
+    buf = io.BytesIO()
+    torch.save(memory, buf)
+    buf.seek(0)
+    memory2 = torch.load(buf, weights_only=True)
+    seeded = model.state_from_memory(memory2, 4, "cpu")  # a new run with more streams: b gets b mod 2
+    for layer_new, layer_old in zip(seeded["layers"], state["layers"]):
+        for name, keys in (("pm", ("keys", "values", "strength")), ("em", ("keys", "values", "strength", "novelty_avg"))):
+            for k in keys:
+                assert torch.equal(layer_new[name][k], layer_old[name][k][[0, 1, 0, 1]])
+        assert layer_new["pm"]["elig_k"].abs().sum() == 0 and layer_new["em"]["pool_mass"].abs().sum() == 0
