@@ -34,6 +34,10 @@ class TrainConfig:
     checkpoint_every_tokens: int = 5_000_000  # in-run saves for crash recovery
     samples: int = 2  # generated samples shown at each evaluation
     sample_tokens: int = 48
+    # training phase (hatchling): A backbone + working memory; B adds procedural memory;
+    # C adds episodic memory; E lifelong (soft resets keep committed memories across
+    # documents, and the memory contents are saved with lm_current.pth)
+    phase: Literal["A", "B", "C", "E"] = "A"
 
 
 @dataclass
@@ -56,6 +60,14 @@ class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
+
+    def apply_phase(self) -> None:
+        """Turn on the memories the training phase asks for (explicit model flags stay on)."""
+        phase = self.train.phase
+        m = self.model
+        m.pm_enabled = m.pm_enabled or phase in ("B", "C", "E")
+        m.em_enabled = m.em_enabled or phase in ("C", "E")
+        m.lifelong = m.lifelong or phase == "E"
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (stored in checkpoints, broadcast to DDP ranks)."""

@@ -172,6 +172,7 @@ class Trainer:
             self.model.load_state_dict(self.run_state["model"])
         elif init is not None:
             loaded = tolerant_load(self.model, init[1]["model"], rep)
+            self._seed_memory(init[1])
             rep.log(f"[model] continuing from {init[0]} ({loaded} tensors loaded)")
         self.model.to(self.device)
         n_params = count_params(self.model)
@@ -211,6 +212,8 @@ class Trainer:
         self.adapt_sums = torch.zeros(2, len(self.sources), device=self.device)  # loss sum, token count
         if self.run_state is not None:
             self._restore()
+        elif getattr(self, "_initial_memory", None):
+            self.state = self.model.state_from_memory(self._initial_memory, cfg.batch_size, self.device)
         self._prepare_eval()
 
     def _resolve_start(self):
@@ -324,12 +327,21 @@ class Trainer:
             torch.cuda.set_rng_state(mine["rng"]["cuda"], self.device)
         self.rep.log(f"[resume] continuing at {human(self.tokens)}/{human(self.budget)} tokens, step {self.step}")
 
+    def _seed_memory(self, ckpt: dict) -> None:
+        """Lifelong mode: a new run starts with the memory contents the last one ended with."""
+        if ckpt.get("memory") and getattr(self.model, "lifelong", False):
+            self._initial_memory = ckpt["memory"]
+            self.rep.log("[model] lifelong: starting with the stored procedural/episodic memory contents")
+
     def final_checkpoint(self, eval_row: dict) -> dict:
         return {
             "format": CHECKPOINT_FORMAT, "kind": "final", "model": self._model_cpu_state(),
             "model_config": asdict(self.preset.model), "preset": self.preset.to_dict(),
             "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
             "tokens": self.tokens, "eval": eval_row, "finished_at": time.time(),
+            # in lifelong mode the memory contents are part of what was learned
+            "memory": (map_state(self.model.memory_state(self.state), lambda t: t.cpu())
+                       if getattr(self.model, "lifelong", False) and self.state is not None else None),
         }
 
     # -- the loop -------------------------------------------------------------------------
@@ -363,7 +375,10 @@ class Trainer:
                     with self.autocast():
                         out = self.train_model(x, state=self._slice_state(state, rows), reset_mask=reset[rows])
                     ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-                    ce = ce * mask[rows]
+                    keep = mask[rows]
+                    if self.model.carries_state:  # the state resets at a boundary: no loss across it
+                        keep = keep & (x != self.tokenizer.eot_id)
+                    ce = ce * keep
                     # DDP averages gradients over ranks: scale by world size for a mean over all tokens
                     loss = ce.sum() * (d.world_size / n_step)
                     for key, value in out.aux.items():

@@ -157,6 +157,9 @@ class _Validator:
 
 def _cross_checks(p: Preset) -> list[str]:
     """Rules that involve more than one key, or the filesystem."""
+    if p.train.phase != "A" and p.model.arch != "hatchling":
+        return [f'train.phase: phase {p.train.phase} (memories) needs model.arch "hatchling"']
+    p.apply_phase()
     problems = [f"model.{k}: {msg}" for k, msg in p.model.check()]
     tok = p.tokenizer
     if tok.type == "hf" and not tok.name:

@@ -143,3 +143,27 @@ def test_resume_is_exact_with_background_data_workers(tiny_preset, tmp_path):
     a = load_checkpoint(tmp_path / "a" / CURRENT)["model"]
     b = load_checkpoint(tmp_path / "b" / CURRENT)["model"]
     assert straight.finished and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("phase", ["B", "C", "E"])
+def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, phase, capsys):
+    model = {**HATCHLING, "plasticity_span": 8, "pm_slots": 4, "em_slots": 8}
+    preset = tiny_preset(model=model, train={"phase": phase})
+    assert preset.model.pm_enabled and preset.model.em_enabled == (phase != "B")
+    assert preset.model.lifelong == (phase == "E")
+    result = train(preset, budget=1024, out_dir=tmp_path)
+    assert result.finished and result.eval["eval_loss"] < 7.0
+    metrics = rows(tmp_path, "train")[-1]
+    assert any(k.startswith("metric/pm_") for k in metrics)
+    memory = load_checkpoint(tmp_path / CURRENT)["memory"]
+    assert (memory is not None) == (phase == "E")
+    if phase == "E":  # the next lifelong run starts from the stored memory contents
+        train(preset, budget=512, out_dir=tmp_path)
+        assert "starting with the stored procedural/episodic memory" in " ".join(capsys.readouterr().out.split())
+
+
+def test_phases_need_hatchling(tmp_path):
+    from train import PresetError, preset_from_dict
+
+    with pytest.raises(PresetError, match='train.phase: phase B .* needs model.arch "hatchling"'):
+        preset_from_dict({"name": "x", "train": {"phase": "B"}, "data": {"sources": ["a"]}}, "x.json")
