@@ -196,7 +196,7 @@ def fault_sigterm(bound_s: float = 60.0) -> dict:
     """SIGTERM mid-run: saved and exited within bound_s, then resumes to the end."""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        budget = 16_384
+        budget = 8_192
         script = child_script(work, tiny_preset(checkpoint_every_tokens=10**9), budget)
         folder = work / "ck"
         proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -240,10 +240,9 @@ def train(model, streams: FactStreams, steps: int, lr: float, label: str) -> dic
         losses.append(ce.mean().item())
         if step % 25 == 0 or step == steps - 1:
             extra = ""
-            if model.memories:
-                m = out.aux
-                extra = (f" pm_commit {m['metric/pm_commit_rate/layer0']:.2f} em_write {m['metric/em_write_rate/layer0']:.2f}"
-                         f" em_nov {m['metric/em_novelty/layer0']:.2f} em_read {m['metric/em_read_norm/layer0']:.2f} pm_read {m['metric/pm_read_norm/layer0']:.3f}")
+            for key in ("pm_commit_rate", "pm_read_norm", "em_write_rate", "em_novelty", "em_read_norm"):
+                if f"metric/{key}/layer0" in out.aux:
+                    extra += f" {key} {out.aux[f'metric/{key}/layer0']:.3f}"
             log(f"[{label}] step {step}/{steps} loss {sum(losses[-25:]) / len(losses[-25:]):.3f} "
                 f"({time.time() - t0:.0f}s){extra}")
     return {"steps": steps, "tokens": steps * x.numel(), "seconds": round(time.time() - t0, 1),

@@ -14,13 +14,16 @@ def _cut_long(para: str, max_chars: int) -> list[str]:
     """A paragraph over max_chars (a minified file, a 50 MB single line) cut at the last
     whitespace before each limit, or hard where there is none, so no document, and no
     'word' the tokenizer sees, is unbounded."""
-    out = []
-    while len(para) > max_chars:
-        cut = max(para.rfind(" ", 0, max_chars), para.rfind("\n", 0, max_chars))
-        cut = cut if cut > max_chars // 2 else max_chars
-        out.append(para[:cut])
-        para = para[cut:].lstrip()
-    return out + ([para] if para else [])
+    out, start, n = [], 0, len(para)
+    while n - start > max_chars:  # indices, not re-slicing the rest: linear in the paragraph
+        end = start + max_chars
+        cut = max(para.rfind(" ", start, end), para.rfind("\n", start, end))
+        cut = cut if cut > start + max_chars // 2 else end
+        out.append(para[start:cut])
+        start = cut
+        while start < n and para[start] in " \n":
+            start += 1
+    return out + ([para[start:]] if start < n else [])
 
 
 def split_paragraphs(text: str, max_chars: int) -> list[str]:
