@@ -62,9 +62,11 @@ class HatchlingBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
-        # built only when on, so a phase-A model has exactly the phase-A parameters
-        self.pm = ProceduralMemory(cfg) if cfg.pm_enabled else None
-        self.em = EpisodicMemory(cfg) if cfg.em_enabled else None
+        # built only when on, so a phase-A model has exactly the phase-A parameters; from a
+        # side stream of the RNG, so the backbone draws the same initial weights either way
+        with torch.random.fork_rng(devices=[]):
+            self.pm = ProceduralMemory(cfg) if cfg.pm_enabled else None
+            self.em = EpisodicMemory(cfg) if cfg.em_enabled else None
 
     def zero_state(self, batch_size: int, device) -> dict:
         state = self.mixer.zero_state(batch_size, device)
@@ -123,20 +125,35 @@ class HatchlingLM(nn.Module):
         self.lm_head.weight = self.embed.weight  # tied
         self.memories = cfg.pm_enabled or cfg.em_enabled
         self.lifelong = cfg.lifelong  # soft resets; an attribute, so a session can switch it
-        self.apply(self._init)
+        self._init_backbone(self)
         for block in self.blocks:
             # GPT-2 style: projections into the residual stream scaled down by depth
-            residual = [block.mixer.out_proj.weight, block.mlp.down.weight]
-            residual += [mem.out_proj.weight for mem in (block.pm, block.em) if mem is not None]
-            for p in residual:
+            for p in (block.mixer.out_proj.weight, block.mlp.down.weight):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
             if isinstance(block.mixer, SpikeKDA):
                 block.mixer.init_special()
-            for mem in (block.pm, block.em):
-                if mem is not None:
-                    mem.init_special()
+        # Memories start silent: their output projections are zero, so a fresh memory model
+        # computes exactly what the phase-A model with the same seed (or the phase-A
+        # checkpoint it continues from) computes, and the memories' reads enter the
+        # residual stream only as fast as the LM loss finds them useful. Their init draws
+        # from a side stream of the RNG, like their construction.
+        with torch.random.fork_rng(devices=[]):
+            for block in self.blocks:
+                for mem in (block.pm, block.em):
+                    if mem is not None:
+                        mem.apply(self._init)
+                        nn.init.zeros_(mem.out_proj.weight)
+                        mem.init_special()
         # auxiliary heads (aux_heads.py): built last, with their own init; None when all are off
         self.aux_heads = AuxHeads.build(aux_cfg, cfg, vocab_size)
+
+    def _init_backbone(self, module):
+        """self._init on every module below `module` but the memories (children first, like apply)."""
+        if isinstance(module, (ProceduralMemory, EpisodicMemory)):
+            return
+        for child in module.children():
+            self._init_backbone(child)
+        self._init(module)
 
     def _init(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):

@@ -25,9 +25,18 @@ def mem_cfg(**kw):
     return ModelConfig(**base)
 
 
-def mem_model(seed=0, **kw):
+def mem_model(seed=0, live=True, **kw):
+    """A tiny memory model. Fresh memories start silent (zero output projections); live=True
+    gives them random ones, as training would, so that what they hold shows in the logits."""
     torch.manual_seed(seed)
-    return build_model(mem_cfg(**kw), V).eval()
+    model = build_model(mem_cfg(**kw), V).eval()
+    if live:
+        with torch.no_grad():
+            for block in model.blocks:
+                for mem in (block.pm, block.em):
+                    if mem is not None:
+                        mem.out_proj.weight.normal_(0.0, 0.1)
+    return model
 
 
 def tokens(B, T, seed=1):
@@ -97,6 +106,20 @@ def test_disabled_memories_are_exactly_the_phase_a_model():
     plain = mem_model(pm_enabled=False, em_enabled=False)
     plain.load_state_dict(backbone)
     assert_same(out.logits, plain(tokens(2, 20)).logits)
+
+
+def test_fresh_memories_start_silent_on_the_phase_a_backbone():
+    """Same seed, memories on or off: the same backbone weights, and since fresh memories
+    read into the residual through zero projections, the same logits (while the memories
+    already commit and write), so switching a phase on changes nothing until training does."""
+    off = mem_model(pm_enabled=False, em_enabled=False)
+    on = mem_model(live=False)
+    on_backbone = {k: v for k, v in on.state_dict().items() if ".pm." not in k and ".em." not in k}
+    assert all(torch.equal(on_backbone[k], v) for k, v in off.state_dict().items())
+    x = tokens(2, 3 * P + 5)
+    out = on(x)
+    assert torch.equal(out.logits, off(x).logits)
+    assert out.aux["metric/pm_commit_rate/layer0"] > 0 and out.aux["metric/em_write_rate/layer0"] > 0
 
 
 @pytest.mark.parametrize("lifelong", [False, True])
