@@ -289,7 +289,7 @@ def held_out_ppl(model, text: bytes, B: int, L: int, T: int, seed: int, state=No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "books"))
-    ap.add_argument("--steps", type=int, default=500, help="training steps per model")
+    ap.add_argument("--steps", type=int, default=1000, help="training steps per model")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--d-model", type=int, default=64)

@@ -21,10 +21,14 @@ normalize(W_k key summary), normalize(W_v value summary). Then
 The threshold is relative to the stream's running average novelty: summaries of
 ordinary text are all alike (novelty ~0.15 for every span), and their level drifts as
 the projections learn, so an absolute threshold ends up writing always or never. The
-write decision is a hard threshold; the learned term delta also scales the written
-strength through the sigmoid, so both neuromodulator outputs get gradient from reads
-later in the same call, and a more novel span is written stronger, so it outlives the
-ordinary ones when the weakest slot is replaced.
+write decision is a hard gate, like PM's commit gate: a heuristic (novelty above its
+running average) whose learned term delta is left for phase D's reinforcement training
+(it gets no gradient from the LM loss; near 0 at init, weight decay keeps it small).
+Earlier versions let delta scale the written strength; the LM loss then learned to shut
+writes off for good whenever reads did not pay yet, and the memory never came back. The
+strength is the continuous, LM-trained output (gradient from reads later in the same
+call); a more novel span is written stronger (sigmoid of the detached score), so it
+outlives the ordinary ones when the weakest slot is replaced.
 
 Read, every token, against the contents committed before its span (batched over spans):
   q_t = normalize(W_q u_t); rank the slots by cos(q_t, K_j) * S_j; keep the top k;
@@ -171,7 +175,7 @@ class EpisodicMemory(nn.Module):
         slot = F.one_hot(S.argmin(-1), self.slots).float() * write[:, None]  # the weakest slot, where writing
         K = K * (1.0 - slot[..., None]) + slot[..., None] * key[:, None]
         V = V * (1.0 - slot[..., None]) + slot[..., None] * value[:, None]
-        new_strength = self.s_max * strength * torch.sigmoid(score / GATE_TEMPERATURE)
+        new_strength = self.s_max * strength * torch.sigmoid(score.detach() / GATE_TEMPERATURE)
         S = S * (1.0 - slot) + slot * new_strength[:, None]
         return K, V, S, avg, {"write": write, "novelty": novelty}
 

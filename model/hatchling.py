@@ -19,7 +19,9 @@ stream position, which aligns plasticity spans to absolute positions (`memory.py
 document start the reset is hard (memories emptied) unless `lifelong` (cfg.lifelong, an
 attribute that may be flipped), which keeps the committed PM and EM contents and resets
 the rest. `memory_state(state)` / `state_from_memory(memory, B, device)` take the
-committed contents out of a state and seed a fresh state with them.
+committed contents out of a state and seed a fresh state with them. Fresh memories are
+silent (zero output projections) on a backbone initialised exactly as without them, so
+turning a phase on changes no prediction until training makes the memories useful.
 """
 from __future__ import annotations
 

@@ -122,6 +122,18 @@ def test_fresh_memories_start_silent_on_the_phase_a_backbone():
     assert out.aux["metric/pm_commit_rate/layer0"] > 0 and out.aux["metric/em_write_rate/layer0"] > 0
 
 
+def test_memories_are_causal():
+    """A commit or write at a span end only ever serves later tokens: changing the tokens
+    from t on leaves every logit before t unchanged, at and around span ends."""
+    model = mem_model()
+    x = tokens(2, 4 * P + 3)
+    base = model(x).logits
+    for t in (P - 1, P, P + 1, 3 * P + 1):
+        y = x.clone()
+        y[:, t:] = (y[:, t:] + 7) % V
+        assert torch.equal(model(y).logits[:, :t], base[:, :t]), t
+
+
 @pytest.mark.parametrize("lifelong", [False, True])
 def test_split_calls_equal_one_call(lifelong):
     """Any cut of the stream into calls (spans straddling calls, T = 1 decoding, resets)
