@@ -562,9 +562,7 @@ class Trainer:
         self.metrics.write(row)
         detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g} ({100 * float(v) / max(total, 1e-12):.1f}%)"
                            for k, v in out["aux"].items())
-        spikes = [float(v) for k, v in out["metrics"].items() if k.startswith("metric/spike_rate/")]
-        if spikes:
-            detail += f"  spike rate {sum(spikes) / len(spikes):.2f}"
+        detail += block_summary(out["metrics"])
         self.rep.update(self.tokens, loss, lr, tokens_per_s, detail)
         window.update(loss=torch.zeros((), device=self.device), n=0, t=now, tokens=self.tokens,
                       src_loss=torch.zeros(n_src, device=self.device), src_count=torch.zeros(n_src, device=self.device))
@@ -582,6 +580,23 @@ class Trainer:
                     self.rep.log(f"  [sample] {prompt!r} -> {text!r}", style="dim")
         barrier(self.d)
         return row
+
+
+# per-block metrics shown (averaged over blocks) on the progress detail line
+DETAIL_METRICS = (("spike_rate", "spike rate", "{:.2f}"), ("pm_commit_rate", "PM commits", "{:.2f}"),
+                  ("pm_strength", "PM strength", "{:.2f}"), ("em_write_rate", "EM writes", "{:.2f}"),
+                  ("em_strength", "EM strength", "{:.2f}"))
+
+
+def block_summary(metrics: dict) -> str:
+    """'  spike rate 0.12  PM commits 0.50 ...' from "metric/<name>/layer<i>" values, each
+    averaged over the blocks that report it ('' when none do)."""
+    parts = []
+    for name, label, fmt in DETAIL_METRICS:
+        vals = [float(v) for k, v in metrics.items() if k.startswith(f"metric/{name}/")]
+        if vals:
+            parts.append(f"{label} {fmt.format(sum(vals) / len(vals))}")
+    return "".join(f"  {p}" for p in parts)
 
 
 def train(preset: Preset, budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,

@@ -30,6 +30,17 @@ class InterruptAt(Reporter):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+class DetailRecorder(Reporter):
+    """Keeps the detail line of every progress update."""
+
+    def __init__(self):
+        super().__init__(enabled=False)
+        self.details = []
+
+    def update(self, tokens, loss, lr, tokens_per_s, detail=""):
+        self.details.append(detail)
+
+
 HATCHLING = {"arch": "hatchling", "d_model": 64, "n_layers": 2, "n_heads": 2, "global_every": 2, "wm_window": 64,
              "chunk_size": 16}
 
@@ -151,10 +162,15 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
     preset = tiny_preset(model=model, train={"phase": phase})
     assert preset.model.pm_enabled and preset.model.em_enabled == (phase != "B")
     assert preset.model.lifelong == (phase == "E")
-    result = train(preset, budget=1024, out_dir=tmp_path)
+    shown = DetailRecorder()
+    result = train(preset, budget=1024, out_dir=tmp_path, reporter=shown)
     assert result.finished and result.eval["eval_loss"] < 7.0
     metrics = rows(tmp_path, "train")[-1]
-    assert any(k.startswith("metric/pm_") for k in metrics)
+    assert {"metric/pm_commit_rate/layer0", "metric/pm_strength/layer1"} <= set(metrics)
+    assert ("metric/em_write_rate/layer0" in metrics) == (phase != "B")
+    # the progress display's detail line carries the memory figures too
+    assert "spike rate" in shown.details[-1] and "PM commits" in shown.details[-1]
+    assert ("EM writes" in shown.details[-1]) == (phase != "B")
     memory = load_checkpoint(tmp_path / CURRENT)["memory"]
     assert (memory is not None) == (phase == "E")
     if phase == "E":  # the next lifelong run starts from the stored memory contents
