@@ -8,8 +8,13 @@ Write, at every span end. The span has two summaries, attention poolings of u ov
 span's tokens of the stream's current document with weights exp(4 tanh(w . u_t)), one
 w for the key and one for the value (so a key can be made of what an episode is about,
 say a name, and its value of what it says, say a number); the weights are bounded, so
-the running sums carried between calls cannot overflow. The candidate key/value are
-normalize(W_k key summary), normalize(W_v value summary). Then
+the running sums carried between calls cannot overflow. The candidate value is
+normalize(W_v value summary); the candidate key is normalize(W_k key summary - mu), mu
+the stream's running mean of W_k key summary (over span ends, detached: the plain mean of
+the first ten spans, then an EMA with 0.9). Without
+the centring the shared component of all summaries dominates: training drove every key
+to one direction (novelty ~0.005, so the gate was noise and retrieval picked by strength
+alone); centred, keys differ by what their spans differ in. Then
   S       <- decay * S                                    (every span end)
   novelty  = 1 - max_j cos(candidate key, K_j) over the filled slots (1 when none)
   delta, strength = EM neuromodulator(novelty, surprise, usage, share of span seen)
@@ -38,9 +43,9 @@ Empty slots have S = 0, so they contribute nothing; ||o_t|| <= s_max.
 Surprise is the block's procedural-memory prediction error over the span
 (`procedural.py` explains why not the LM loss); 0 when PM is off.
 
-State (batch first): keys, values [B, M, m]; strength [B, M]; novelty_avg [B] (kept
-with the contents); pool_sum [B, 2, d] and pool_mass [B, 2] (the open span's running
-key and value poolings).
+State (batch first): keys, values [B, M, m]; strength [B, M]; novelty_avg [B],
+key_mean [B, m] and key_spans [B] (its count; all kept with the contents); pool_sum
+[B, 2, d] and pool_mass [B, 2] (the open span's running key and value poolings).
 """
 from __future__ import annotations
 
@@ -55,9 +60,10 @@ from .config import ModelConfig
 from .layers import RMSNorm
 from .memory import SpanGrid, keep_streams
 
-COMMITTED = ("keys", "values", "strength", "novelty_avg")
+COMMITTED = ("keys", "values", "strength", "novelty_avg", "key_mean", "key_spans")
 GATE_TEMPERATURE = 0.1
 NOVELTY_EMA = 0.9
+KEY_MEAN_EMA = 0.9
 
 
 class EMNeuromodulator(nn.Module):
@@ -108,7 +114,7 @@ class EpisodicMemory(nn.Module):
         d = self.norm.weight.shape[0]
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
         return {"keys": z(B, M, m), "values": z(B, M, m), "strength": z(B, M), "novelty_avg": z(B),
-                "pool_sum": z(B, 2, d), "pool_mass": z(B, 2)}
+                "key_mean": z(B, m), "key_spans": z(B), "pool_sum": z(B, 2, d), "pool_mass": z(B, 2)}
 
     def forward(self, x: torch.Tensor, state: Optional[dict], grid: SpanGrid, soft: bool = False,
                 surprises: Optional[list] = None):
@@ -130,20 +136,26 @@ class EpisodicMemory(nn.Module):
         first_total = total[:, :1] + keep_streams(st["pool_sum"].float(), keep0)[:, None]
         masses, total = torch.cat([first_mass, mass[:, 1:]], 1), torch.cat([first_total, total[:, 1:]], 1)
         summary = total / masses.clamp(min=1e-6)[..., None]
-        cand_k = F.normalize(self.k_proj(summary[:, :, 0]), dim=-1)  # [B, n, m]
+        raw_k = self.k_proj(summary[:, :, 0])  # [B, n, m], centred and normalised at the write
         cand_v = F.normalize(self.v_proj(summary[:, :, 1]), dim=-1)
         mass = masses[..., 0]  # [B, n], > 0 exactly when the span has tokens of the current document
 
-        K, V, S, avg = (st[k].float() for k in COMMITTED)
+        K, V, S, avg, key_mean, key_spans = (st[k].float() for k in COMMITTED)
         versions, writes, ended = [], [], 0
         for s in range(grid.n):
             versions.append((K, V, S))  # what the tokens of span s read
             keep = grid.keep(s)
             if keep is not None and not soft:  # hard reset: the stream's episodes are gone
-                K, V, S, avg = (keep_streams(t, keep) for t in (K, V, S, avg))
+                K, V, S, avg, key_mean, key_spans = (keep_streams(t, keep)
+                                                     for t in (K, V, S, avg, key_mean, key_spans))
             if grid.complete[s]:
                 surprise = surprises[ended] if surprises else S.new_zeros(B)
-                K, V, S, avg, info = self.write(K, V, S, avg, cand_k[:, s], cand_v[:, s], mass[:, s], surprise)
+                key = F.normalize(raw_k[:, s] - key_mean, dim=-1)
+                # running mean, exact over the first spans (a zero start would stay in it for long)
+                rate = torch.where(mass[:, s] > 0, (1.0 / (key_spans + 1.0)).clamp(min=1 - KEY_MEAN_EMA), 0.0)
+                key_mean = key_mean + rate[:, None] * (raw_k[:, s].detach() - key_mean)
+                key_spans = key_spans + (mass[:, s] > 0).float()
+                K, V, S, avg, info = self.write(K, V, S, avg, key, cand_v[:, s], mass[:, s], surprise)
                 writes.append(info)
                 ended += 1
         pool_sum, pool_mass = total[:, -1], masses[:, -1]
@@ -154,8 +166,8 @@ class EpisodicMemory(nn.Module):
         if not soft and grid.since_reset is not None:
             out = out * ~grid.since_reset[..., None]
         out = grid.from_grid(out)
-        new_state = {"keys": K, "values": V, "strength": S, "novelty_avg": avg, "pool_sum": pool_sum,
-                     "pool_mass": pool_mass}
+        new_state = {"keys": K, "values": V, "strength": S, "novelty_avg": avg, "key_mean": key_mean,
+                     "key_spans": key_spans, "pool_sum": pool_sum, "pool_mass": pool_mass}
         return self.out_proj(out), new_state, self._stats(writes, S, out)
 
     def write(self, K, V, S, avg, key, value, mass, surprise):

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from model import ModelConfig, build_model, detach_state
-from model.episodic import EpisodicMemory
+from model.episodic import COMMITTED as EM_COMMITTED, EpisodicMemory
 from model.memory import SpanGrid
-from model.procedural import ProceduralMemory
+from model.procedural import COMMITTED as PM_COMMITTED, ProceduralMemory
 
 V = 61
 P = 8
@@ -83,8 +83,8 @@ def test_state_layout_shapes_and_float32():
                   "elig_v": (B, r, d), "prev": (B, d), "err_sum": (B,), "count": (B,)}
         assert {k: tuple(v.shape) for k, v in pm.items()} == shapes
         assert {k: tuple(v.shape) for k, v in em.items()} == {
-            "keys": (B, M, d), "values": (B, M, d), "strength": (B, M), "novelty_avg": (B,), "pool_sum": (B, 2, d),
-            "pool_mass": (B, 2)}
+            "keys": (B, M, d), "values": (B, M, d), "strength": (B, M), "novelty_avg": (B,), "key_mean": (B, d),
+            "key_spans": (B,), "pool_sum": (B, 2, d), "pool_mass": (B, 2)}
         assert all(t.dtype == torch.float32 for t in tensors([pm, em]))
     metrics = [k for k in out.aux if k.startswith("metric/pm_") or k.startswith("metric/em_")]
     assert "metric/pm_commit_rate/layer0" in metrics and "metric/em_write_rate/layer1" in metrics
@@ -231,6 +231,25 @@ def test_a_commit_changes_the_next_read():
         assert (state["strength"].sum() > 0) == expect_read
 
 
+def test_episodic_keys_tell_apart_spans_that_share_a_dominant_component():
+    """Block outputs of ordinary text share a large common direction; the stored keys must
+    still differ by what the spans differ in (the key is centred on the stream's running
+    mean), or novelty is noise and retrieval cannot pick an episode."""
+    torch.manual_seed(0)
+    cfg = mem_cfg(em_slots=16, em_novelty_threshold=-1.0)  # write every span
+    em = EpisodicMemory(cfg)
+    n = 12
+    common = torch.randn(32) * 10.0
+    x = common + torch.randn(1, n, 1, 32).expand(1, n, P, 32).reshape(1, n * P, 32)  # one theme per span
+    _, state, stats = em(x, None, SpanGrid(n * P, P, 0, None, "cpu"))
+    K = state["keys"][0][state["strength"][0] > 0][1:]  # the first span has no mean to centre on
+    cos = K @ K.T
+    off_diagonal = cos[~torch.eye(len(K), dtype=torch.bool)]
+    raw = F.normalize(em.k_proj(em.norm(x).view(n, P, 32).mean(1)), dim=-1)  # uncentred: nearly one direction
+    assert (raw @ raw.T).min() > 0.9
+    assert off_diagonal.abs().mean() < 0.5 and stats["em_novelty"] > 0.3
+
+
 def test_gradients_reach_the_neuromodulator_heads():
     model = mem_model().train()
     x = tokens(2, 3 * P + 3)
@@ -303,7 +322,8 @@ def test_runtime_state_save_load_roundtrip_is_exact():
     memory2 = torch.load(buf, weights_only=True)
     seeded = model.state_from_memory(memory2, 4, "cpu")  # a new run with more streams: b gets b mod 2
     for layer_new, layer_old in zip(seeded["layers"], state["layers"]):
-        for name, keys in (("pm", ("keys", "values", "strength")), ("em", ("keys", "values", "strength", "novelty_avg"))):
+        for name, keys in (("pm", PM_COMMITTED), ("em", EM_COMMITTED)):
+            assert set(keys) >= {"keys", "values", "strength"}
             for k in keys:
                 assert torch.equal(layer_new[name][k], layer_old[name][k][[0, 1, 0, 1]])
         assert layer_new["pm"]["elig_k"].abs().sum() == 0 and layer_new["em"]["pool_mass"].abs().sum() == 0
