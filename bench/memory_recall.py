@@ -128,6 +128,8 @@ class FactStreams:
             s["pending"].append((name, code, s["pos"] + int(math.exp(self.rng.uniform(math.log(lo), math.log(hi))))))
             return
         n = self.rng.randrange(32, 97)
+        if s["pending"]:  # end the chunk where the next probe is due, so gaps are as planned
+            n = max(1, min(n, min(p[2] for p in s["pending"]) - s["pos"]))
         text = s["text"]
         chunk = text[s["at"]:s["at"] + n]
         s["at"] = (s["at"] + n) % max(1, len(text) - 1)
@@ -339,6 +341,8 @@ def main() -> None:
     ap.add_argument("--session-steps", type=int, default=30)
     ap.add_argument("--doc-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default="memories_off,memories_on",
+                    help="which to train and evaluate (two processes, one model each, use two cores better)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -353,7 +357,12 @@ def main() -> None:
     emit({"kind": "config", **{k: v for k, v in vars(args).items()}, "books": list(books)})
 
     models, results = {}, {}
+    wanted = args.models.split(",")
+    if not set(wanted) <= {"memories_off", "memories_on"}:
+        sys.exit(f"--models: expected memories_off and/or memories_on, got {args.models!r}")
     for label, memories in (("memories_off", False), ("memories_on", True)):
+        if label not in wanted:
+            continue
         torch.manual_seed(args.seed)
         model = build_model(model_config(args, memories), VOCAB)
         streams = FactStreams(list(train_text.values()), args.batch, args.seq, args.seed, args.digits, args.fact_every,
@@ -366,8 +375,8 @@ def main() -> None:
     # recall: the held-out text of the longest book carries the gaps
     text = max(held.values(), key=len)
     tokens, probes = recall_streams(text, args.eval_batch, gaps, args.per_gap, args.digits, args.seed + 1)
-    variants = {"memories_off": models["memories_off"], "memories_on": models["memories_on"],
-                "memories_on/switched_off": models["memories_on"]}
+    variants = {label: models[label.split("/")[0]] for label in
+                ("memories_off", "memories_on", "memories_on/switched_off") if label.split("/")[0] in models}
 
     def variant(label):  # a fresh context each time: the switch-off is undone on exit
         model = variants[label]
@@ -389,7 +398,7 @@ def main() -> None:
 
     # drift: a lifelong session on one domain
     domain = "tinyshakespeare" if "tinyshakespeare" in train_text else next(iter(train_text))
-    for label in ("memories_on", "memories_off"):
+    for label in [m for m in ("memories_on", "memories_off") if m in models]:
         model = copy.deepcopy(models[label])
         before, _ = held_out_ppl(model, general, args.eval_batch, args.eval_tokens, args.seq, args.seed + 2)
         model.lifelong = True
