@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from model import ModelConfig, build_model, detach_state, generate
 from model.hatchling import HatchlingLM, is_wm_layer
 from model.wm_attention import WorkingMemoryAttention
+from tests.model.helpers import tensors
 
 V = 61
 ATOL = RTOL = 1e-4
@@ -28,16 +29,6 @@ def tiny_model(seed=0, **kw):
 
 def tokens(B, T, seed=1):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def tensors(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for v in state.values() for t in tensors(v)]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in tensors(v)]
-    return []
 
 
 def assert_same(a, b):

@@ -11,6 +11,7 @@ from model import ModelConfig, build_model, detach_state
 from model.episodic import COMMITTED as EM_COMMITTED, EpisodicMemory
 from model.memory import SpanGrid
 from model.procedural import COMMITTED as PM_COMMITTED, ProceduralMemory
+from tests.model.helpers import tensors
 
 V = 61
 P = 8
@@ -41,16 +42,6 @@ def mem_model(seed=0, live=True, **kw):
 
 def tokens(B, T, seed=1):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def tensors(state):
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for k in sorted(state) for t in tensors(state[k])]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in tensors(v)]
-    return []
 
 
 def memories(state):
