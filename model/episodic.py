@@ -11,17 +11,17 @@ say a name, and its value of what it says, say a number); the weights are bounde
 the running sums carried between calls cannot overflow. The candidate value is
 normalize(W_v value summary); the candidate key is normalize(W_k key summary - mu), mu
 the stream's running mean of W_k key summary (over span ends, detached: the plain mean of
-the first ten spans, then an EMA with 0.9). Without
-the centring the shared component of all summaries dominates: training drove every key
-to one direction (novelty ~0.005, so the gate was noise and retrieval picked by strength
-alone); centred, keys differ by what their spans differ in. Then
+the first ten spans, then an EMA with 0.9). Without the centring the shared component of
+all summaries dominates: training drove every key to one direction (novelty ~0.005, so
+the gate was noise and retrieval picked by strength alone); centred, keys differ by what
+their spans differ in. Then
   S       <- decay * S                                    (every span end)
   novelty  = 1 - max_j cos(candidate key, K_j) over the filled slots (1 when none)
   delta, strength = EM neuromodulator(novelty, surprise, usage, share of span seen)
   score    = novelty + delta - (novelty_avg + threshold)
   write    = score > 0   (and the span had tokens of the document)
   the weakest slot j* = argmin S takes the candidate, with
-  S_j*     = s_max * strength * sigmoid(score / 0.1)
+  S_j*     = s_max * strength * sigmoid(score / 0.1)        (strength in (0.5, 1))
   novelty_avg <- 0.9 novelty_avg + 0.1 novelty
 The threshold is relative to the stream's running average novelty: summaries of
 ordinary text are all alike (novelty ~0.15 for every span), and their level drifts as
@@ -68,7 +68,12 @@ KEY_MEAN_EMA = 0.9
 
 class EMNeuromodulator(nn.Module):
     """feats [B, 4]: novelty, surprise, mean strength / s_max, share of the span seen ->
-    (novelty adjustment delta [B] in [-0.5, 0.5], strength [B] in (0, 1))."""
+    (novelty adjustment delta [B] in [-0.5, 0.5], strength [B] in (0.5, 1)).
+
+    The strength is floored at half: trained by the LM loss alone, it was driven towards
+    0 early in training, while reads were still noise, and with it every read and the
+    gradient that could have made them useful (read norm 0.01 after 1.4k steps); the
+    output projection is left as the place where the model may turn the memory down."""
 
     def __init__(self, hidden: int = 32):
         super().__init__()
@@ -76,11 +81,11 @@ class EMNeuromodulator(nn.Module):
 
     @torch.no_grad()
     def init_special(self):
-        self.mlp[-1].bias.copy_(torch.tensor([0.0, 1.0]))  # delta ~ 0, strength ~ 0.73
+        self.mlp[-1].bias.copy_(torch.tensor([0.0, 1.0]))  # delta ~ 0, strength ~ 0.87
 
     def forward(self, feats: torch.Tensor):
         delta, strength = self.mlp(feats).unbind(-1)
-        return 0.5 * torch.tanh(delta), torch.sigmoid(strength)
+        return 0.5 * torch.tanh(delta), 0.5 + 0.5 * torch.sigmoid(strength)
 
 
 class EpisodicMemory(nn.Module):
