@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import ModelConfig, build_model, detach_state  # noqa: E402
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EOT = 256  # bytes are 0..255; one extra token ends a document
 VOCAB = 257
 NAMES = ["Zorvan", "Kelith", "Amrod", "Tesska", "Bruvik", "Ondrel", "Yavine", "Quorra", "Felmar", "Isolde",
@@ -153,7 +154,7 @@ class FactStreams:
         x, y = tok[:, :-1], tok[:, 1:]
         reset = torch.zeros_like(x, dtype=torch.bool)
         reset[:, 1:] = x[:, :-1] == EOT
-        return x, y, torch.tensor(weights), reset
+        return x.to(DEVICE), y.to(DEVICE), torch.tensor(weights).to(DEVICE), reset.to(DEVICE)
 
 
 def recall_streams(text: bytes, B: int, gaps: list[int], per_gap: int, digits: int, seed: int):
@@ -201,7 +202,7 @@ def recall_streams(text: bytes, B: int, gaps: list[int], per_gap: int, digits: i
 
 def model_config(args, memories: bool) -> ModelConfig:
     return ModelConfig(arch="hatchling", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                       n_kv_heads=max(1, args.heads // 2), global_every=2, wm_window=args.wm_window,
+                       n_kv_heads=max(1, args.heads // 2), global_every=args.global_every, wm_window=args.wm_window,
                        chunk_size=16, pm_enabled=memories, em_enabled=memories, plasticity_span=args.span,
                        em_slots=args.em_slots, pm_slots=args.pm_slots)
 
@@ -221,17 +222,24 @@ def memories_switched_off(model):
         model.memories = saved[1]
 
 
-def train(model, streams: FactStreams, steps: int, lr: float, label: str) -> dict:
+def train(model, streams: FactStreams, steps: int, lr: float, label: str, warm: tuple = (0, None)) -> dict:
+    """warm = (steps, gap range): the first steps probe at these gaps (a curriculum: copying
+    is learnt where attention sees the fact, then the gaps widen to streams.gap)."""
+    final_gap = streams.gap
+    if warm[0]:
+        streams.gap = warm[1]
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95))
-    warm = max(1, steps // 10)
+    warmup = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (1.0 if s < 0.8 * steps else max(0.1, (steps - s) / (0.2 * steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (1.0 if s < 0.8 * steps else max(0.1, (steps - s) / (0.2 * steps))))
     model.train()
     state, t0, losses = None, time.time(), []
     for step in range(steps):
+        if step == warm[0]:
+            streams.gap = final_gap
         x, y, w, reset = streams.next_batch()
         out = model(x, state=state, reset_mask=reset)
         ce = F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -258,6 +266,7 @@ def train(model, streams: FactStreams, steps: int, lr: float, label: str) -> dic
 def run_stream(model, tokens: torch.Tensor, T: int, reset=None, state=None):
     """Per-token NLL [B, L-1] and correctness of the greedy prediction, state carried in T-token calls."""
     model.eval()
+    tokens = tokens.to(DEVICE)
     x, y = tokens[:, :-1], tokens[:, 1:]
     nll, hit = [], []
     for lo in range(0, x.shape[1], T):
@@ -323,6 +332,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--wm-window", type=int, default=64)
+    ap.add_argument("--global-every", type=int, default=2, help="every n-th block is WM attention (1: all)")
     ap.add_argument("--span", type=int, default=32, help="plasticity span P")
     ap.add_argument("--pm-slots", type=int, default=16)
     ap.add_argument("--em-slots", type=int, default=128)
@@ -331,6 +341,8 @@ def main() -> None:
     ap.add_argument("--fact-every", type=int, default=300, help="mean tokens between planted facts in training")
     ap.add_argument("--train-gap", default="48,3000", help="probe gap range in training (log-uniform)")
     ap.add_argument("--probe-weight", type=float, default=5.0)
+    ap.add_argument("--warm-steps", type=int, default=0, help="curriculum: first steps probe at --warm-gap")
+    ap.add_argument("--warm-gap", default="4,12", help="the curriculum's gap range (inside the WM window)")
     ap.add_argument("--gaps", default="1000,4000,16000")
     ap.add_argument("--window-gap", type=int, default=8,
                     help="the control's gap: tokens from a fact's end to its probe (digits to digits: this plus "
@@ -364,10 +376,11 @@ def main() -> None:
         if label not in wanted:
             continue
         torch.manual_seed(args.seed)
-        model = build_model(model_config(args, memories), VOCAB)
+        model = build_model(model_config(args, memories), VOCAB).to(DEVICE)
         streams = FactStreams(list(train_text.values()), args.batch, args.seq, args.seed, args.digits, args.fact_every,
                               tuple(int(g) for g in args.train_gap.split(",")), args.probe_weight)
-        results[label] = train(model, streams, args.steps, args.lr, label)
+        warm = (args.warm_steps, tuple(int(g) for g in args.warm_gap.split(",")))
+        results[label] = train(model, streams, args.steps, args.lr, label, warm)
         params = sum(p.numel() for p in model.parameters())
         emit({"kind": "train", "model": label, "params": params, **results[label]})
         models[label] = model
@@ -422,7 +435,7 @@ def main() -> None:
                "session_tokens": args.session_steps * args.batch * args.seq, "ppl_before": round(before, 4),
                "ppl_after": round(after, 4)}
         if model.memories:  # the session's committed memories carried into the general text
-            kept = model.state_from_memory(model.memory_state(state), args.eval_batch, "cpu")
+            kept = model.state_from_memory(model.memory_state(state), args.eval_batch, DEVICE)
             row["ppl_after_memory_kept"] = round(held_out_ppl(model, general, args.eval_batch, args.eval_tokens,
                                                               args.seq, args.seed + 2, state=kept)[0], 4)
         row["seconds"] = round(time.time() - t0, 1)
