@@ -173,7 +173,8 @@ class HatchlingLM(nn.Module):
     def memory_state(self, state: dict) -> dict:
         """The committed memory contents of a state (detached copies), batch first:
         {"pm": [{"keys", "values", "strength"} per layer], "em": [{"keys", "values",
-        "strength", "novelty_avg"} per layer]} (only the memories that are on). What a
+        "strength", "novelty_avg", "key_mean", "key_spans"} per layer]} (only the memories
+        that are on; a stored memory without some of these leaves them zero). What a
         lifelong run keeps from one run to the next; eligibility, open-span sums and the
         mixers' state are not part of it."""
         out = {}
