@@ -583,19 +583,18 @@ class Trainer:
 
 
 # per-block metrics shown (averaged over blocks) on the progress detail line
-DETAIL_METRICS = (("spike_rate", "spike rate", "{:.2f}"), ("pm_commit_rate", "PM commits", "{:.2f}"),
-                  ("pm_strength", "PM strength", "{:.2f}"), ("em_write_rate", "EM writes", "{:.2f}"),
-                  ("em_strength", "EM strength", "{:.2f}"))
+DETAIL_METRICS = (("spike_rate", "spike rate"), ("pm_commit_rate", "PM commits"), ("pm_strength", "PM strength"),
+                  ("em_write_rate", "EM writes"), ("em_strength", "EM strength"))
 
 
 def block_summary(metrics: dict) -> str:
     """'  spike rate 0.12  PM commits 0.50 ...' from "metric/<name>/layer<i>" values, each
     averaged over the blocks that report it ('' when none do)."""
     parts = []
-    for name, label, fmt in DETAIL_METRICS:
+    for name, label in DETAIL_METRICS:
         vals = [float(v) for k, v in metrics.items() if k.startswith(f"metric/{name}/")]
         if vals:
-            parts.append(f"{label} {fmt.format(sum(vals) / len(vals))}")
+            parts.append(f"{label} {sum(vals) / len(vals):.2f}")
     return "".join(f"  {p}" for p in parts)
 
 
