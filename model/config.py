@@ -38,7 +38,7 @@ class ModelConfig:
     # --- memories (hatchling only; model/procedural.py, model/episodic.py) ---
     # The trainer maps train.phase onto these: A off, B pm, C pm+em, E pm+em+lifelong.
     pm_enabled: bool = False  # procedural memory: Hebbian fast-weight slots, one per block
-    em_enabled: bool = False  # episodic memory: novelty-gated span store, one per block
+    em_enabled: bool = False  # episodic memory: remembered tokens extend each WM block's window
     lifelong: bool = False  # soft resets: a document boundary keeps committed PM/EM contents
     mem_dim: int = 0  # width of the memories' keys/values; 0 = d_model
     plasticity_span: int = 32  # P: tokens per span; commits and writes happen at span ends
@@ -49,11 +49,12 @@ class ModelConfig:
     pm_strength_max: float = 1.0  # per-slot strength cap
     pm_budget: float = 4.0  # per-stream cap on the sum of slot strengths
     pm_base_decay: float = 0.999  # strengths decay by this every span
-    em_slots: int = 64  # M: episodic slots per stream
-    em_topk: int = 4  # slots retrieved per token
-    # EM writes when novelty (1 - max cos to the stored keys) plus a learned term exceeds the
-    # stream's running average novelty by this margin
-    em_novelty_threshold: float = 0.0
+    em_slots: int = 64  # M: episodic slots (remembered tokens) per stream and WM block
+    em_topk: int = 4  # slots retrieved per query
+    em_writes_per_span: int = 2  # c: candidates per span, its most salient tokens
+    # a candidate is written when its novelty (1 - max cos to the stored keys) plus a
+    # learned term exceeds this: near-copies of a stored key are not stored again
+    em_novelty_threshold: float = 0.02
     em_decay: float = 0.999  # strengths decay by this every span
     em_strength_max: float = 1.0
 
@@ -82,7 +83,7 @@ class ModelConfig:
                 problems.append((key, "must be at least 1"))
         if not 0.0 <= self.dropout < 1.0:
             problems.append(("dropout", "must be in [0, 1)"))
-        for key in ("plasticity_span", "pm_slots", "em_slots", "em_topk"):
+        for key in ("plasticity_span", "pm_slots", "em_slots", "em_topk", "em_writes_per_span"):
             if getattr(self, key) < 1:
                 problems.append((key, "must be at least 1"))
         if self.em_topk > self.em_slots:
@@ -97,6 +98,9 @@ class ModelConfig:
                 problems.append((key, "must be positive"))
         if (self.pm_enabled or self.em_enabled or self.lifelong) and self.arch != "hatchling":
             problems.append(("arch", "memories (pm_enabled, em_enabled, lifelong) need arch \"hatchling\""))
+        if self.em_enabled and self.arch == "hatchling" and self.global_every > self.n_layers:
+            problems.append(("global_every", f"episodic memory lives in the WM attention blocks: needs at least one "
+                                             f"(global_every <= n_layers = {self.n_layers})"))
         return problems
 
 

@@ -1,51 +1,55 @@
-"""Episodic memory (EM): a per-stream store of span summaries, novelty-gated writes,
-top-k retrieval into the residual.
+"""Episodic memory (EM): remembered tokens of the stream, read by the WM attention as if
+they were still in its window.
 
-Per stream, M slots of unit-norm keys K [B, M, m] and values V [B, M, m] with strengths
-S [B, M] in [0, s_max], float32. With u_t = RMSNorm(block output at t):
+A WM attention block sees the last W tokens. Its EM keeps, per stream, M of the tokens
+that scrolled out: their attention keys and values exactly as the block computed them
+(all kv heads), with a strength. Because WM attention has no positional encoding, a key
+remembered from 10k tokens ago is scored exactly like one in the window, so whatever the
+block learnt to look up in its window (a name -> the number that followed it) it can look
+up in its memory without learning anything new. Earlier designs stored a pooled summary
+of each span under separate projections; the model never learnt to bind a fact in it,
+and recall beyond the window stayed at chance (issue 5's note, runs A-E).
 
-Write, at every span end. The span has two summaries, attention poolings of u over the
-span's tokens of the stream's current document with weights exp(4 tanh(w . u_t)), one
-w for the key and one for the value (so a key can be made of what an episode is about,
-say a name, and its value of what it says, say a number); the weights are bounded, so
-the running sums carried between calls cannot overflow. The candidate value is
-normalize(W_v value summary); the candidate key is normalize(W_k key summary - mu), mu
-the stream's running mean of W_k key summary (over span ends, detached: the plain mean of
-the first ten spans, then an EMA with 0.9). Without the centring the shared component of
-all summaries dominates: training drove every key to one direction (novelty ~0.005, so
-the gate was noise and retrieval picked by strength alone); centred, keys differ by what
-their spans differ in. Then
-  S       <- decay * S                                    (every span end)
-  novelty  = 1 - max_j cos(candidate key, K_j) over the filled slots (1 when none)
-  delta, strength = EM neuromodulator(novelty, surprise, usage, share of span seen)
-  score    = novelty + delta - (novelty_avg + threshold)
-  write    = score > 0   (and the span had tokens of the document)
-  the weakest slot j* = argmin S takes the candidate, with
-  S_j*     = s_max * strength * sigmoid(score / 0.1)        (strength in (0.5, 1))
-  novelty_avg <- 0.9 novelty_avg + 0.1 novelty
-The threshold is relative to the stream's running average novelty: summaries of
-ordinary text are all alike (novelty ~0.15 for every span), and their level drifts as
-the projections learn, so an absolute threshold ends up writing always or never. The
-write decision is a hard gate, like PM's commit gate: a heuristic (novelty above its
-running average) whose learned term delta is left for phase D's reinforcement training
-(it gets no gradient from the LM loss; near 0 at init, weight decay keeps it small).
-Earlier versions let delta scale the written strength; the LM loss then learned to shut
-writes off for good whenever reads did not pay yet, and the memory never came back. The
-strength is the continuous, LM-trained output (gradient from reads later in the same
-call); a more novel span is written stronger (sigmoid of the detached score), so it
-outlives the ordinary ones when the weakest slot is replaced.
+Per stream: keys, values [B, M, G*D] (the WM layer's keys/values, G kv heads of D),
+strength [B, M] in [0, s_max] (0 = empty), age [B, M] (tokens since the slot's token,
+counted at the end of the call), float32.
 
-Read, every token, against the contents committed before its span (batched over spans):
-  q_t = normalize(W_q u_t); rank the slots by cos(q_t, K_j) * S_j; keep the top k;
-  o_t = sum_{j in top k} softmax_j(tau cos(q_t, K_j)) S_j V_j  ->  residual += W_o o_t
-Empty slots have S = 0, so they contribute nothing; ||o_t|| <= s_max.
+Write, at every span end (P tokens, `memory.py`). Candidates: the `c` tokens of the span
+(of the stream's current document) with the highest salience z_t = w . h_t (h the
+block's normalised input); a span cut by a call boundary carries its best c so far in
+the state. For each candidate, in order:
+  S        <- decay * S                                  (once per span)
+  novelty  = 1 - max_j cos(k, K_j) over the filled slots  (1 when none)
+  delta, strength = EM neuromodulator(novelty, surprise, usage, sigmoid(z))
+  write    = novelty + delta > threshold                 (hard gate: a near-copy of a
+                                                          stored key is not stored again)
+  the weakest slot j* = argmin S takes (k, v) with S_j* = s_max * strength * sigmoid(z).
+The written key/value keep their graph inside the call, so reads later in the same call
+train the WM projections, the salience and the neuromodulator's strength; delta only
+enters the hard gate (it is left for phase D's reinforcement training, like PM's gate).
+
+Read, every query of the block: `write` returns the call's entries (the slots it starts
+with, then its candidates) with, per span, which of them the memory holds at the span's
+start; `read_mask` picks per query head the entries it reads: held at the start of the
+query's span, not in its window (scrolled out, or from an earlier document), and among
+the top k by q.k / sqrt(D) + log strength. The WM attention (`wm_attention.py`) then
+runs one softmax over the window and those entries, each remembered key scored like a
+window key plus log strength (a weak memory counts less: exp(q.k / sqrt(D) + log S) =
+S exp(q.k / sqrt(D))) plus a learned per-head log weight (0 at init). Before anything has
+left the window the memory adds nothing. The softmax is over the entries a query picks,
+not over all M: the top-k selection is the detached, hard part of retrieval.
+
+Cost: the memory's M + n c entries join the W + T keys of every WM query (one SDPA call,
+2 extra q/k dimensions); on 2 CPU cores the d64 x 2 bench model's step went from 0.29 s
+to 0.59 s with EM on (M = 128, c = 4), a third of it the per-span write loop.
 
 Surprise is the block's procedural-memory prediction error over the span
 (`procedural.py` explains why not the LM loss); 0 when PM is off.
 
-State (batch first): keys, values [B, M, m]; strength [B, M]; novelty_avg [B],
-key_mean [B, m] and key_spans [B] (its count; all kept with the contents); pool_sum
-[B, 2, d] and pool_mass [B, 2] (the open span's running key and value poolings).
+State (batch first): keys, values [B, M, G*D]; strength, age [B, M]; and the open span's
+candidates: cand_keys, cand_values [B, c, G*D], cand_salience, cand_age, cand_live [B, c];
+doc_age [B], tokens since the stream's document started (a lifelong stream keeps
+memories across documents, and the window never shows an earlier document).
 """
 from __future__ import annotations
 
@@ -57,23 +61,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .layers import RMSNorm
 from .memory import SpanGrid, keep_streams
 
-COMMITTED = ("keys", "values", "strength", "novelty_avg", "key_mean", "key_spans")
-GATE_TEMPERATURE = 0.1
-NOVELTY_EMA = 0.9
-KEY_MEAN_EMA = 0.9
+COMMITTED = ("keys", "values", "strength", "age")
+MASKED = -1e9  # a finite "minus infinity": an all-masked row stays NaN-free, forward and backward
 
 
 class EMNeuromodulator(nn.Module):
-    """feats [B, 4]: novelty, surprise, mean strength / s_max, share of the span seen ->
-    (novelty adjustment delta [B] in [-0.5, 0.5], strength [B] in (0.5, 1)).
+    """feats [B, 4]: novelty, surprise, mean strength / s_max, salience -> (novelty
+    adjustment delta [B] in [-0.5, 0.5], strength [B] in (0.5, 1)).
 
-    The strength is floored at half: trained by the LM loss alone, it was driven towards
-    0 early in training, while reads were still noise, and with it every read and the
-    gradient that could have made them useful (read norm 0.01 after 1.4k steps); the
-    output projection is left as the place where the model may turn the memory down."""
+    The strength is floored at half: a memory whose strength the LM loss can drive to 0
+    while its reads are still noise goes silent for good, and so does the gradient that
+    could have made it useful (measured with the earlier design: read norm 0.01 after
+    1.4k steps). The salience and the per-head gate are where the model may turn it down."""
 
     def __init__(self, hidden: int = 32):
         super().__init__()
@@ -89,127 +90,193 @@ class EMNeuromodulator(nn.Module):
 
 
 class EpisodicMemory(nn.Module):
-    """x [B, T, d] (the block's output) -> (y [B, T, d] to add to the residual, new
-    state, stats). See the module docstring."""
+    """The episodic store of one WM attention block: `write` (span ends) and `read`
+    (queries); see the module docstring."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        d, m = cfg.d_model, cfg.mem_dim or cfg.d_model
-        self.dim, self.slots, self.topk = m, cfg.em_slots, cfg.em_topk
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.window, self.P = cfg.wm_window, cfg.plasticity_span
+        self.slots, self.topk, self.per_span = cfg.em_slots, cfg.em_topk, cfg.em_writes_per_span
         self.threshold, self.decay, self.s_max = cfg.em_novelty_threshold, cfg.em_decay, cfg.em_strength_max
-        self.P = cfg.plasticity_span
-        self.norm = RMSNorm(d, cfg.norm_eps)
-        self.q_proj = nn.Linear(d, m, bias=False)
-        self.k_proj = nn.Linear(d, m, bias=False)
-        self.v_proj = nn.Linear(d, m, bias=False)
-        self.out_proj = nn.Linear(m, d, bias=False)
-        self.pool = nn.Linear(d, 2, bias=False)  # which tokens the key / value summaries are made of
-        self.log_tau = nn.Parameter(torch.tensor(math.log(10.0)))  # sharpness of the top-k attention
+        self.salience = nn.Linear(cfg.d_model, 1)  # which tokens of a span are worth remembering
+        self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads))  # per head: how much remembered keys count
         self.neuromod = EMNeuromodulator()
         self.init_special()
 
     @torch.no_grad()
     def init_special(self):
         """Initialise the non-matrix parameters (call again after any blanket re-init)."""
-        self.log_tau.fill_(math.log(10.0))
+        self.log_weight.zero_()
         self.neuromod.init_special()
 
     def zero_state(self, batch_size: int, device) -> dict:
-        B, M, m = batch_size, self.slots, self.dim
-        d = self.norm.weight.shape[0]
+        B, M, c, m = batch_size, self.slots, self.per_span, self.kv_heads * self.head_dim
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
-        return {"keys": z(B, M, m), "values": z(B, M, m), "strength": z(B, M), "novelty_avg": z(B),
-                "key_mean": z(B, m), "key_spans": z(B), "pool_sum": z(B, 2, d), "pool_mass": z(B, 2)}
+        return {"keys": z(B, M, m), "values": z(B, M, m), "strength": z(B, M), "age": z(B, M),
+                "cand_keys": z(B, c, m), "cand_values": z(B, c, m), "cand_salience": z(B, c), "cand_age": z(B, c),
+                "cand_live": z(B, c), "doc_age": z(B)}
 
-    def forward(self, x: torch.Tensor, state: Optional[dict], grid: SpanGrid, soft: bool = False,
-                surprises: Optional[list] = None):
-        """surprises: one [B] tensor per span that ends in this call (None: zeros)."""
-        B = x.shape[0]
-        st = state if state is not None else self.zero_state(B, x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x.float(), st, grid, soft, surprises)
+    # ------------------------------------------------------------------ write
+    def write(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[dict], grid: SpanGrid,
+              soft: bool = False, surprises: Optional[list] = None):
+        """h [B, T, d] (the block's normalised input); k, v [B, G, T, D] (the WM layer's
+        keys/values of this call's tokens); surprises: one [B] per span ending in the call.
+        -> (versions, new state, stats): versions = (K, V, S, pos) stacked per span,
+        [B, n, M, G*D] x2 and [B, n, M] x2, the memory each span's queries read (pos: the
+        slot's position relative to the call's first token)."""
+        B, T = h.shape[:2]
+        st = state if state is not None else self.zero_state(B, h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            return self._write(h.float(), k.float(), v.float(), st, grid, soft, surprises)
 
-    def _forward(self, x, st, grid, soft, surprises):
-        B = x.shape[0]
-        u = self.norm(x)  # [B, T, d]
-        # span summaries, all spans at once: attention poolings over the current document's tokens
-        w = torch.exp(4.0 * torch.tanh(self.pool(u)))  # [B, T, 2] in [e^-4, e^4]: key and value pooling
-        w = grid.to_grid(w) * grid.current[..., None]  # [B, n, P, 2]
-        mass, total = w.sum(2), w.transpose(-1, -2) @ grid.to_grid(u)  # [B, n, 2], [B, n, 2, d]
-        keep0 = grid.keep(0)  # the open span carried in from the previous call
-        first_mass = mass[:, :1] + keep_streams(st["pool_mass"].float(), keep0)[:, None]
-        first_total = total[:, :1] + keep_streams(st["pool_sum"].float(), keep0)[:, None]
-        masses, total = torch.cat([first_mass, mass[:, 1:]], 1), torch.cat([first_total, total[:, 1:]], 1)
-        summary = total / masses.clamp(min=1e-6)[..., None]
-        raw_k = self.k_proj(summary[:, :, 0])  # [B, n, m], centred and normalised at the write
-        cand_v = F.normalize(self.v_proj(summary[:, :, 1]), dim=-1)
-        mass = masses[..., 0]  # [B, n], > 0 exactly when the span has tokens of the current document
+    def _write(self, h, k, v, st, grid, soft, surprises):
+        B, T = h.shape[:2]
+        n, P, c = grid.n, grid.P, self.per_span
+        flat = lambda t: t.transpose(1, 2).reshape(B, T, -1)  # noqa: E731  [B, G, T, D] -> [B, T, G*D]
+        z = grid.to_grid(self.salience(h).squeeze(-1))  # [B, n, P]
+        z = torch.where(grid.current.expand(B, -1, -1), z, torch.full_like(z, MASKED))
+        kg, vg = grid.to_grid(flat(k)), grid.to_grid(flat(v))  # [B, n, P, G*D]
+        pos = (torch.arange(n * P, device=h.device) - grid.offset).view(1, n, P).expand(B, -1, -1).float()
 
-        K, V, S, avg, key_mean, key_spans = (st[k].float() for k in COMMITTED)
-        versions, writes, ended = [], [], 0
-        for s in range(grid.n):
-            versions.append((K, V, S))  # what the tokens of span s read
+        # the open span's candidates from the previous call compete in span 0 (if its document goes on)
+        live = st["cand_live"].float() > 0
+        keep0 = grid.keep(0)
+        if keep0 is not None:
+            live = live & (keep0[:, None] > 0)
+        extra = lambda first, fill: torch.cat(  # noqa: E731  [B, c, ...] into span 0, fill elsewhere
+            [first[:, None], fill.expand(B, n - 1, *first.shape[1:])], 1)
+        cz = torch.where(live, st["cand_salience"].float(), torch.full_like(st["cand_salience"].float(), MASKED))
+        pool_z = torch.cat([z, extra(cz, z.new_full((1, 1, c), MASKED))], 2)  # [B, n, P + c]
+        zero_kv = kg.new_zeros(1, 1, c, kg.shape[-1])
+        pool_k = torch.cat([kg, extra(st["cand_keys"].float(), zero_kv)], 2)
+        pool_v = torch.cat([vg, extra(st["cand_values"].float(), zero_kv)], 2)
+        pool_pos = torch.cat([pos, extra(-st["cand_age"].float(), pos.new_zeros(1, 1, c))], 2)
+        idx = pool_z.detach().topk(min(c, P + c), -1).indices  # [B, n, c]: the span's most salient tokens
+        cand_z = pool_z.gather(-1, idx)
+        gather_kv = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
+        cand_k, cand_v, cand_pos = gather_kv(pool_k), gather_kv(pool_v), pool_pos.gather(-1, idx)
+        cand_ok = cand_z > MASKED / 2
+
+        K, V, S, age = (st[name].float() for name in COMMITTED)
+        at = -age  # slot positions relative to this call's first token
+        # entries: what the call's queries may read, the slots it starts with, then its candidates
+        M = self.slots
+        ids = torch.arange(M, device=h.device).expand(B, -1)  # [B, M]: the entry each slot holds
+        log_ref = [torch.log(S.clamp(min=1e-30))]  # log strength at the entry's reference span
+        ref = [torch.zeros(M, device=h.device)]  # (slots: span 0, candidates of span s: s + 1)
+        alive, writes, ended = [], [], 0
+        for s in range(n):
+            alive.append(self._alive(ids, S, M + n * c))  # what the queries of span s may read
             keep = grid.keep(s)
             if keep is not None and not soft:  # hard reset: the stream's episodes are gone
-                K, V, S, avg, key_mean, key_spans = (keep_streams(t, keep)
-                                                     for t in (K, V, S, avg, key_mean, key_spans))
+                K, V, S, at = (keep_streams(t, keep) for t in (K, V, S, at))
+            surprise = surprises[ended] if surprises and grid.complete[s] else S.new_zeros(B)
             if grid.complete[s]:
-                surprise = surprises[ended] if surprises else S.new_zeros(B)
-                key = F.normalize(raw_k[:, s] - key_mean, dim=-1)
-                # running mean, exact over the first spans (a zero start would stay in it for long)
-                rate = torch.where(mass[:, s] > 0, (1.0 / (key_spans + 1.0)).clamp(min=1 - KEY_MEAN_EMA), 0.0)
-                key_mean = key_mean + rate[:, None] * (raw_k[:, s].detach() - key_mean)
-                key_spans = key_spans + (mass[:, s] > 0).float()
-                K, V, S, avg, info = self.write(K, V, S, avg, key, cand_v[:, s], mass[:, s], surprise)
-                writes.append(info)
+                S = S * self.decay
                 ended += 1
-        pool_sum, pool_mass = total[:, -1], masses[:, -1]
-        if grid.complete[-1]:
-            pool_sum, pool_mass = torch.zeros_like(pool_sum), torch.zeros_like(pool_mass)
-
-        out = self.retrieve(grid.to_grid(F.normalize(self.q_proj(u), dim=-1)), *(torch.stack(t, 1) for t in zip(*versions)))
-        if not soft and grid.since_reset is not None:
-            out = out * ~grid.since_reset[..., None]
-        out = grid.from_grid(out)
-        new_state = {"keys": K, "values": V, "strength": S, "novelty_avg": avg, "key_mean": key_mean,
-                     "key_spans": key_spans, "pool_sum": pool_sum, "pool_mass": pool_mass}
-        return self.out_proj(out), new_state, self._stats(writes, S, out)
-
-    def write(self, K, V, S, avg, key, value, mass, surprise):
-        """One span end. K, V [B, M, m]; S [B, M]; avg, mass, surprise [B]; key, value [B, m]
-        (unit). Returns the new (K, V, S, avg) and detached per-stream info for the metrics."""
-        S = S * self.decay
-        filled = S > 0
-        cos = (K @ key[:, :, None]).squeeze(-1)  # [B, M]
-        best = torch.where(filled, cos, torch.full_like(cos, -1.0)).amax(-1)
-        novelty = torch.where(filled.any(-1), 1.0 - best, torch.ones_like(best)).detach()
-        feats = torch.stack([novelty, surprise, S.mean(-1) / self.s_max, (mass > 0).float()], -1).detach()
-        delta, strength = self.neuromod(feats)
-        score = novelty + delta - (avg + self.threshold)
-        seen = mass > 0
-        write = ((score > 0) & seen).float()
-        avg = torch.where(seen, NOVELTY_EMA * avg + (1 - NOVELTY_EMA) * novelty, avg)
-        slot = F.one_hot(S.argmin(-1), self.slots).float() * write[:, None]  # the weakest slot, where writing
-        K = K * (1.0 - slot[..., None]) + slot[..., None] * key[:, None]
-        V = V * (1.0 - slot[..., None]) + slot[..., None] * value[:, None]
-        new_strength = self.s_max * strength * torch.sigmoid(score.detach() / GATE_TEMPERATURE)
-        S = S * (1.0 - slot) + slot * new_strength[:, None]
-        return K, V, S, avg, {"write": write, "novelty": novelty}
-
-    def retrieve(self, q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
-        """Top-k cross-attention. q [B, n, L, m] (unit); K, V [B, n, M, m]; S [B, n, M] -> [B, n, L, m]."""
-        cos = q @ K.transpose(-1, -2)  # [B, n, L, M]
-        strength = S[:, :, None, :].expand_as(cos)
-        k = min(self.topk, self.slots)
-        idx = (cos * strength).detach().topk(k, dim=-1).indices
-        att = torch.softmax(self.log_tau.exp() * cos.gather(-1, idx), -1) * strength.gather(-1, idx)
-        weights = torch.zeros_like(cos).scatter(-1, idx, att)  # sparse rows: a batched matmul reads V
-        return weights @ V
+            for i in range(c):
+                if grid.complete[s]:
+                    K, V, S, at, ids, strength, info = self._write_one(
+                        K, V, S, at, ids, M + s * c + i, cand_k[:, s, i], cand_v[:, s, i], cand_z[:, s, i],
+                        cand_pos[:, s, i], cand_ok[:, s, i], surprise)
+                    writes.append(info)
+                else:
+                    strength = S.new_zeros(B)
+                log_ref.append(torch.log(strength.clamp(min=1e-30))[:, None])
+                ref.append(torch.full((1,), s + 1.0, device=h.device))
+        # where each token's document starts (relative to the call): the WM window holds only
+        # that document, so anything remembered from before it is readable at once
+        t = torch.arange(T, device=h.device, dtype=torch.float)
+        doc_start = (-st["doc_age"].float())[:, None].expand(B, T)
+        if grid.reset is not None:
+            starts = torch.where(grid.from_grid(grid.reset), t, torch.full_like(t, -math.inf)).cummax(1).values
+            doc_start = torch.maximum(doc_start, starts)
+        entries = {"doc_start": doc_start,  # [B, T]
+                   "keys": torch.cat([st["keys"].float(), cand_k.flatten(1, 2)], 1),  # [B, E, G*D]
+                   "values": torch.cat([st["values"].float(), cand_v.flatten(1, 2)], 1),
+                   "pos": torch.cat([-age, cand_pos.flatten(1, 2)], 1),  # [B, E], relative to the call
+                   # log strength at span s = log_ref + (s - ref) log(decay), the part fixed per entry:
+                   "log_strength": torch.cat(log_ref, 1) - torch.cat(ref) * math.log(self.decay),
+                   "alive": torch.stack(alive, 1)}  # [B, n, E]
+        new_state = {"keys": K, "values": V, "strength": S, "age": torch.where(S > 0, T - at, 0.0),
+                     "doc_age": T - doc_start[:, -1]}
+        if grid.complete[-1]:  # no open span: nothing to carry
+            new_state.update({name: torch.zeros_like(st[name]) for name in
+                              ("cand_keys", "cand_values", "cand_salience", "cand_age", "cand_live")})
+        else:
+            new_state.update({"cand_keys": cand_k[:, -1], "cand_values": cand_v[:, -1],
+                              "cand_salience": torch.where(cand_ok[:, -1], cand_z[:, -1], 0.0),
+                              "cand_age": T - cand_pos[:, -1], "cand_live": cand_ok[:, -1].float()})
+        return entries, new_state, self._stats(writes, S)
 
     @staticmethod
-    def _stats(writes: list, S: torch.Tensor, out: torch.Tensor) -> dict:
-        stats = {"em_strength": S.detach().mean(), "em_read_norm": out.detach().norm(dim=-1).mean()}
-        for key, name in (("write", "em_write_rate"), ("novelty", "em_novelty")):
-            vals = [w[key] for w in writes]
-            stats[name] = torch.stack(vals).mean() if vals else S.new_zeros(())
+    def _alive(ids: torch.Tensor, S: torch.Tensor, E: int) -> torch.Tensor:
+        """[B, E] bool: the entries held by a slot with strength > 0."""
+        return torch.zeros(S.shape[0], E, dtype=torch.bool, device=S.device).scatter_(1, ids, S > 0)
+
+    def _write_one(self, K, V, S, at, ids, entry, key, value, z, pos, ok, surprise):
+        """One candidate, entry number `entry`. K, V [B, M, G*D]; S, at [B, M]; ids [B, M]
+        long; key, value [B, G*D]; z, pos, surprise [B]; ok [B] bool (a real token).
+        Returns the new (K, V, S, at, ids), the strength it was written with [B] (0 where
+        not written) and detached per-stream info for the metrics."""
+        filled = S > 0
+        cos = (F.normalize(K, dim=-1) @ F.normalize(key, dim=-1)[:, :, None]).squeeze(-1)  # [B, M]
+        best = torch.where(filled, cos, torch.full_like(cos, -1.0)).amax(-1)
+        novelty = torch.where(filled.any(-1), 1.0 - best, torch.ones_like(best)).detach()
+        salience = torch.where(ok, torch.sigmoid(z), 0.0)
+        feats = torch.stack([novelty, surprise, S.mean(-1) / self.s_max, salience.detach()], -1).detach()
+        delta, strength = self.neuromod(feats)
+        write = ((novelty + delta.detach() > self.threshold) & ok).float()
+        slot = F.one_hot(S.argmin(-1), self.slots).float() * write[:, None]  # the weakest slot, where writing
+        strength = self.s_max * strength * salience * write
+        K = K * (1.0 - slot[..., None]) + slot[..., None] * key[:, None]
+        V = V * (1.0 - slot[..., None]) + slot[..., None] * value[:, None]
+        S = S * (1.0 - slot) + slot * strength[:, None]
+        at = at * (1.0 - slot) + slot * pos[:, None]
+        ids = torch.where(slot > 0, entry, ids)
+        return K, V, S, at, ids, strength, {"write": write, "novelty": novelty, "ok": ok.float()}
+
+    # ------------------------------------------------------------------ read
+    def read_mask(self, q: torch.Tensor, entries: dict, grid: SpanGrid, soft: bool = False) -> torch.Tensor:
+        """q [B, H, T, D] (the WM layer's queries) -> [B, H, T, E] bool: the entries each
+        query reads. An entry is readable by a query if it is held in the memory as it
+        stood at the start of the query's span, its token is not in the query's window (it
+        has scrolled out, or it is from an earlier document, which the window never shows),
+        (with a hard reset) the query's document has not restarted in the span, and it
+        is among the query head's top k by score q.k / sqrt(D) + log strength."""
+        B, H, T, D = q.shape
+        G, n, P = self.kv_heads, grid.n, grid.P
+        E = entries["keys"].shape[1]
+        t = torch.arange(T, device=q.device)
+        span = (t + grid.offset) // P  # [T]
+        ok = entries["alive"][:, span]  # [B, T, E]
+        pos = entries["pos"][:, None, :]
+        ok = ok & ((t[None, :, None] - pos > self.window) | (pos < entries["doc_start"][..., None]))
+        if not soft and grid.since_reset is not None:  # a hard reset emptied the memory for these tokens
+            ok = ok & ~grid.from_grid(grid.since_reset)[..., None]
+        with torch.no_grad():
+            keys = entries["keys"].view(B, E, G, D).permute(0, 2, 1, 3).repeat_interleave(H // G, 1)  # [B, H, E, D]
+            scores = (q.float() @ keys.transpose(-1, -2)) / math.sqrt(D) + entries["log_strength"][:, None, None]
+            scores = scores.masked_fill(~ok[:, None], float("-inf"))
+            top = scores.topk(min(self.topk, E), -1).indices
+            picked = torch.zeros_like(ok[:, None].expand(-1, H, -1, -1)).scatter_(-1, top, True)
+        return picked & ok[:, None]
+
+    def read_bias(self, grid: SpanGrid, T: int, device) -> torch.Tensor:
+        """[H, T]: what every remembered key's score gains, per head and query: the head's
+        learned log weight plus the strength decay of the spans since the entries' reference
+        (the entry's own part is entries["log_strength"])."""
+        span = (torch.arange(T, device=device) + grid.offset) // grid.P
+        return self.log_weight[:, None] + span.float()[None] * math.log(self.decay)
+
+    @staticmethod
+    def _stats(writes: list, S: torch.Tensor) -> dict:
+        stats = {"em_strength": S.detach().mean()}
+        if writes:
+            ok = torch.stack([w["ok"] for w in writes])
+            stats["em_write_rate"] = (torch.stack([w["write"] for w in writes]).sum() / ok.sum().clamp(min=1))
+            stats["em_novelty"] = (torch.stack([w["novelty"] for w in writes]) * ok).sum() / ok.sum().clamp(min=1)
+        else:
+            stats["em_write_rate"] = stats["em_novelty"] = S.new_zeros(())
         return stats

@@ -12,16 +12,18 @@ None entry) means zeros. `reset_mask` [B, T] resets one stream's state at the fi
 token of its new document, in every layer.
 
 Memories (cfg.pm_enabled / cfg.em_enabled; absent, with no parameters, when off): every
-block gets a procedural memory (`procedural.py`) read into the mixer's output and an
-episodic memory (`episodic.py`) read into the residual after the MLP. Their contents sit
+block gets a procedural memory (`procedural.py`) read into the mixer's output, and every
+WM block an episodic memory (`episodic.py`) that remembers tokens scrolling out of its
+window and lets its attention read them as if they were still in it. Their contents sit
 in the layer state under "pm" and "em", and the state gains "clock" [B] int64, the
 stream position, which aligns plasticity spans to absolute positions (`memory.py`). At a
 document start the reset is hard (memories emptied) unless `lifelong` (cfg.lifelong, an
 attribute that may be flipped), which keeps the committed PM and EM contents and resets
 the rest. `memory_state(state)` / `state_from_memory(memory, B, device)` take the
-committed contents out of a state and seed a fresh state with them. Fresh memories are
-silent (zero output projections) on a backbone initialised exactly as without them, so
-turning a phase on changes no prediction until training makes the memories useful.
+committed contents out of a state and seed a fresh state with them. Memories are built
+on a backbone initialised exactly as without them. A fresh PM is silent (zero output
+projection); a fresh EM adds nothing until a remembered token has left the window, and
+from then on extends the window in the key space the attention already learnt.
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def is_wm_layer(cfg: ModelConfig, i: int) -> bool:
 
 
 class HatchlingBlock(nn.Module):
-    """x + mixer(norm(x)) [+ pm(norm(x))], then + mlp(norm(x)) [, then + em(x)].
+    """x + mixer(norm(x)) [+ pm(norm(x))], then + mlp(norm(x)); a WM mixer's window is
+    extended by the episodic memory [em] when it is on.
     x: [B, T, d] -> ([B, T, d], state, spikes|None).
 
     With memories on, `grid` (the call's SpanGrid) is required, the state carries "pm" /
@@ -68,7 +71,7 @@ class HatchlingBlock(nn.Module):
         # side stream of the RNG, so the backbone draws the same initial weights either way
         with torch.random.fork_rng(devices=[]):
             self.pm = ProceduralMemory(cfg) if cfg.pm_enabled else None
-            self.em = EpisodicMemory(cfg) if cfg.em_enabled else None
+            self.em = EpisodicMemory(cfg) if cfg.em_enabled and wm else None
 
     def zero_state(self, batch_size: int, device) -> dict:
         state = self.mixer.zero_state(batch_size, device)
@@ -84,21 +87,29 @@ class HatchlingBlock(nn.Module):
         if memory:
             state = {k: v for k, v in state.items() if k not in memory}
         h = self.norm1(x)
+        stats, surprises, pm_read = {}, None, None
+        if self.pm is not None:
+            pm_read, pm_state, pm_stats, surprises = self.pm(h, memory.get("pm"), grid, soft)
+            stats.update(pm_stats)
         if isinstance(self.mixer, SpikeKDA):
             y, new_state, spikes = self.mixer(h, state, reset)
-        else:
+        elif self.em is None:
             y, new_state = self.mixer(h, state, reset)
-        stats, surprises = {}, None
+        else:  # the episodic memory extends the WM window: written from, and read by, its keys
+            q, k, v = self.mixer.project(h)
+            entries, em_state, em_stats = self.em.write(h, k, v, memory.get("em"), grid, soft, surprises)
+            B, E = entries["keys"].shape[:2]
+            heads = lambda t: t.view(B, E, self.mixer.kv_heads, -1).transpose(1, 2)  # noqa: E731 [B, G, E, D]
+            remembered = (heads(entries["keys"]), heads(entries["values"]), entries["log_strength"],
+                          self.em.read_bias(grid, h.shape[1], h.device), self.em.read_mask(q, entries, grid, soft))
+            y, new_state, share = self.mixer.attend(q, k, v, state, reset, remembered)
+            new_state["em"] = em_state
+            stats.update(em_stats, em_read_share=share.detach().float().mean())
         if self.pm is not None:
-            read, new_state["pm"], pm_stats, surprises = self.pm(h, memory.get("pm"), grid, soft)
-            y = y + read.to(y.dtype)
-            stats.update(pm_stats)
+            y = y + pm_read.to(y.dtype)
+            new_state["pm"] = pm_state
         x = x + self.drop(y)
         x = x + self.mlp(self.norm2(x))
-        if self.em is not None:
-            read, new_state["em"], em_stats = self.em(x, memory.get("em"), grid, soft, surprises)
-            x = x + self.drop(read.to(x.dtype))
-            stats.update(em_stats)
         if metrics is not None:
             metrics.update(stats)
         return x, new_state, spikes
@@ -134,18 +145,19 @@ class HatchlingLM(nn.Module):
                 nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layers))
             if isinstance(block.mixer, SpikeKDA):
                 block.mixer.init_special()
-        # Memories start silent: their output projections are zero, so a fresh memory model
-        # computes exactly what the phase-A model with the same seed (or the phase-A
-        # checkpoint it continues from) computes, and the memories' reads enter the
-        # residual stream only as fast as the LM loss finds them useful. Their init draws
-        # from a side stream of the RNG, like their construction.
+        # PM starts silent (zero output projection): it reads through projections of its own,
+        # so its reads enter the residual stream only as fast as the LM loss finds them
+        # useful. EM needs no such start: it reads with the attention's own keys and adds
+        # nothing before a token has left the window. Their init draws from a side stream of
+        # the RNG, like their construction.
         with torch.random.fork_rng(devices=[]):
             for block in self.blocks:
                 for mem in (block.pm, block.em):
                     if mem is not None:
                         mem.apply(self._init)
-                        nn.init.zeros_(mem.out_proj.weight)
                         mem.init_special()
+                if block.pm is not None:
+                    nn.init.zeros_(block.pm.out_proj.weight)
         # auxiliary heads (aux_heads.py): built last, with their own init; None when all are off
         self.aux_heads = AuxHeads.build(aux_cfg, cfg, vocab_size)
 
@@ -173,29 +185,37 @@ class HatchlingLM(nn.Module):
     def memory_state(self, state: dict) -> dict:
         """The committed memory contents of a state (detached copies), batch first:
         {"pm": [{"keys", "values", "strength"} per layer], "em": [{"keys", "values",
-        "strength", "novelty_avg", "key_mean", "key_spans"} per layer]} (only the memories
-        that are on; a stored memory without some of these leaves them zero). What a
+        "strength", "age"} per WM layer, {} for the others]} (only the memories that are
+        on; a stored memory without some of these leaves them zero). What a
         lifelong run keeps from one run to the next; eligibility, open-span sums and the
         mixers' state are not part of it."""
         out = {}
         for name, keys in (("pm", PM_COMMITTED), ("em", EM_COMMITTED)):
-            if getattr(self.blocks[0], name) is not None:
+            if self._has(name):
                 out[name] = [committed(layer.get(name), keys) for layer in state["layers"]]
         return out
 
     def state_from_memory(self, memory: dict, batch_size: int, device) -> dict:
         """A zero state whose committed PM/EM contents come from `memory` (as returned by
         memory_state). Stream b gets stream b mod B' of the stored B' streams; memories
-        stored but off in this model, or on here but not stored, are ignored / left empty."""
+        stored but off in this model, or on here but not stored, are ignored / left empty,
+        and so are stored entries this model does not have in that shape (a memory saved
+        by an earlier design of the model)."""
         state = self.generation_state(batch_size, device)
         for name in ("pm", "em"):
-            if name not in memory or getattr(self.blocks[0], name) is None:
+            if name not in memory or not self._has(name):
                 continue
             for layer, stored in zip(state["layers"], memory[name]):
                 for key, value in stored.items():
+                    if name not in layer or key not in layer[name] or value.shape[1:] != layer[name][key].shape[1:]:
+                        continue
                     idx = torch.arange(batch_size) % value.shape[0]
                     layer[name][key] = value[idx].to(device=device, dtype=layer[name][key].dtype).clone()
         return state
+
+    def _has(self, name: str) -> bool:
+        """Whether some block has the memory `name` ("pm" or "em")."""
+        return any(getattr(b, name) is not None for b in self.blocks)
 
     def forward(self, tokens: torch.Tensor, state=None, reset_mask: Optional[torch.Tensor] = None) -> ModelOutput:
         layer_states = state["layers"] if state is not None else [None] * len(self.blocks)

@@ -10,6 +10,9 @@ forward and an incremental one see exactly the same context.
 State (batch first): {"k": [B, kvH, W, hd], "v": [B, kvH, W, hd], "valid": [B, W] bool}.
 The cache holds the last W keys/values of the stream; `valid` is False for empty slots
 and for keys of an earlier document (cleared when the stream's reset is seen).
+
+With episodic memory on (`episodic.py`), the tokens that scrolled out of the window and
+were remembered join the softmax as extra keys (`attend(..., memory=...)`).
 """
 from __future__ import annotations
 
@@ -41,24 +44,43 @@ class WorkingMemoryAttention(nn.Module):
             "valid": torch.zeros(batch_size, self.window, dtype=torch.bool, device=device),
         }
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None):
+    def project(self, x: torch.Tensor):
+        """x [B, T, d] -> q [B, H, T, D], k, v [B, G, T, D]."""
         B, T, _ = x.shape
-        H, G, D, W = self.n_heads, self.kv_heads, self.head_dim, self.window
+        H, G, D = self.n_heads, self.kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, G * D, G * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, G, D).transpose(1, 2)
-        v = v.view(B, T, G, D).transpose(1, 2)
+        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, G, D).transpose(1, 2),
+                v.view(B, T, G, D).transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None):
+        y, new_state, _ = self.attend(*self.project(x), state, reset)
+        return y, new_state
+
+    def attend(self, q, k, v, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None, memory=None):
+        """q [B, H, T, D], k, v [B, G, T, D] (from `project`) -> (y [B, T, d], new state,
+        memory share [B, H, T] or None).
+
+        memory: None, or remembered keys from the block's episodic memory
+        (`episodic.py`): (keys, values [B, G, E, D], log_strength [B, E], bias [H, T],
+        mask [B, H, T, E] bool). Window and memory are one softmax: a remembered key j
+        scores q.k_j / sqrt(D) + log_strength_j + bias[h, t], like a window key plus the
+        log of its strength (so it counts strength times as much). The extra terms ride on
+        two extra q/k dimensions, so one SDPA call with a boolean mask computes it and
+        their gradients flow through the keys, not the mask. An extra value channel, 1 on
+        remembered keys, returns each query's share of attention on the memory."""
+        B, H, T, D = q.shape
+        G, W = self.kv_heads, self.window
         if state is None:
-            state = self.zero_state(B, x.device)
+            state = self.zero_state(B, q.device)
         keys = torch.cat([state["k"].to(k.dtype), k], dim=2)  # [B, G, W+T, D]; cache first
         values = torch.cat([state["v"].to(v.dtype), v], dim=2)
 
         # positions relative to this call's first token: cache slots are -W .. -1
-        pos_q = torch.arange(T, device=x.device)
-        pos_k = torch.arange(-W, T, device=x.device)
+        pos_q = torch.arange(T, device=q.device)
+        pos_k = torch.arange(-W, T, device=q.device)
         delta = pos_q[:, None] - pos_k[None, :]
         mask = ((delta >= 0) & (delta <= W))[None]  # [1, T, W+T]: causal, within the window
-        valid = torch.cat([state["valid"], torch.ones(B, T, dtype=torch.bool, device=x.device)], dim=1)
+        valid = torch.cat([state["valid"], torch.ones(B, T, dtype=torch.bool, device=q.device)], dim=1)
         mask = mask & valid[:, None, :]
         if reset is not None:  # same document only; cached keys are in this call's segment 0
             seg_q = reset.long().cumsum(1)  # [B, T]
@@ -66,11 +88,27 @@ class WorkingMemoryAttention(nn.Module):
             mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])
             valid = valid & (seg_k == seg_q[:, -1:])  # what survives into the next call
         # every query sees at least itself, so no row of the mask is empty
-        y = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask[:, None],
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=G != H,
-        )
+        dropout = self.dropout if self.training else 0.0
+        share = None
+        if memory is None:
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], dropout_p=dropout,
+                                               enable_gqa=G != H)
+        else:
+            mem_k, mem_v, log_strength, bias, mem_mask = memory
+            E, dt = mem_k.shape[2], q.dtype
+            one = lambda *shape: torch.ones(*shape, 1, dtype=dt, device=q.device)  # noqa: E731
+            zero = lambda *shape: torch.zeros(*shape, 1, dtype=dt, device=q.device)  # noqa: E731
+            strength = log_strength.masked_fill(~torch.isfinite(log_strength), 0.0).to(dt)
+            q_ext = torch.cat([q, one(B, H, T) * D ** 0.5, (bias.to(dt) * D ** 0.5)[None, :, :, None].expand(B, -1, -1, -1)], -1)
+            k_ext = torch.cat([torch.cat([keys, zero(B, G, W + T), zero(B, G, W + T)], -1),
+                               torch.cat([mem_k.to(dt), strength[:, None, :, None].expand(-1, G, -1, -1), one(B, G, E)], -1)], 2)
+            # values padded to q/k's width: SDPA's fused CPU kernel wants them equal (2x faster)
+            v_ext = torch.cat([torch.cat([values, zero(B, G, W + T), zero(B, G, W + T)], -1),
+                               torch.cat([mem_v.to(dt), one(B, G, E), zero(B, G, E)], -1)], 2)
+            full_mask = torch.cat([mask[:, None].expand(-1, H, -1, -1), mem_mask], -1)  # [B, H, T, W+T+E]
+            out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=full_mask, dropout_p=dropout,
+                                                 scale=D ** -0.5, enable_gqa=G != H)
+            y, share = out[..., :D], out[..., D]
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
         new_state = {"k": keys[:, :, T:], "v": values[:, :, T:], "valid": valid[:, T:]}
-        return y, new_state
+        return y, new_state, share

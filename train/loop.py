@@ -584,7 +584,7 @@ class Trainer:
 
 # per-block metrics shown (averaged over blocks) on the progress detail line
 DETAIL_METRICS = (("spike_rate", "spike rate"), ("pm_commit_rate", "PM commits"), ("pm_strength", "PM strength"),
-                  ("em_write_rate", "EM writes"), ("em_strength", "EM strength"))
+                  ("em_write_rate", "EM writes"), ("em_strength", "EM strength"), ("em_read_share", "EM share"))
 
 
 def block_summary(metrics: dict) -> str:

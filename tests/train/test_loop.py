@@ -167,7 +167,7 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
     assert result.finished and result.eval["eval_loss"] < 7.0
     metrics = rows(tmp_path, "train")[-1]
     assert {"metric/pm_commit_rate/layer0", "metric/pm_strength/layer1"} <= set(metrics)
-    assert ("metric/em_write_rate/layer0" in metrics) == (phase != "B")
+    assert ("metric/em_write_rate/layer1" in metrics) == (phase != "B")  # EM lives in the WM block
     # the progress display's detail line carries the memory figures too
     assert "spike rate" in shown.details[-1] and "PM commits" in shown.details[-1]
     assert ("EM writes" in shown.details[-1]) == (phase != "B")
