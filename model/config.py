@@ -52,7 +52,7 @@ class ModelConfig:
     em_slots: int = 64  # M: episodic slots (remembered tokens) per stream and WM block
     em_topk: int = 4  # slots retrieved per query
     em_writes_per_span: int = 2  # c: candidates per span, its most salient tokens
-    # a candidate is written when its novelty (1 - max cos to the stored keys) plus a
+    # a candidate is written when its novelty (1 - max cos to the stored keys, about their mean) plus a
     # learned term exceeds this: near-copies of a stored key are not stored again
     em_novelty_threshold: float = 0.02
     em_decay: float = 0.999  # strengths decay by this every span

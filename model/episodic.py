@@ -19,7 +19,8 @@ Write, at every span end (P tokens, `memory.py`). Candidates: the `c` tokens of 
 block's normalised input); a span cut by a call boundary carries its best c so far in
 the state. For each candidate, in order:
   S        <- decay * S                                  (once per span)
-  novelty  = 1 - max_j cos(k, K_j) over the filled slots  (1 when none)
+  novelty  = 1 - max_j cos(k - mu, K_j - mu) over the filled slots (1 when none), mu
+             the filled slots' mean key
   delta, strength = EM neuromodulator(novelty, surprise, usage, sigmoid(z))
   write    = novelty + delta > threshold                 (hard gate: a near-copy of a
                                                           stored key is not stored again)
@@ -221,7 +222,12 @@ class EpisodicMemory(nn.Module):
         Returns the new (K, V, S, at, ids), the strength it was written with [B] (0 where
         not written) and detached per-stream info for the metrics."""
         filled = S > 0
-        cos = (F.normalize(K, dim=-1) @ F.normalize(key, dim=-1)[:, :, None]).squeeze(-1)  # [B, M]
+        # cosines about the stored keys' mean: attention keys share a large component (q . c
+        # shifts every score of a query alike, so training leaves it free), and raw cosines
+        # of a trained model's keys are all ~0.99, which made every key look like a copy
+        count = filled.sum(-1, keepdim=True).clamp(min=1).float()
+        mean = ((K * filled[..., None]).sum(1) / count).detach()  # [B, G*D]
+        cos = (F.normalize(K - mean[:, None], dim=-1) @ F.normalize(key - mean, dim=-1)[:, :, None]).squeeze(-1)
         best = torch.where(filled, cos, torch.full_like(cos, -1.0)).amax(-1)
         novelty = torch.where(filled.any(-1), 1.0 - best, torch.ones_like(best)).detach()
         salience = torch.where(ok, torch.sigmoid(z), 0.0)

@@ -280,6 +280,27 @@ def test_episodic_writes_keep_the_most_salient_tokens_own_keys_and_values():
             torch.testing.assert_close(st[key][b], state[key][b])
 
 
+def test_episodic_novelty_sees_past_the_component_all_keys_share():
+    """A trained attention's keys share a large component (it shifts all of a query's
+    scores alike, so nothing trains it away): raw cosines are all ~1. Novelty is measured
+    about the stored keys' mean, so distinct tokens are still written and only a copy of
+    a stored key is turned away."""
+    torch.manual_seed(0)
+    em = EpisodicMemory(mem_cfg(em_slots=16, em_writes_per_span=1))
+    with torch.no_grad():
+        em.neuromod.mlp[-1].weight[0].zero_()  # the learned novelty term: 0 (its init is the bias, 0)
+    n, D = 8, 16
+    common = torch.randn(D) * 20.0
+    k = (common + torch.randn(1, 1, n * P, D)).contiguous()
+    assert F.cosine_similarity(k[0, 0, :, None], k[0, 0, None, :], dim=-1).min() > 0.9
+    h = torch.randn(1, n * P, 32)
+    _, state, stats = em.write(h, k, k.clone(), None, SpanGrid(n * P, P, 0, None, "cpu"))
+    assert stats["em_write_rate"] == 1.0 and stats["em_novelty"] > 0.3
+    # the same tokens again: every candidate is a copy of a stored key
+    _, _, again = em.write(h, k, k.clone(), state, SpanGrid(n * P, P, 0, None, "cpu"))
+    assert again["em_write_rate"] == 0.0
+
+
 def test_episodic_read_is_one_softmax_over_window_and_memory():
     """The WM attention with remembered keys equals a naive per-query softmax over the
     window's keys and the entries read_mask picks, each scored q.k / sqrt(D) + log of its
