@@ -1,45 +1,48 @@
 """Do the memories remember? Planted-fact recall across many training steps of carried
 state, held-out perplexity, and drift after a lifelong session.
 
-    python bench/memory_recall.py        # both models, one after the other
-    # the same on two cores, one model each: ~13 min (off) and ~28 min (on)
-    python bench/memory_recall.py --models memories_off --threads 1 > off.jsonl &
-    python bench/memory_recall.py --models memories_on --threads 1 > on.jsonl
+    python bench/memory_recall.py        # ~35 min on 2 CPU cores
     python bench/memory_recall.py --global-every 2 --steps 20000 --d-model 256 --layers 4   # on a GPU
 
-The defaults are the smallest setting measured in which the models learn to copy a fact
-at all (the control below): all blocks WM attention (--global-every 1), probes weighted
-x20, a 2000-step curriculum with every probe inside the WM window, then gaps of 4-300
+Training, like the trainer's phases: one byte-level hatchling backbone is trained in phase
+A (memories off) for --steps; then two copies train --phase-steps more on the same
+streams: "memories_off" in phase A again, "memories_on" in phase C (procedural and
+episodic memory on, the new memory parameters freshly initialised). The streams are book
+text (../shared/corpus/books, first 95% of each book) into which facts "The code for
+<name> is <number>." are planted and repeated (the probe) after a gap of `--train-gap`
+tokens (log-uniform; a probe may fall in a later training step than its fact): state is
+carried and detached between steps, exactly as the trainer does (TBPTT). The loss on a
+probe's answer digits is weighted by `--probe-weight`.
+
+The defaults are the smallest setting measured in which a model learns to copy a fact
+at all: all blocks WM attention (--global-every 1), probes weighted x20, the backbone's
+first 2000 steps with every probe inside the WM window (--warm-gap), then gaps of 4-300
 tokens. On 2 CPU cores the default hybrid (--global-every 2: Spike-KDA + WM) stayed at
 chance even inside the window after 12M tokens, and so did the all-WM model without the
 curriculum; a model that cannot copy a fact it sees says nothing about its memories.
 
-Two byte-level hatchlings are trained on the same streams with the same seed and steps:
-"memories_off" (phase A) and "memories_on" (PM + EM, phase C). The streams are book text
-(../shared/corpus/books, first 95% of each book) into which facts "The code for <name> is
-<number>." are planted and repeated (the probe) after a gap of `--train-gap` tokens
-(log-uniform; a probe may fall in a later training step than its fact): state is carried
-and detached between steps, exactly as the trainer does (TBPTT). The loss on a probe's answer digits
-is weighted by `--probe-weight` (both models alike).
-
-Evaluation, on the held-out 5% of the books:
-- recall: per gap g in --gaps (default 300, 1k, 4k, 16k tokens), facts planted g tokens before
-  their probe; accuracy of the greedy (teacher-forced) answer digits (all digits right:
-  recall_acc; per digit: digit_acc) and the mean loss on them (probe_loss, nats), for
-  memories_off, memories_on, and memories_on with its memories switched off at inference.
-  First, a control: the same at --window-gap tokens, inside the WM window (digit_acc,
-  probe_loss). A model at chance there has not learnt to copy a fact at all, and its
-  long-gap rows cannot tell whether memories help.
-- perplexity: held-out text without facts, same three models.
-- drift: memories_on continues training for --session-steps on one domain (Shakespeare,
-  documents of --doc-len tokens) with lifelong soft resets; general held-out perplexity
-  (War and Peace) before and after, the session's memory contents carried or cleared;
-  memories_off gets the same session (its drift is the weights' alone).
+Evaluation, on the held-out 5% of the books, for memories_off, memories_on,
+memories_on/switched_off (its PM/EM removed at inference) and memories_on/untrained (the
+backbone with fresh memories, before any phase-C step: what the episodic memory gives
+for free):
+- recall: per gap g in --gaps, facts probed exactly g tokens after they end (the digits
+  are ~27 tokens further apart), in the training stream format on held-out text, until
+  --probes probes are answered: accuracy of the greedy (teacher-forced) answer digits (all
+  digits right: recall_acc; per digit: digit_acc) and the mean loss on them (probe_loss,
+  nats). The first gap (8) is inside the WM window: the control. A model at chance there
+  has not learnt to copy a fact at all, and its long-gap rows cannot tell whether
+  memories help.
+- perplexity: held-out text without facts.
+- drift: memories_on and memories_off continue training for --session-steps on one domain
+  (Shakespeare, documents of --doc-len tokens) with lifelong soft resets; general
+  held-out perplexity (War and Peace) before and after, and for memories_on after with
+  the session's memory contents carried into the general text.
 
 One JSON object per line on stdout:
   {"bench": "memory_recall", "kind": "config", ...}
-  {"kind": "train", "model": ..., "steps", "tokens", "seconds", "loss_last"}
-  {"kind": "recall", "model": ..., "gap": 1000, "probes", "recall_acc", "digit_acc", "probe_loss", "chance_digit_acc"}
+  {"kind": "train", "model": "backbone" | "memories_off" | "memories_on", "phase", "steps", "tokens", "seconds", "loss_last"}
+  {"kind": "recall", "model": ..., "gap": 1000, "digit_distance", "inside_window", "probes", "recall_acc",
+   "digit_acc", "probe_loss", "chance_digit_acc"}
   {"kind": "perplexity", "model": ..., "held_out_ppl", "tokens"}
   {"kind": "drift", "model": ..., "ppl_before", "ppl_after", "ppl_after_memory_kept", ...}
 """
@@ -167,45 +170,6 @@ class FactStreams:
         return x.to(DEVICE), y.to(DEVICE), torch.tensor(weights).to(DEVICE), reset.to(DEVICE)
 
 
-def recall_streams(text: bytes, B: int, gaps: list[int], per_gap: int, digits: int, seed: int):
-    """Evaluation streams: per stream, `per_gap` facts for every gap, each planted so that
-    its probe comes about `gap` tokens later; all probes at the end.
-    Returns (tokens [B, L], probes: list of (stream, answer positions, planned gap, actual gap))."""
-    rng = random.Random(seed)
-    streams, probes = [], []
-    tail = 400
-    for b in range(B):
-        names = rng.sample(NAMES, per_gap * len(gaps))
-        facts = [(names[i * per_gap + j], "".join(rng.choice("0123456789") for _ in range(digits)), g)
-                 for i, g in enumerate(sorted(gaps, reverse=True)) for j in range(per_gap)]
-        end = max(gaps) + 64
-        plan = sorted(((end - g - 40 * j, f) for j, f in enumerate(facts) for g in [f[2]]), key=lambda p: p[0])
-        at = rng.randrange(len(text) - 2 * end - 4 * tail)
-        toks: list[int] = []
-        fact_pos = {}
-        for target, (name, code, gap) in plan:
-            need = max(0, target - len(toks))
-            toks += list(text[at:at + need])
-            at += need
-            body, answer = fact(name, code)
-            fact_pos[name] = len(toks) + answer[0]
-            toks += body
-        toks += list(text[at:at + max(0, end - len(toks))])
-        at += end
-        rng.shuffle(facts)
-        for name, code, gap in facts:
-            toks += list(text[at:at + 20])
-            at += 20
-            body, answer = fact(name, code)
-            probes.append((b, [len(toks) + i for i in answer], gap, len(toks) + answer[0] - fact_pos[name]))
-            toks += body
-        streams.append(toks)
-    L = max(len(s) for s in streams)
-    filler = list(text[:L])
-    tokens = torch.tensor([s + filler[:L - len(s)] for s in streams])
-    return tokens, probes
-
-
 # ------------------------------------------------------------------------------------
 # Models, training, evaluation
 # ------------------------------------------------------------------------------------
@@ -214,7 +178,7 @@ def model_config(args, memories: bool) -> ModelConfig:
     return ModelConfig(arch="hatchling", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                        n_kv_heads=max(1, args.heads // 2), global_every=args.global_every, wm_window=args.wm_window,
                        chunk_size=16, pm_enabled=memories, em_enabled=memories, plasticity_span=args.span,
-                       em_slots=args.em_slots, pm_slots=args.pm_slots)
+                       em_slots=args.em_slots, em_writes_per_span=args.em_writes, pm_slots=args.pm_slots)
 
 
 @contextlib.contextmanager
@@ -288,40 +252,66 @@ def run_stream(model, tokens: torch.Tensor, T: int, reset=None, state=None):
     return torch.cat(nll, 1), torch.cat(hit, 1), state
 
 
-def recall(model, tokens, probes, T: int, gaps: list[int]) -> list[dict]:
-    nll, hit, _ = run_stream(model, tokens, T)
-    rows = []
-    for g in gaps:
-        mine = [(b, pos) for b, pos, planned, _ in probes if planned == g]
-        actual = [a for _, _, planned, a in probes if planned == g]
-        digit_hits = torch.stack([hit[b, [p - 1 for p in pos]] for b, pos in mine]).float()  # predicted at p-1
-        losses = torch.stack([nll[b, [p - 1 for p in pos]] for b, pos in mine])
-        rows.append({"gap": g, "actual_gap_mean": round(sum(actual) / len(actual)), "probes": len(mine), "recall_acc": round(digit_hits.all(-1).float().mean().item(), 4),
-                     "digit_acc": round(digit_hits.mean().item(), 4), "probe_loss": round(losses.mean().item(), 4),
-                     "chance_digit_acc": 0.1})
-    return rows
-
-
 @torch.no_grad()
-def window_recall(model, texts: list[bytes], gap: int, args, calls: int = 40) -> dict:
-    """The control: facts probed `gap` tokens later (inside the WM window) on held-out text,
-    in the training stream format. If a model cannot recall here, where its attention sees
-    the fact, its long-gap figures say nothing about its memories."""
-    streams = FactStreams(texts, args.eval_batch, args.seq, args.seed + 5, args.digits, args.fact_every,
-                          (gap, gap + 1), args.probe_weight)
+def gap_recall(model, texts: list[bytes], gap: int, args, seed: int) -> dict:
+    """Facts probed exactly `gap` tokens after they end (the digits ~gap + 27 tokens back),
+    on held-out text, in the training stream format with state carried between calls.
+    Facts come every max(--fact-every, gap / 4) tokens, so a handful are pending at once
+    (24 names: a name is never reused while its fact is pending). Streams run until
+    --probes probes are answered (or 4x the expected calls)."""
+    fact_every = max(args.fact_every, gap // 4)
+    streams = FactStreams(texts, args.eval_batch, args.seq, seed, args.digits, fact_every, (gap, gap + 1), 2.0)
+    expected = math.ceil((gap + fact_every * args.probes / args.eval_batch) / args.seq) + 1
     model.eval()
-    state, hits, losses = None, [], []
-    for _ in range(calls):
+    state, per_stream, losses = None, [[] for _ in range(args.eval_batch)], []
+    for _ in range(4 * expected):
         x, y, w, reset = streams.next_batch()
         out = model(x, state=state, reset_mask=reset)
         state = detach_state(out.state)
-        probe = w > 1
-        logits = out.logits.float()[probe]
-        hits.append(logits.argmax(-1) == y[probe])
-        losses.append(F.cross_entropy(logits, y[probe], reduction="none"))
-    hits, losses = torch.cat(hits).float(), torch.cat(losses)
-    return {"gap": gap, "probes": hits.numel() // args.digits, "digit_acc": round(hits.mean().item(), 4),
-            "probe_loss": round(losses.mean().item(), 4), "chance_digit_acc": 0.1, "control": "inside the WM window"}
+        logits = out.logits.float()
+        probe = w > 1  # answer digits of a probe
+        hit = logits.argmax(-1) == y
+        losses.append(F.cross_entropy(logits[probe], y[probe], reduction="none"))
+        for b in range(args.eval_batch):
+            per_stream[b] += hit[b][probe[b]].tolist()
+        if sum(len(h) for h in per_stream) // args.digits >= args.probes:
+            break
+    # a stream's digits come in probe order, digits consecutive: whole probes are runs of `digits`
+    probes = [h[i:i + args.digits] for h in per_stream for i in range(0, len(h) - args.digits + 1, args.digits)]
+    hits = torch.tensor(probes, dtype=torch.float)
+    distance = gap + len(fact("Zorvan", "0" * args.digits)[0])  # fact's digits to the probe's, about
+    return {"gap": gap, "digit_distance": distance, "inside_window": distance <= args.wm_window,
+            "probes": len(probes), "recall_acc": round(hits.all(-1).float().mean().item(), 4),
+            "digit_acc": round(hits.mean().item(), 4), "probe_loss": round(torch.cat(losses).mean().item(), 4),
+            "chance_digit_acc": 0.1}
+
+
+@torch.no_grad()
+def salience_rows(model, texts: list[bytes], args) -> list[dict]:
+    """What the episodic memory chose to keep: per WM block, the mean salience sigmoid(z)
+    of fact digits (the tokens a probe needs) and of all other tokens, on held-out streams."""
+    streams = FactStreams(texts, args.eval_batch, args.seq, args.seed + 9, args.digits, args.fact_every, (4, 300), 2.0)
+    seen, hooks = {}, []
+    for i, block in enumerate(model.blocks):
+        if block.em is not None:
+            hooks.append(block.em.salience.register_forward_hook(
+                lambda m, inp, out, i=i: seen.setdefault(i, []).append(torch.sigmoid(out.squeeze(-1)).cpu())))
+    state, xs = None, []
+    model.eval()
+    for _ in range(8):
+        x, _, _, reset = streams.next_batch()
+        state = detach_state(model(x, state=state, reset_mask=reset).state)
+        xs.append(x.cpu())
+    for h in hooks:
+        h.remove()
+    x = torch.cat(xs, 1)
+    digit = (x >= ord("0")) & (x <= ord("9"))
+    rows = []
+    for i, vals in seen.items():
+        sal = torch.cat(vals, 1)
+        rows.append({"layer": i, "digit_salience": round(sal[digit].mean().item(), 4),
+                     "other_salience": round(sal[~digit].mean().item(), 4), "digit_share_of_tokens": round(digit.float().mean().item(), 4)})
+    return rows
 
 
 def held_out_ppl(model, text: bytes, B: int, L: int, T: int, seed: int, state=None) -> tuple[float, int]:
@@ -335,7 +325,9 @@ def held_out_ppl(model, text: bytes, B: int, L: int, T: int, seed: int, state=No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default=str(ROOT.parent / "shared" / "corpus" / "books"))
-    ap.add_argument("--steps", type=int, default=3500, help="training steps per model")
+    ap.add_argument("--steps", type=int, default=3500, help="phase-A steps of the shared backbone")
+    ap.add_argument("--phase-steps", type=int, default=1000,
+                    help="then per model: this many more steps, phase A (memories_off) or C (memories_on)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=64)
@@ -347,6 +339,7 @@ def main() -> None:
     ap.add_argument("--span", type=int, default=32, help="plasticity span P")
     ap.add_argument("--pm-slots", type=int, default=16)
     ap.add_argument("--em-slots", type=int, default=128)
+    ap.add_argument("--em-writes", type=int, default=4, help="episodic write candidates per span")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--digits", type=int, default=2)
     ap.add_argument("--fact-every", type=int, default=100, help="mean tokens between planted facts in training")
@@ -354,18 +347,18 @@ def main() -> None:
     ap.add_argument("--probe-weight", type=float, default=20.0)
     ap.add_argument("--warm-steps", type=int, default=2000, help="curriculum: first steps probe at --warm-gap")
     ap.add_argument("--warm-gap", default="4,12", help="the curriculum's gap range (inside the WM window)")
-    ap.add_argument("--gaps", default="300,1000,4000,16000")
-    ap.add_argument("--window-gap", type=int, default=8,
-                    help="the control's gap: tokens from a fact's end to its probe (digits to digits: this plus "
-                         "the ~27-byte fact, inside the WM window)")
-    ap.add_argument("--per-gap", type=int, default=2, help="facts per gap per evaluation stream")
+    ap.add_argument("--gaps", default="8,100,300,1000,4000,16000",
+                    help="tokens from a fact's end to its probe (the digits are ~27 more apart); the first, "
+                         "inside the WM window, is the control")
+    ap.add_argument("--probes", type=int, default=96, help="probes answered per gap and model")
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out perplexity tokens per stream")
     ap.add_argument("--session-steps", type=int, default=30)
     ap.add_argument("--doc-len", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--models", default="memories_off,memories_on",
-                    help="which to train and evaluate (two processes, one model each, use two cores better)")
+    ap.add_argument("--backbone", default="",
+                    help="a .pth file: load the phase-A backbone from it if it exists (it must come from the same "
+                         "settings), else train it and save it there")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -379,28 +372,41 @@ def main() -> None:
     t_start = time.time()
     emit({"kind": "config", **{k: v for k, v in vars(args).items()}, "books": list(books)})
 
-    models, results = {}, {}
-    wanted = args.models.split(",")
-    if not set(wanted) <= {"memories_off", "memories_on"}:
-        sys.exit(f"--models: expected memories_off and/or memories_on, got {args.models!r}")
-    for label, memories in (("memories_off", False), ("memories_on", True)):
-        if label not in wanted:
-            continue
-        torch.manual_seed(args.seed)
-        model = build_model(model_config(args, memories), VOCAB).to(DEVICE)
-        streams = FactStreams(list(train_text.values()), args.batch, args.seq, args.seed, args.digits, args.fact_every,
-                              tuple(int(g) for g in args.train_gap.split(",")), args.probe_weight)
-        warm = (args.warm_steps, tuple(int(g) for g in args.warm_gap.split(",")))
-        results[label] = train(model, streams, args.steps, args.lr, label, warm)
-        params = sum(p.numel() for p in model.parameters())
-        emit({"kind": "train", "model": label, "params": params, **results[label]})
-        models[label] = model
+    # one phase-A backbone, then the same further steps for both models: phase A again
+    # (memories_off) or phase C with PM and EM on (memories_on), as the trainer's phases do
+    def streams(seed: int, gap: str) -> FactStreams:
+        return FactStreams(list(train_text.values()), args.batch, args.seq, seed, args.digits, args.fact_every,
+                           tuple(int(g) for g in gap.split(",")), args.probe_weight)
 
-    # recall: the held-out text of the longest book carries the gaps
-    text = max(held.values(), key=len)
-    tokens, probes = recall_streams(text, args.eval_batch, gaps, args.per_gap, args.digits, args.seed + 1)
-    variants = {label: models[label.split("/")[0]] for label in
-                ("memories_off", "memories_on", "memories_on/switched_off") if label.split("/")[0] in models}
+    torch.manual_seed(args.seed)
+    backbone = build_model(model_config(args, False), VOCAB).to(DEVICE)
+    warm = (args.warm_steps, tuple(int(g) for g in args.warm_gap.split(",")))
+    if args.backbone and Path(args.backbone).exists():
+        backbone.load_state_dict(torch.load(args.backbone, map_location=DEVICE, weights_only=True))
+        emit({"kind": "train", "model": "backbone", "phase": "A", "loaded": args.backbone})
+    else:
+        emit({"kind": "train", "model": "backbone", "phase": "A",
+              **train(backbone, streams(args.seed, args.train_gap), args.steps, args.lr, "backbone", warm)})
+        if args.backbone:
+            torch.save(backbone.state_dict(), args.backbone)
+    models = {}
+    for label, memories in (("memories_off", False), ("memories_on", True)):
+        torch.manual_seed(args.seed + 1)
+        model = build_model(model_config(args, memories), VOCAB).to(DEVICE)
+        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
+        assert not unexpected and all(".pm." in k or ".em." in k for k in missing), (missing, unexpected)
+        if memories:  # the zero-shot row: the backbone's weights with fresh memories, before phase C
+            models["memories_on/untrained"] = copy.deepcopy(model)
+        row = train(model, streams(args.seed + 7, args.train_gap), args.phase_steps, args.lr, label)
+        emit({"kind": "train", "model": label, "phase": "C" if memories else "A",
+              "params": sum(p.numel() for p in model.parameters()), **row})
+        models[label] = model
+        if memories:
+            for row in salience_rows(model, list(held.values()), args):
+                emit({"kind": "salience", "model": label, **row})
+
+    variants = {"memories_off": models["memories_off"], "memories_on": models["memories_on"],
+                "memories_on/switched_off": models["memories_on"], "memories_on/untrained": models["memories_on/untrained"]}
 
     def variant(label):  # a fresh context each time: the switch-off is undone on exit
         model = variants[label]
@@ -409,12 +415,12 @@ def main() -> None:
     for label in variants:
         t0 = time.time()
         with variant(label) as model:
-            emit({"kind": "recall", "model": label, **window_recall(model, list(held.values()), args.window_gap, args)})
-            for row in recall(model, tokens, probes, args.seq, gaps):
-                emit({"kind": "recall", "model": label, **row})
+            for gap in gaps:
+                emit({"kind": "recall", "model": label, **gap_recall(model, list(held.values()), gap, args,
+                                                                     args.seed + 1 + gap)})
         log(f"[recall] {label} ({time.time() - t0:.0f}s)")
 
-    general = held["war_and_peace"] if "war_and_peace" in held else text
+    general = held.get("war_and_peace", max(held.values(), key=len))
     for label in variants:
         with variant(label) as model:
             ppl, n = held_out_ppl(model, b"".join(held.values()), args.eval_batch, args.eval_tokens, args.seq, args.seed)
@@ -422,7 +428,7 @@ def main() -> None:
 
     # drift: a lifelong session on one domain
     domain = "tinyshakespeare" if "tinyshakespeare" in train_text else next(iter(train_text))
-    for label in [m for m in ("memories_on", "memories_off") if m in models]:
+    for label in ("memories_on", "memories_off"):
         model = copy.deepcopy(models[label])
         before, _ = held_out_ppl(model, general, args.eval_batch, args.eval_tokens, args.seq, args.seed + 2)
         model.lifelong = True
