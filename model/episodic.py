@@ -16,8 +16,11 @@ counted at the end of the call), float32.
 
 Write, at every span end (P tokens, `memory.py`). Candidates: the `c` tokens of the span
 (of the stream's current document) with the highest salience z_t = w . h_t (h the
-block's normalised input); a span cut by a call boundary carries its best c so far in
-the state. For each candidate, in order:
+block's normalised input) plus novelty (below, against the memory as the span found it):
+salience alone picks one kind of token over and over, whose copies the gate then refuses
+(measured: write rate 0.000-0.006 through a whole run), and a salience that writes
+nothing gets no gradient. A span cut by a call boundary carries its best c so far in the
+state. For each candidate, in order:
   S        <- decay * S                                  (once per span)
   novelty  = 1 - max_j cos(k - mu, K_j - mu) over the filled slots (1 when none), mu
              the filled slots' mean key
@@ -48,7 +51,8 @@ Surprise is the block's procedural-memory prediction error over the span
 (`procedural.py` explains why not the LM loss); 0 when PM is off.
 
 State (batch first): keys, values [B, M, G*D]; strength, age [B, M]; and the open span's
-candidates: cand_keys, cand_values [B, c, G*D], cand_salience, cand_age, cand_live [B, c];
+candidates: cand_keys, cand_values [B, c, G*D], cand_salience, cand_score, cand_age,
+cand_live [B, c];
 doc_age [B], tokens since the stream's document started (a lifelong stream keeps
 memories across documents, and the window never shows an earlier document).
 """
@@ -65,6 +69,7 @@ from .config import ModelConfig
 from .memory import SpanGrid, keep_streams
 
 COMMITTED = ("keys", "values", "strength", "age")
+OPEN = ("cand_keys", "cand_values", "cand_salience", "cand_score", "cand_age", "cand_live")  # the open span
 MASKED = -1e9  # a finite "minus infinity": an all-masked row stays NaN-free, forward and backward
 
 
@@ -115,8 +120,8 @@ class EpisodicMemory(nn.Module):
         B, M, c, m = batch_size, self.slots, self.per_span, self.kv_heads * self.head_dim
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
         return {"keys": z(B, M, m), "values": z(B, M, m), "strength": z(B, M), "age": z(B, M),
-                "cand_keys": z(B, c, m), "cand_values": z(B, c, m), "cand_salience": z(B, c), "cand_age": z(B, c),
-                "cand_live": z(B, c), "doc_age": z(B)}
+                "cand_keys": z(B, c, m), "cand_values": z(B, c, m), "cand_salience": z(B, c), "cand_score": z(B, c),
+                "cand_age": z(B, c), "cand_live": z(B, c), "doc_age": z(B)}
 
     # ------------------------------------------------------------------ write
     def write(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[dict], grid: SpanGrid,
@@ -133,45 +138,45 @@ class EpisodicMemory(nn.Module):
 
     def _write(self, h, k, v, st, grid, soft, surprises):
         B, T = h.shape[:2]
-        n, P, c = grid.n, grid.P, self.per_span
+        n, P, c, M = grid.n, grid.P, self.per_span, self.slots
         flat = lambda t: t.transpose(1, 2).reshape(B, T, -1)  # noqa: E731  [B, G, T, D] -> [B, T, G*D]
+        valid = grid.current.expand(B, -1, -1)  # [B, n, P]: cells of the stream's current document
         z = grid.to_grid(self.salience(h).squeeze(-1))  # [B, n, P]
-        z = torch.where(grid.current.expand(B, -1, -1), z, torch.full_like(z, MASKED))
         kg, vg = grid.to_grid(flat(k)), grid.to_grid(flat(v))  # [B, n, P, G*D]
-        pos = (torch.arange(n * P, device=h.device) - grid.offset).view(1, n, P).expand(B, -1, -1).float()
+        pos = (torch.arange(n * P, device=h.device) - grid.offset).float().view(n, P)
 
         # the open span's candidates from the previous call compete in span 0 (if its document goes on)
         live = st["cand_live"].float() > 0
         keep0 = grid.keep(0)
         if keep0 is not None:
             live = live & (keep0[:, None] > 0)
-        extra = lambda first, fill: torch.cat(  # noqa: E731  [B, c, ...] into span 0, fill elsewhere
-            [first[:, None], fill.expand(B, n - 1, *first.shape[1:])], 1)
-        cz = torch.where(live, st["cand_salience"].float(), torch.full_like(st["cand_salience"].float(), MASKED))
-        pool_z = torch.cat([z, extra(cz, z.new_full((1, 1, c), MASKED))], 2)  # [B, n, P + c]
-        zero_kv = kg.new_zeros(1, 1, c, kg.shape[-1])
-        pool_k = torch.cat([kg, extra(st["cand_keys"].float(), zero_kv)], 2)
-        pool_v = torch.cat([vg, extra(st["cand_values"].float(), zero_kv)], 2)
-        pool_pos = torch.cat([pos, extra(-st["cand_age"].float(), pos.new_zeros(1, 1, c))], 2)
-        idx = pool_z.detach().topk(min(c, P + c), -1).indices  # [B, n, c]: the span's most salient tokens
-        cand_z = pool_z.gather(-1, idx)
-        gather_kv = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
-        cand_k, cand_v, cand_pos = gather_kv(pool_k), gather_kv(pool_v), pool_pos.gather(-1, idx)
-        cand_ok = cand_z > MASKED / 2
+        carried = (st["cand_keys"].float(), st["cand_values"].float(), st["cand_salience"].float(),
+                   torch.where(live, st["cand_score"].float(), MASKED), -st["cand_age"].float())
 
         K, V, S, age = (st[name].float() for name in COMMITTED)
         at = -age  # slot positions relative to this call's first token
         # entries: what the call's queries may read, the slots it starts with, then its candidates
-        M = self.slots
         ids = torch.arange(M, device=h.device).expand(B, -1)  # [B, M]: the entry each slot holds
         log_ref = [torch.log(S.clamp(min=1e-30))]  # log strength at the entry's reference span
         ref = [torch.zeros(M, device=h.device)]  # (slots: span 0, candidates of span s: s + 1)
+        ent_k, ent_v, ent_pos = [st["keys"].float()], [st["values"].float()], [-age]
         alive, writes, ended = [], [], 0
         for s in range(n):
             alive.append(self._alive(ids, S, M + n * c))  # what the queries of span s may read
             keep = grid.keep(s)
             if keep is not None and not soft:  # hard reset: the stream's episodes are gone
                 K, V, S, at = (keep_streams(t, keep) for t in (K, V, S, at))
+            # candidates: the span's most salient tokens, counting novelty against the memory as
+            # it stands (constant over the span, so a span cut by a call boundary ranks alike):
+            # salience alone would keep picking one kind of token, whose copies the gate refuses
+            score = torch.where(valid[:, s], z[:, s].detach() + self._novelty(K, S, kg[:, s]), MASKED)
+            pool = [kg[:, s], vg[:, s], z[:, s], score, pos[s].expand(B, -1)]
+            if s == 0:
+                pool = [torch.cat([a, b], 1) for a, b in zip(pool, carried)]
+            idx = pool[3].topk(c, -1).indices  # [B, c]
+            ck, cv = (t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1])) for t in pool[:2])
+            cz, cscore, cpos = (t.gather(1, idx) for t in pool[2:])
+            ok = cscore > MASKED / 2
             surprise = surprises[ended] if surprises and grid.complete[s] else S.new_zeros(B)
             if grid.complete[s]:
                 S = S * self.decay
@@ -179,13 +184,15 @@ class EpisodicMemory(nn.Module):
             for i in range(c):
                 if grid.complete[s]:
                     K, V, S, at, ids, strength, info = self._write_one(
-                        K, V, S, at, ids, M + s * c + i, cand_k[:, s, i], cand_v[:, s, i], cand_z[:, s, i],
-                        cand_pos[:, s, i], cand_ok[:, s, i], surprise)
+                        K, V, S, at, ids, M + s * c + i, ck[:, i], cv[:, i], cz[:, i], cpos[:, i], ok[:, i], surprise)
                     writes.append(info)
                 else:
                     strength = S.new_zeros(B)
                 log_ref.append(torch.log(strength.clamp(min=1e-30))[:, None])
                 ref.append(torch.full((1,), s + 1.0, device=h.device))
+            ent_k.append(ck)
+            ent_v.append(cv)
+            ent_pos.append(cpos)
         # where each token's document starts (relative to the call): the WM window holds only
         # that document, so anything remembered from before it is readable at once
         t = torch.arange(T, device=h.device, dtype=torch.float)
@@ -194,22 +201,33 @@ class EpisodicMemory(nn.Module):
             starts = torch.where(grid.from_grid(grid.reset), t, torch.full_like(t, -math.inf)).cummax(1).values
             doc_start = torch.maximum(doc_start, starts)
         entries = {"doc_start": doc_start,  # [B, T]
-                   "keys": torch.cat([st["keys"].float(), cand_k.flatten(1, 2)], 1),  # [B, E, G*D]
-                   "values": torch.cat([st["values"].float(), cand_v.flatten(1, 2)], 1),
-                   "pos": torch.cat([-age, cand_pos.flatten(1, 2)], 1),  # [B, E], relative to the call
+                   "keys": torch.cat(ent_k, 1), "values": torch.cat(ent_v, 1),  # [B, E, G*D]
+                   "pos": torch.cat(ent_pos, 1),  # [B, E], relative to the call
                    # log strength at span s = log_ref + (s - ref) log(decay), the part fixed per entry:
                    "log_strength": torch.cat(log_ref, 1) - torch.cat(ref) * math.log(self.decay),
                    "alive": torch.stack(alive, 1)}  # [B, n, E]
         new_state = {"keys": K, "values": V, "strength": S, "age": torch.where(S > 0, T - at, 0.0),
                      "doc_age": T - doc_start[:, -1]}
         if grid.complete[-1]:  # no open span: nothing to carry
-            new_state.update({name: torch.zeros_like(st[name]) for name in
-                              ("cand_keys", "cand_values", "cand_salience", "cand_age", "cand_live")})
+            new_state.update({name: torch.zeros_like(st[name]) for name in OPEN})
         else:
-            new_state.update({"cand_keys": cand_k[:, -1], "cand_values": cand_v[:, -1],
-                              "cand_salience": torch.where(cand_ok[:, -1], cand_z[:, -1], 0.0),
-                              "cand_age": T - cand_pos[:, -1], "cand_live": cand_ok[:, -1].float()})
+            real = lambda t: torch.where(ok.view(*ok.shape, *[1] * (t.dim() - 2)), t, 0.0)  # noqa: E731
+            new_state.update({"cand_keys": real(ck), "cand_values": real(cv), "cand_salience": real(cz),
+                              "cand_score": real(cscore), "cand_age": real(T - cpos), "cand_live": ok.float()})
         return entries, new_state, self._stats(writes, S)
+
+    def _novelty(self, K: torch.Tensor, S: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """keys [B, L, G*D] against the filled slots of K [B, M, G*D] (S [B, M]) -> [B, L]:
+        1 - the largest cosine, about the filled slots' mean key (detached; 1 when empty).
+        About the mean, because attention keys share a large component (q . c shifts all of
+        a query's scores alike, so training leaves it free): raw cosines of a trained
+        model's keys are all ~0.99, and every key looked like a copy."""
+        filled = S > 0
+        count = filled.sum(-1, keepdim=True).clamp(min=1).float()
+        mean = ((K * filled[..., None]).sum(1) / count)[:, None]  # [B, 1, G*D]
+        cos = F.normalize(keys - mean, dim=-1) @ F.normalize(K - mean, dim=-1).transpose(-1, -2)  # [B, L, M]
+        best = torch.where(filled[:, None], cos, torch.full_like(cos, -1.0)).amax(-1)
+        return torch.where(filled.any(-1, keepdim=True), 1.0 - best, torch.ones_like(best)).detach()
 
     @staticmethod
     def _alive(ids: torch.Tensor, S: torch.Tensor, E: int) -> torch.Tensor:
@@ -221,15 +239,7 @@ class EpisodicMemory(nn.Module):
         long; key, value [B, G*D]; z, pos, surprise [B]; ok [B] bool (a real token).
         Returns the new (K, V, S, at, ids), the strength it was written with [B] (0 where
         not written) and detached per-stream info for the metrics."""
-        filled = S > 0
-        # cosines about the stored keys' mean: attention keys share a large component (q . c
-        # shifts every score of a query alike, so training leaves it free), and raw cosines
-        # of a trained model's keys are all ~0.99, which made every key look like a copy
-        count = filled.sum(-1, keepdim=True).clamp(min=1).float()
-        mean = ((K * filled[..., None]).sum(1) / count).detach()  # [B, G*D]
-        cos = (F.normalize(K - mean[:, None], dim=-1) @ F.normalize(key - mean, dim=-1)[:, :, None]).squeeze(-1)
-        best = torch.where(filled, cos, torch.full_like(cos, -1.0)).amax(-1)
-        novelty = torch.where(filled.any(-1), 1.0 - best, torch.ones_like(best)).detach()
+        novelty = self._novelty(K, S, key[:, None])[:, 0]
         salience = torch.where(ok, torch.sigmoid(z), 0.0)
         feats = torch.stack([novelty, surprise, S.mean(-1) / self.s_max, salience.detach()], -1).detach()
         delta, strength = self.neuromod(feats)

@@ -83,7 +83,8 @@ def test_state_layout_shapes_and_float32():
         assert all(t.dtype == torch.float32 for t in tensors([pm, em]))
     assert {k: tuple(v.shape) for k, v in em_layers(out.state)[0].items()} == {
         "keys": (B, M, m), "values": (B, M, m), "strength": (B, M), "age": (B, M), "cand_keys": (B, c, m),
-        "cand_values": (B, c, m), "cand_salience": (B, c), "cand_age": (B, c), "cand_live": (B, c), "doc_age": (B,)}
+        "cand_values": (B, c, m), "cand_salience": (B, c), "cand_score": (B, c), "cand_age": (B, c),
+        "cand_live": (B, c), "doc_age": (B,)}
     metrics = [k for k in out.aux if k.startswith("metric/pm_") or k.startswith("metric/em_")]
     assert "metric/pm_commit_rate/layer0" in metrics and "metric/em_write_rate/layer1" in metrics
     assert "metric/em_read_share/layer1" in metrics and "metric/em_write_rate/layer0" not in metrics
@@ -296,8 +297,10 @@ def test_episodic_novelty_sees_past_the_component_all_keys_share():
     h = torch.randn(1, n * P, 32)
     _, state, stats = em.write(h, k, k.clone(), None, SpanGrid(n * P, P, 0, None, "cpu"))
     assert stats["em_write_rate"] == 1.0 and stats["em_novelty"] > 0.3
-    # the same tokens again: every candidate is a copy of a stored key
-    _, _, again = em.write(h, k, k.clone(), state, SpanGrid(n * P, P, 0, None, "cpu"))
+    # tokens whose keys are all copies of stored keys: nothing new to store
+    stored = state["keys"][0][state["strength"][0] > 0]
+    copies = stored[torch.arange(n * P) % len(stored)].view(1, 1, n * P, D)
+    _, _, again = em.write(h, copies, copies.clone(), state, SpanGrid(n * P, P, 0, None, "cpu"))
     assert again["em_write_rate"] == 0.0
 
 
