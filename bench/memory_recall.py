@@ -227,9 +227,11 @@ def train(model, streams: FactStreams, steps: int, lr: float, label: str, warm: 
         losses.append(ce.mean().item())
         if step % 25 == 0 or step == steps - 1:
             extra = ""
-            for key in ("pm_commit_rate", "pm_read_norm", "em_write_rate", "em_novelty", "em_read_norm"):
-                if f"metric/{key}/layer0" in out.aux:
-                    extra += f" {key} {out.aux[f'metric/{key}/layer0']:.3f}"
+            for key in ("pm_commit_rate", "pm_read_norm", "em_write_rate", "em_novelty", "em_strength",
+                        "em_read_share"):
+                vals = [f"{float(v):.3f}" for k, v in out.aux.items() if k.startswith(f"metric/{key}/")]
+                if vals:  # per block
+                    extra += f" {key} {'/'.join(vals)}"
             log(f"[{label}] step {step}/{steps} loss {sum(losses[-25:]) / len(losses[-25:]):.3f} "
                 f"({time.time() - t0:.0f}s){extra}")
     return {"steps": steps, "tokens": steps * x.numel(), "seconds": round(time.time() - t0, 1),
