@@ -1,7 +1,7 @@
 """Do the memories remember? Planted-fact recall across many training steps of carried
 state, held-out perplexity, and drift after a lifelong session.
 
-    python bench/memory_recall.py        # ~35 min on 2 CPU cores
+    python bench/memory_recall.py        # ~25 min on 2 CPU cores (~10 with --backbone FILE saved)
     python bench/memory_recall.py --global-every 2 --steps 20000 --d-model 256 --layers 4   # on a GPU
 
 Training, like the trainer's phases: one byte-level hatchling backbone is trained in phase

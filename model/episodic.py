@@ -27,11 +27,11 @@ state. For each candidate, in order:
   delta, strength = EM neuromodulator(novelty, surprise, usage, sigmoid(z))
   write    = novelty + delta > threshold                 (hard gate: a near-copy of a
                                                           stored key is not stored again)
-  the weakest slot j* = argmin S takes (k, v) with S_j* = s_max * strength * (1 + sigmoid(z)) / 2.
-The salience factor is floored at half, like the strength: in a phase-C run the LM loss
-drove sigmoid(z) to 0.000 for every token of the WM block (remembered tokens distracted
-more than they helped), which silences the memory and the gradient that could teach it
-what to keep. The per-head log weight is where the model may turn the memory down.
+  the weakest slot j* = argmin S takes (k, v) with S_j* = s_max * strength * sigmoid(z).
+Unlike the strength, the salience factor is not floored: the LM loss may silence the
+memory through it, and at the bench's scale it does (sigmoid(z) -> 0.000 in the WM block
+whose remembered tokens distract). Floored at half, the forced reads cost the backbone
+its in-window copying (control 53% -> 20%, and 19% with the memory switched off again).
 The written key/value keep their graph inside the call, so reads later in the same call
 train the WM projections, the salience and the neuromodulator's strength; delta only
 enters the hard gate (it is left for phase D's reinforcement training, like PM's gate).
@@ -244,7 +244,7 @@ class EpisodicMemory(nn.Module):
         Returns the new (K, V, S, at, ids), the strength it was written with [B] (0 where
         not written) and detached per-stream info for the metrics."""
         novelty = self._novelty(K, S, key[:, None])[:, 0]
-        salience = torch.where(ok, 0.5 + 0.5 * torch.sigmoid(z), 0.0)  # floored, like the strength
+        salience = torch.where(ok, torch.sigmoid(z), 0.0)
         feats = torch.stack([novelty, surprise, S.mean(-1) / self.s_max, salience.detach()], -1).detach()
         delta, strength = self.neuromod(feats)
         write = ((novelty + delta.detach() > self.threshold) & ok).float()
