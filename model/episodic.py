@@ -100,13 +100,13 @@ class EMNeuromodulator(nn.Module):
 
 
 class EpisodicMemory(nn.Module):
-    """The episodic store of one WM attention block: `write` (span ends) and `read`
-    (queries); see the module docstring."""
+    """The episodic store of one WM attention block: `write` (span ends), `read_mask`
+    and `read_bias` (what the block's queries read); see the module docstring."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.window, self.P = cfg.wm_window, cfg.plasticity_span
+        self.kv_heads, self.head_dim = cfg.kv_heads, cfg.head_dim
+        self.window = cfg.wm_window
         self.slots, self.topk, self.per_span = cfg.em_slots, cfg.em_topk, cfg.em_writes_per_span
         self.threshold, self.decay, self.s_max = cfg.em_novelty_threshold, cfg.em_decay, cfg.em_strength_max
         self.salience = nn.Linear(cfg.d_model, 1)  # which tokens of a span are worth remembering
@@ -132,9 +132,12 @@ class EpisodicMemory(nn.Module):
               soft: bool = False, surprises: Optional[list] = None):
         """h [B, T, d] (the block's normalised input); k, v [B, G, T, D] (the WM layer's
         keys/values of this call's tokens); surprises: one [B] per span ending in the call.
-        -> (versions, new state, stats): versions = (K, V, S, pos) stacked per span,
-        [B, n, M, G*D] x2 and [B, n, M] x2, the memory each span's queries read (pos: the
-        slot's position relative to the call's first token)."""
+        -> (entries, new state, stats). entries: what the call's queries may read, the E =
+        M + n c slots it starts with and candidates it ranks: "keys", "values" [B, E, G*D];
+        "pos" [B, E] (token position relative to the call's first token); "log_strength"
+        [B, E] (the entry's part of its log strength, see `read_bias`); "alive" [B, n, E]
+        (held at the start of span s); "doc_start" [B, T] (where each token's document
+        starts, relative to the call)."""
         B, T = h.shape[:2]
         st = state if state is not None else self.zero_state(B, h.device)
         with torch.autocast(h.device.type, enabled=False):
@@ -266,8 +269,7 @@ class EpisodicMemory(nn.Module):
         (with a hard reset) the query's document has not restarted in the span, and it
         is among the query head's top k by score q.k / sqrt(D) + log strength."""
         B, H, T, D = q.shape
-        G, n, P = self.kv_heads, grid.n, grid.P
-        E = entries["keys"].shape[1]
+        G, P, E = self.kv_heads, grid.P, entries["keys"].shape[1]
         t = torch.arange(T, device=q.device)
         span = (t + grid.offset) // P  # [T]
         ok = entries["alive"][:, span]  # [B, T, E]
