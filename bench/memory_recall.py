@@ -49,7 +49,8 @@ is what recall beyond the window needs.
 
 One JSON object per line on stdout:
   {"bench": "memory_recall", "kind": "config", ...}
-  {"kind": "train", "model": "backbone" | "memories_off" | "memories_on", "phase", "steps", "tokens", "seconds", "loss_last"}
+  {"kind": "train", "model": "backbone" | "memories_off" | "memories_on", "phase", "steps", "tokens", "seconds",
+   "loss_last"}
   {"kind": "recall", "model": ..., "gap": 1000, "digit_distance", "inside_window", "probes", "recall_acc",
    "digit_acc", "probe_loss", "chance_digit_acc"}
   {"kind": "perplexity", "model": ..., "held_out_ppl", "tokens"}
@@ -321,7 +322,8 @@ def salience_rows(model, texts: list[bytes], args) -> list[dict]:
     for i, vals in seen.items():
         sal = torch.cat(vals, 1)
         rows.append({"layer": i, "digit_salience": round(sal[digit].mean().item(), 4),
-                     "other_salience": round(sal[~digit].mean().item(), 4), "digit_share_of_tokens": round(digit.float().mean().item(), 4)})
+                     "other_salience": round(sal[~digit].mean().item(), 4),
+                     "digit_share_of_tokens": round(digit.float().mean().item(), 4)})
     return rows
 
 
@@ -417,7 +419,8 @@ def main() -> None:
                 emit({"kind": "salience", "model": label, **row})
 
     variants = {"memories_off": models["memories_off"], "memories_on": models["memories_on"],
-                "memories_on/switched_off": models["memories_on"], "memories_on/untrained": models["memories_on/untrained"]}
+                "memories_on/switched_off": models["memories_on"],
+                "memories_on/untrained": models["memories_on/untrained"]}
 
     def variant(label):  # a fresh context each time: the switch-off is undone on exit
         model = variants[label]

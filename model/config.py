@@ -40,7 +40,7 @@ class ModelConfig:
     pm_enabled: bool = False  # procedural memory: Hebbian fast-weight slots, one per block
     em_enabled: bool = False  # episodic memory: remembered tokens extend each WM block's window
     lifelong: bool = False  # soft resets: a document boundary keeps committed PM/EM contents
-    mem_dim: int = 0  # width of the memories' keys/values; 0 = d_model
+    mem_dim: int = 0  # width of the procedural memory's keys/values; 0 = d_model
     plasticity_span: int = 32  # P: tokens per span; commits and writes happen at span ends
     pm_slots: int = 16  # r: key/value slots per stream
     pm_rho: float = 0.95  # eligibility trace decay per token

@@ -98,10 +98,11 @@ class WorkingMemoryAttention(nn.Module):
             E, dt = mem_k.shape[2], q.dtype
             one = lambda *shape: torch.ones(*shape, 1, dtype=dt, device=q.device)  # noqa: E731
             zero = lambda *shape: torch.zeros(*shape, 1, dtype=dt, device=q.device)  # noqa: E731
-            strength = log_strength.masked_fill(~torch.isfinite(log_strength), 0.0).to(dt)
-            q_ext = torch.cat([q, one(B, H, T) * D ** 0.5, (bias.to(dt) * D ** 0.5)[None, :, :, None].expand(B, -1, -1, -1)], -1)
+            per_query = (bias.to(dt) * D ** 0.5)[None, :, :, None].expand(B, -1, -1, -1)  # [B, H, T, 1]
+            per_key = log_strength.to(dt)[:, None, :, None].expand(-1, G, -1, -1)  # [B, G, E, 1]
+            q_ext = torch.cat([q, one(B, H, T) * D ** 0.5, per_query], -1)
             k_ext = torch.cat([torch.cat([keys, zero(B, G, W + T), zero(B, G, W + T)], -1),
-                               torch.cat([mem_k.to(dt), strength[:, None, :, None].expand(-1, G, -1, -1), one(B, G, E)], -1)], 2)
+                               torch.cat([mem_k.to(dt), per_key, one(B, G, E)], -1)], 2)
             # values padded to q/k's width: SDPA's fused CPU kernel wants them equal (2x faster)
             v_ext = torch.cat([torch.cat([values, zero(B, G, W + T), zero(B, G, W + T)], -1),
                                torch.cat([mem_v.to(dt), one(B, G, E), zero(B, G, E)], -1)], 2)
