@@ -52,6 +52,31 @@ class AuxiliaryConfig(AuxHeadsConfig):
 
 
 @dataclass
+class GenerateConfig:
+    """The `generate` section: sampling when you talk to a finished model (train/chat.py)."""
+
+    temperature: float = 0.8
+    top_p: float = 0.9
+    max_tokens: int = 128  # most tokens of one reply
+    no_repeat_ngram: int = 3  # a token that would repeat an n-gram already in the text is never sampled (0 = off)
+
+
+# lm-eval tasks suited to 50-150M-parameter models trained on 100M tokens
+DEFAULT_EVAL_TASKS = ["lambada_openai", "wikitext", "hellaswag", "arc_easy", "piqa"]
+
+
+@dataclass
+class EvalConfig:
+    """The `eval` section: what "Evaluate it" runs on a finished model (train/assess.py)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))  # lm-eval task names ([] = none)
+    num_fewshot: int = 0
+    limit: Optional[int] = None  # at most this many examples per task (null = all)
+    batch_size: int = 16  # sequences per forward pass
+    include_path: Optional[str] = None  # a folder of your own lm-eval task YAML files
+
+
+@dataclass
 class Preset:
     name: str
     description: str = ""
@@ -60,6 +85,8 @@ class Preset:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     auxiliary: AuxiliaryConfig = field(default_factory=AuxiliaryConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def apply_phase(self) -> None:
         """Turn on the memories the training phase asks for (explicit model flags stay on)."""

@@ -206,6 +206,11 @@ def _cross_checks(p: Preset) -> list[str]:
         problems.append("train.decay_fraction: must be in [0, 1]")
     if not 0 <= t.min_lr_ratio <= 1:
         problems.append("train.min_lr_ratio: must be in [0, 1]")
+    g, e = p.generate, p.eval
+    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.max_tokens < 1 or g.no_repeat_ngram < 0:
+        problems.append("generate: temperature >= 0, top_p in (0, 1], max_tokens >= 1, no_repeat_ngram >= 0")
+    if e.num_fewshot < 0 or e.batch_size < 1 or (e.limit is not None and e.limit < 1):
+        problems.append("eval: num_fewshot >= 0, batch_size >= 1, limit null or >= 1")
     a = p.auxiliary
     problems += [f"auxiliary.{k}: {m}" for k, m in a.check_heads(p.model.n_layers)]
     if not 0 < a.adaptive_min_weight <= a.adaptive_max_weight:
