@@ -32,7 +32,11 @@ def run(root: str | Path = ".") -> int:
         plan = None
         if d.is_main:
             try:
-                plan = choose_run(root / "configs", root / "checkpoints", console)
+                from .after import first_question  # talk to / evaluate / export a finished model
+
+                plan = first_question(root, console)  # None = train; an int = exit code
+                if plan is None:
+                    plan = choose_run(root / "configs", root / "checkpoints", console)
             except PresetError as e:
                 console.print(str(e), style="red", markup=False, highlight=False)
                 plan = "error"
@@ -41,6 +45,8 @@ def run(root: str | Path = ".") -> int:
             return 130  # Ctrl-C at a question: quiet exit
         if plan == "error":
             return 2
+        if isinstance(plan, int):
+            return plan
         result = train(plan.preset, TOKEN_BUDGET, root / "checkpoints", resume=plan.resume)
         return 0 if result.finished else 130
     except AllSourcesFailed as e:
