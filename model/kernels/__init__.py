@@ -8,9 +8,16 @@ Public ops (same arguments and results as their references in `reference.py`):
 - `kda_step`: one KDA token (generation).
 - `gated_rmsnorm`: RMSNorm(o) * weight * silu(gate), float32 out.
 
-Each takes `mode`: "auto" (fused on CUDA tensors when the extension builds, else the
+Each takes `mode`: "auto" (fused on CUDA tensors when a build succeeds, else the
 reference), "reference" (never touches the build: a preset's `model.kernels =
-"reference"`), or "fused" (the kernel or an error: for tests and benchmarks). When
+"reference"`), "fused" (our kernel or an error: for tests and benchmarks), or for `kda`
+"fla" (flash-linear-attention's chunk_kda or an error). In "auto", `kda` trains with
+chunk_kda on CUDA when fla imports (chunked.py).
+
+Builds (build.py): nvcc where the CUDA toolkit exists, else NVRTC (nvrtc.py: pip's CUDA
+torch ships it, no toolkit needed), else the reference; one line says which. Each
+kernel is a `torch.library` custom op (`spike_kernels::*`, ops.py) with fake
+implementations, so `torch.compile` traces through it, and checks at its boundary. When
 "auto" falls back it logs one line saying why (once per reason per process). Importing
 this package builds nothing; the build happens on the first fused call (build.py).
 The fused ops compute in float32 with float32 state whatever the input dtype (bf16 in,
@@ -23,10 +30,10 @@ from typing import Optional
 
 import torch
 
-from . import build, ops
+from . import build, chunked, ops
 from .reference import gated_rmsnorm_reference, kda_reference, kda_step_reference, lif_modulate_reference
 
-MODES = ("auto", "reference", "fused")
+MODES = ("auto", "reference", "fused", "fla")
 
 
 def _backend(mode: str, x: torch.Tensor, unsupported: Optional[str] = None):
@@ -36,6 +43,8 @@ def _backend(mode: str, x: torch.Tensor, unsupported: Optional[str] = None):
         return None
     if mode not in MODES:
         raise ValueError(f"kernels mode must be one of {MODES}, got {mode!r}")
+    if mode == "fla":
+        mode = "fused"
     if not x.is_cuda:
         why = "no CUDA device" if not torch.cuda.is_available() else "tensors are on the CPU"
     elif unsupported:
@@ -51,18 +60,6 @@ def _backend(mode: str, x: torch.Tensor, unsupported: Optional[str] = None):
     return None
 
 
-_eager_fns: dict = {}
-
-
-def _eager(fn):
-    """fn under torch.compiler.disable (kernel launches through raw pointers are not
-    traceable), wrapped on first use: importing dynamo at import time would cost seconds."""
-    f = _eager_fns.get(fn)
-    if f is None:
-        f = _eager_fns[fn] = torch.compiler.disable(fn)
-    return f
-
-
 def lif_modulate(drive, a, beta_logit, decay, threshold, membrane=None, reset=None, slope=5.0, mode="auto"):
     """drive, a: [B, T, H, N]; beta_logit: [B, T, H]; membrane: [B, H, N] or None; reset: [B, T]
     bool or None. Returns (spikes, final membrane, log_alpha, beta); see reference.py."""
@@ -74,7 +71,7 @@ def lif_modulate(drive, a, beta_logit, decay, threshold, membrane=None, reset=No
     be = _backend(mode, drive, bad)
     if be is None:
         return lif_modulate_reference(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
-    return _eager(ops.lif_modulate_fused)(drive, a, beta_logit, decay, threshold, membrane, reset, slope, backend=be)
+    return ops.lif_modulate_fused(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
 
 
 def _kda_unsupported(q: torch.Tensor, T: int) -> Optional[str]:
@@ -89,13 +86,25 @@ def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, ch
         impl: str = "chunk", mode: str = "auto"):
     """KDA over a sequence: q, k, log_alpha [B, H, T, dk]; v [B, H, T, dv]; beta [B, H, T];
     initial_state [B, H, dk, dv] or None; reset [B, T] / [B, H, T] bool or None.
-    Returns (o [B, H, T, dv] in v's dtype, final state float32). `chunk_size` and `impl`
-    choose the reference form; the fused kernel is exact and ignores them. In the fused
-    path o is a [B, H, T, dv] view of a [B, T, H, dv] buffer, so o.transpose(1, 2) is contiguous."""
+    Returns (o [B, H, T, dv] in v's dtype, final state float32).
+
+    On CUDA, impl == "chunk" (training) runs flash-linear-attention's chunked `chunk_kda`
+    when it imports (chunked.py: resets and carried state mapped to cu_seqlens and
+    per-segment initial states), else our fused recurrent kernel; mode "fla" forces the
+    former, "fused" the latter. `chunk_size` and `impl` choose the reference form
+    otherwise. In the kernel paths o is a [B, H, T, dv] view of a [B, T, H, dv] buffer,
+    so o.transpose(1, 2) is contiguous."""
+    if mode == "fla" or (mode == "auto" and impl == "chunk" and q.is_cuda and q.shape[2] > 1):
+        why = chunked.available() or chunked.unsupported(q, reset)
+        if why is None:
+            return chunked.kda_varlen(q, k, v, log_alpha, beta, initial_state, scale, reset)
+        if mode == "fla":
+            raise RuntimeError(f"model.kernels: fla chunk_kda requested but unavailable: {why}")
+        build.notice(f"chunked training kernel: {why}; using the fused recurrent kernel", logging.INFO)
     be = _backend(mode, q, _kda_unsupported(q, q.shape[2]))
     if be is None:
         return kda_reference(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size, impl)
-    return _eager(ops.kda_fused)(q, k, v, log_alpha, beta, initial_state, scale, reset, backend=be)
+    return ops.kda_fused(q, k, v, log_alpha, beta, initial_state, scale, reset)
 
 
 def kda_step(q, k, v, log_alpha, beta, state=None, scale=None, reset=None, mode: str = "auto"):
@@ -104,7 +113,7 @@ def kda_step(q, k, v, log_alpha, beta, state=None, scale=None, reset=None, mode:
     be = _backend(mode, q, _kda_unsupported(q, 1))
     if be is None:
         return kda_step_reference(q, k, v, log_alpha, beta, state, scale, reset)
-    return _eager(ops.kda_step_fused)(q, k, v, log_alpha, beta, state, scale, reset, backend=be)
+    return ops.kda_step_fused(q, k, v, log_alpha, beta, state, scale, reset)
 
 
 def gated_rmsnorm(o, gate, weight, eps: float, mode: str = "auto"):
@@ -112,7 +121,7 @@ def gated_rmsnorm(o, gate, weight, eps: float, mode: str = "auto"):
     be = _backend(mode, o)
     if be is None:
         return gated_rmsnorm_reference(o, gate, weight, eps)
-    return _eager(ops.gated_rmsnorm_fused)(o, gate, weight, eps, backend=be)
+    return ops.gated_rmsnorm_fused(o, gate, weight, eps)
 
 
 def status() -> str:
@@ -120,9 +129,9 @@ def status() -> str:
     if not build.attempted():
         return "fused kernels: not tried yet (built on the first CUDA call)"
     if build.extension() is not None:
-        return "fused kernels: on"
+        return build.line()
     return f"fused kernels: off ({build.reason()})"
 
 
-__all__ = ["MODES", "lif_modulate", "kda", "kda_step", "gated_rmsnorm", "status", "lif_modulate_reference",
+__all__ = ["MODES", "chunked", "lif_modulate", "kda", "kda_step", "gated_rmsnorm", "status", "lif_modulate_reference",
            "kda_reference", "kda_step_reference", "gated_rmsnorm_reference"]

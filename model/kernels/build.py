@@ -1,7 +1,15 @@
-"""Building the CUDA extension just in time, and deciding whether the fused path runs.
+"""Building the kernels just in time, and deciding whether the fused path runs.
 
-Nothing here runs at import. The first fused op called on a CUDA tensor calls
-`extension()`, which builds csrc/ (binding.cpp, kda_fwd.cu, kda_bwd.cu, lif_rms.cu) with `torch.utils.cpp_extension.load`
+The build ladder, tried once per process on the first fused op called on a CUDA tensor
+(`extension()`; nothing here runs at import), one log line saying what came of it:
+
+1. nvcc, where the CUDA toolkit and ninja exist: below.
+2. NVRTC (nvrtc.py), where nvcc is absent or its build failed: pip's CUDA torch ships it.
+3. the PyTorch reference, with the reasons the two builds were not possible.
+
+`SPIKE_KERNELS_BUILD` = nvcc | nvrtc | reference forces one rung (tests, benchmarks).
+
+The nvcc rung builds csrc/ (binding.cpp, kda_fwd.cu, kda_bwd.cu, lif_rms.cu) with `torch.utils.cpp_extension.load`
 (ninja; cached by torch under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions,
 under a name that carries a hash of the sources, so an edit rebuilds and a rerun loads
 the cached build in a second). It is tried once per process: if the device, `nvcc`,
@@ -30,7 +38,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = [CSRC / n for n in ("binding.cpp", "kda_fwd.cu", "kda_bwd.cu", "lif_rms.cu")]
 _log = logging.getLogger("model.kernels")
 _lock = threading.Lock()
-_state: dict = {"tried": False, "ext": None, "backend": None, "reason": None}
+_state: dict = {"tried": False, "ext": None, "backend": None, "reason": None, "build": None, "line": None}
 _noted: set[str] = set()
 
 
@@ -50,18 +58,62 @@ def sources_hash() -> str:
     return h.hexdigest()[:12]
 
 
-def missing_requirement() -> Optional[str]:
-    """Why the extension cannot be built here, or None. Cheap; builds nothing."""
+BUILDS = ("auto", "nvcc", "nvrtc", "reference")
+
+
+def requested() -> str:
+    """$SPIKE_KERNELS_BUILD: auto (default: nvcc where it exists, else NVRTC), nvcc, nvrtc, reference."""
+    want = os.environ.get("SPIKE_KERNELS_BUILD", "auto").strip().lower() or "auto"
+    if want not in BUILDS:
+        raise ValueError(f"SPIKE_KERNELS_BUILD must be one of {BUILDS}, got {want!r}")
+    return want
+
+
+def missing_device() -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA device"
     if torch.version.cuda is None:
         return "this PyTorch build has no CUDA support"
+    return None
+
+
+def missing_nvcc() -> Optional[str]:
+    """Why torch.utils.cpp_extension cannot build here, or None. Cheap; builds nothing."""
     from torch.utils import cpp_extension
 
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
-        return "nvcc (the CUDA compiler) not found: install the CUDA toolkit or set CUDA_HOME"
+        return "no nvcc (CUDA toolkit)"
     if not cpp_extension.is_ninja_available():
-        return "ninja not found (pip install ninja)"
+        return "no ninja (pip install ninja)"
+    return None
+
+
+def missing_nvrtc() -> Optional[str]:
+    from . import nvrtc
+
+    try:
+        nvrtc.library()
+    except nvrtc.NvrtcUnavailable as e:
+        return str(e)
+    return None
+
+
+def missing_requirement() -> Optional[str]:
+    """Why no fused build can be tried here (device, toolchain), or None."""
+    dev = missing_device()
+    if dev:
+        return dev
+    want = requested()
+    if want == "reference":
+        return "SPIKE_KERNELS_BUILD=reference"
+    nvcc = missing_nvcc() if want in ("auto", "nvcc") else "not requested"
+    rtc = missing_nvrtc() if want in ("auto", "nvrtc") else "not requested"
+    if want == "nvcc" and nvcc:
+        return f"SPIKE_KERNELS_BUILD=nvcc but {nvcc}"
+    if want == "nvrtc" and rtc:
+        return f"SPIKE_KERNELS_BUILD=nvrtc but {rtc}"
+    if nvcc and rtc:
+        return f"{nvcc}, and NVRTC unavailable: {rtc}"
     return None
 
 
@@ -79,22 +131,69 @@ def _build():
     )
 
 
+def _build_nvcc() -> "CudaBackend":
+    ext = _build()
+    sizes = list(ext.struct_sizes())
+    if sizes != ops.STRUCT_SIZES:
+        raise RuntimeError(f"parameter struct sizes {sizes} != ctypes {ops.STRUCT_SIZES}")
+    return CudaBackend(ext)
+
+
+def _build_nvrtc():
+    from . import nvrtc
+
+    be = nvrtc.NvrtcBackend()
+    be.load(torch.cuda.current_device())  # compile (or read the cache) and load now, so a failure falls back here
+    return be
+
+
+def _first_line(e: Exception) -> str:
+    return next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:300]
+
+
+def _describe(be) -> str:
+    cuda = f"CUDA {torch.version.cuda}"
+    try:
+        major, minor = torch.cuda.get_device_capability()
+        cuda += f", sm_{major}{minor}"
+    except Exception:  # noqa: BLE001
+        pass
+    if be.name == "nvrtc":
+        return f"fused CUDA kernels on: built at run time with NVRTC {be.nvrtc_version} ({cuda}; no CUDA toolkit needed)"
+    return f"fused CUDA kernels on: built with nvcc via torch.utils.cpp_extension ({cuda})"
+
+
 def extension():
-    """The compiled module, or None (see `reason()`). Builds at most once per process."""
+    """The kernel backend (nvcc extension or NVRTC module), or None (see `reason()`).
+    Tries once per process: nvcc where it exists (SPIKE_KERNELS_BUILD=auto), NVRTC where
+    nvcc is absent or its build fails, else the reference; one line says which."""
     with _lock:
         if not _state["tried"]:
             _state["tried"] = True
             reason = missing_requirement()
+            failures = []
             if reason is None:
-                try:
-                    ext = _build()
-                    sizes = list(ext.struct_sizes())
-                    if sizes != ops.STRUCT_SIZES:
-                        raise RuntimeError(f"parameter struct sizes {sizes} != ctypes {ops.STRUCT_SIZES}")
-                    _state["ext"], _state["backend"] = ext, CudaBackend(ext)
-                except Exception as e:  # a failed build must never stop training: fall back
-                    first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-                    reason = f"build failed: {first[:300]}"
+                want = requested()
+                steps = [s for s in ("nvcc", "nvrtc") if want in ("auto", s)]
+                if want == "auto" and missing_nvcc():
+                    failures.append(missing_nvcc())
+                    steps = ["nvrtc"]
+                elif want == "auto" and missing_nvrtc():
+                    steps = ["nvcc"]
+                for step in steps:
+                    try:
+                        be = _build_nvcc() if step == "nvcc" else _build_nvrtc()
+                    except Exception as e:  # a failed build must never stop training: fall back
+                        failures.append(f"{step} build failed: {_first_line(e)}")
+                        continue
+                    _state["ext"] = getattr(be, "ext", be)
+                    _state["backend"] = be
+                    _state["build"] = step
+                    _state["line"] = _describe(be)
+                    _log.warning("model.kernels: %s", _state["line"])
+                    break
+                else:
+                    reason = "; ".join(failures)
             _state["reason"] = reason
     return _state["ext"]
 
@@ -113,9 +212,19 @@ def attempted() -> bool:
     return _state["tried"]
 
 
+def build_in_use() -> Optional[str]:
+    """"nvcc" or "nvrtc" once a build succeeded, else None."""
+    return _state["build"]
+
+
+def line() -> Optional[str]:
+    """The one line that said which build is in use (None before or without one)."""
+    return _state["line"]
+
+
 def _reset_for_tests() -> None:
     with _lock:
-        _state.update(tried=False, ext=None, backend=None, reason=None)
+        _state.update(tried=False, ext=None, backend=None, reason=None, build=None, line=None)
         _noted.clear()
 
 

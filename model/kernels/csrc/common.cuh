@@ -2,13 +2,28 @@
 // the launcher. Kernels take one plain parameter struct of raw pointers, strides (in
 // elements) and sizes, filled in Python; they never see a torch type, so the same source
 // compiles with nvcc (the extension) and with a plain C++ compiler (KERNELS_EMU, tests).
+// Three compilers read these headers: nvcc (the extension, build.py), NVRTC (run-time
+// compilation with no CUDA toolkit, nvrtc.py: device code only, no system or CUDA headers,
+// so the host launchers sit under SK_HOST and bf16 is a plain struct) and a host C++
+// compiler (KERNELS_EMU, tests).
 #pragma once
 
+#ifdef __CUDACC_RTC__
+#define SK_HOST 0
+namespace sk {
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+}  // namespace sk
+#else
+#define SK_HOST 1
 #include <cstdint>
+#endif
 
 #ifdef KERNELS_EMU
 #include "cuda_emu.h"
-#else
+#elif SK_HOST
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #endif
@@ -17,8 +32,24 @@ namespace sk {
 
 #ifdef KERNELS_EMU
 using bf16 = emu::bf16;
-#else
+#elif SK_HOST
 using bf16 = __nv_bfloat16;
+#else
+struct bf16 {  // NVRTC: the bits of a bfloat16, converted by hand (round to nearest even, like CUDA)
+  uint16_t x;
+};
+__device__ __forceinline__ float __bfloat162float(bf16 h) { return __uint_as_float(uint32_t(h.x) << 16); }
+__device__ __forceinline__ bf16 __float2bfloat16(float f) {
+  uint32_t u = __float_as_uint(f);
+  bf16 r;
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    r.x = uint16_t(0x7fc0);
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);
+    r.x = uint16_t(u >> 16);
+  }
+  return r;
+}
 #endif
 
 // dtype codes shared with Python (model/kernels/ops.py)
@@ -89,6 +120,7 @@ __device__ __forceinline__ void load8(const float* p, float* out) {  // p 32-byt
   out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
 }
 
+#if SK_HOST
 // Launch a kernel; returns nullptr or an error message.
 template <class... KArgs, class... Args>
 inline const char* launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
@@ -107,6 +139,7 @@ inline const char* launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 #endif
 }
+#endif  // SK_HOST
 
 }  // namespace sk
 

@@ -77,10 +77,12 @@ struct KdaCfg {
                                   2 * kWarps * 3 * DKP + 2 * kWarps;
 };
 
+#if SK_HOST
 inline int64_t kda_dkp(int64_t dk) {
   return dk <= 32 ? 32 : dk <= 64 ? 64 : dk <= 128 ? 128 : dk <= 256 ? 256 : -1;
 }
 inline int64_t kda_bv(int64_t dk) { return kda_dkp(dk) < 0 ? -1 : 32 / (kda_dkp(dk) / kRows) * kWarps; }
+#endif  // SK_HOST
 
 // Stage the chunk's inputs [t0, t0 + n) into shared memory (q pre-scaled, alpha = exp(g)).
 template <int DKP, class TI, class TV>
@@ -341,6 +343,7 @@ __global__ void __launch_bounds__(kThreads) kda_bwd_kernel(const KdaParams p) {
   }
 }
 
+#if SK_HOST  // host launchers (not compiled by NVRTC: nvrtc.py launches the kernels itself)
 template <int DKP, bool BACKWARD>
 inline const char* kda_launch(const KdaParams& p, cudaStream_t stream) {
   using C = KdaCfg<DKP>;
@@ -379,5 +382,7 @@ inline const char* kda_run(const KdaParams& p, cudaStream_t stream) {
     default: return kda_launch<256, BACKWARD>(p, stream);
   }
 }
+
+#endif  // SK_HOST
 
 }  // namespace sk

@@ -142,6 +142,7 @@ __global__ void lif_bwd_kernel(const LifParams p) {
   if (active && p.d_membrane) p.d_membrane[bh * p.N + c] = gm;
 }
 
+#if SK_HOST  // host launchers (not compiled by NVRTC: nvrtc.py launches the kernels itself)
 inline int lif_threads(int64_t N) { return int((N + 31) / 32 * 32); }
 
 inline const char* lif_fwd(const LifParams& p, cudaStream_t stream) {
@@ -155,5 +156,7 @@ inline const char* lif_bwd(const LifParams& p, cudaStream_t stream) {
   if (p.B * p.H == 0) return nullptr;
   return launch(lif_bwd_kernel, dim3(unsigned(p.B * p.H)), dim3(lif_threads(p.N)), 0, stream, p);
 }
+
+#endif  // SK_HOST
 
 }  // namespace sk

@@ -93,6 +93,7 @@ __global__ void __launch_bounds__(kRmsWarps * 32) rms_bwd_kernel(const RmsParams
   }
 }
 
+#if SK_HOST  // host launchers (not compiled by NVRTC: nvrtc.py launches the kernels itself)
 inline const char* rms_run(const RmsParams& p, bool backward, cudaStream_t stream) {
   if (p.d < 1) return "gated_rmsnorm: empty last dim";
   if (p.n_blocks < 1) return "gated_rmsnorm: n_blocks must be at least 1";
@@ -114,5 +115,7 @@ inline const char* rms_run(const RmsParams& p, bool backward, cudaStream_t strea
   }
 #undef SK_RMS_CASE
 }
+
+#endif  // SK_HOST
 
 }  // namespace sk
