@@ -98,6 +98,11 @@ def text_key(text: str) -> bytes:
     return hashlib.blake2b(" ".join(text.split()).encode(), digest_size=12).digest()
 
 
+def needs_hub(spec) -> bool:
+    """Whether opening this entry of `data.sources` needs the Hugging Face hub (no I/O)."""
+    return bool(getattr(make_source(spec), "needs_hub", lambda: False)())
+
+
 def open_sources(cfg: DataConfig, log: Callable[[str], None] = print) -> list[Source]:
     """Every source that opens; the others are reported with their reason and skipped.
     Raises AllSourcesFailed (listing each source and why) when none opens."""

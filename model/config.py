@@ -74,6 +74,8 @@ class ModelConfig:
     def check(self) -> list[tuple[str, str]]:
         """Cross-field checks: (key, problem) pairs, empty when consistent."""
         problems = []
+        if self.n_heads < 1 or self.kv_heads < 1:  # the divisibility checks below need heads
+            return [("n_heads" if self.n_heads < 1 else "n_kv_heads", "must be at least 1")]
         if self.d_model % self.n_heads:
             problems.append(("d_model", f"must be divisible by n_heads ({self.n_heads})"))
         if self.n_heads % self.kv_heads:

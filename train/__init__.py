@@ -5,6 +5,7 @@ into a clear message and an exit code instead of a traceback. `train()` is the P
 API that raises instead (tests use it with a small budget)."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 from .config import TOKEN_BUDGET, AuxiliaryConfig, Preset, TrainConfig
@@ -19,7 +20,7 @@ def run(root: str | Path = ".") -> int:
     """The zero-flag program: choose a preset (or resume), train it, exit code out."""
     from rich.console import Console
 
-    from data import OFFLINE_HINT, AllSourcesFailed, TokenizerError
+    from data import OFFLINE_HINT, AllSourcesDied, AllSourcesFailed, TokenizerError
 
     from .checkpoint import CheckpointError
     from .distributed import broadcast_object, init_distributed, shutdown
@@ -48,12 +49,18 @@ def run(root: str | Path = ".") -> int:
         if isinstance(plan, int):
             return plan
         result = train(plan.preset, TOKEN_BUDGET, root / "checkpoints", resume=plan.resume)
-        return 0 if result.finished else 130
+        if result.finished:
+            return 0
+        return 143 if result.stop_signal == signal.SIGTERM else 130  # 128 + the signal, as shells report it
     except AllSourcesFailed as e:
         if d.is_main:
             console.print(f"{e}\nstopped before touching any checkpoint.", style="red", markup=False, highlight=False)
             if any("unreachable" in reason or "HF_HUB_OFFLINE" in reason for _, reason in e.failures):
                 console.print(f"hint: {OFFLINE_HINT}", style="yellow", markup=False, highlight=False)
+        return 2
+    except AllSourcesDied as e:
+        if d.is_main:
+            console.print(f"{e}\nthe run stopped; its last save is kept.", style="red", markup=False, highlight=False)
         return 2
     except (PresetError, TokenizerError, CheckpointError, TrainError) as e:
         if d.is_main:

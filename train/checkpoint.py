@@ -60,7 +60,22 @@ def atomic_save(obj, path: Path, writer: Optional[Callable] = None) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise CheckpointError(f"could not write {path}: {e.strerror or e}; the previous checkpoints are intact") from None
+        if isinstance(e, RuntimeError):  # torch's writer reports a full disk as "... unexpected pos ..."
+            raise CheckpointError(f"could not write {path} ({str(e).splitlines()[0][:120]}; is the disk full?); "
+                                  "the previous checkpoints are intact") from None
         raise
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why torch.load refused a file, in words a user can act on (torch's own message for a
+    refused pickle ends in advice to turn the safe loader off, which we never do)."""
+    text = str(e)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return f"{path} holds objects a safe load refuses: it is damaged or was not written by this trainer"
+    if "PytorchStreamReader" in text or "zip" in text.lower() or "EOF" in text or isinstance(e, EOFError):
+        return f"{path} is truncated or damaged"
+    first = text.splitlines()[0][:160] if text else ""
+    return f"{path} is damaged or not a checkpoint ({e.__class__.__name__}{': ' + first if first else ''})"
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -71,10 +86,24 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
     except Exception as e:  # truncated zip, bad pickle, a pickle asking for a global
-        raise CheckpointError(f"{path} is unreadable or unsafe ({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(_load_failure(Path(path), e)) from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer")
     return obj
+
+
+RUN_STATE_KEYS = ("model", "model_config", "optimizer", "scheduler", "step", "tokens", "budget", "world_size",
+                  "preset", "tokenizer", "ranks")
+
+
+def load_run_state(path: Path) -> dict:
+    """An interrupted run's save, checked to hold everything a resume reads."""
+    state = load_checkpoint(path)
+    missing = [k for k in RUN_STATE_KEYS if k not in state]
+    if state.get("kind") != "run_state" or missing:
+        raise CheckpointError(f"{path} is not an interrupted run of this trainer"
+                              + (f" (it lacks {', '.join(missing)})" if missing else ""))
+    return state
 
 
 def recover_rotation(folder: Path) -> bool:
@@ -119,12 +148,12 @@ def rotate_checkpoints(final: dict, folder: Path) -> None:
 def load_latest(folder: Path, warn: Callable[[str], None] = print) -> Optional[tuple[str, dict]]:
     """(file name, checkpoint) of the newest finished run that loads: lm_current.pth,
     else lm_prev.pth, else lm_prev2.pth, warning about each damaged one. None if none."""
-    for name in ROLLING:
-        path = Path(folder) / name
-        if not path.exists():
-            continue
+    present = [n for n in ROLLING if (Path(folder) / n).exists()]
+    for i, name in enumerate(present):
         try:
-            return name, load_checkpoint(path)
+            return name, load_checkpoint(Path(folder) / name)
         except CheckpointError as e:
-            warn(f"{e}; falling back to an older checkpoint")
+            rest = present[i + 1:]
+            warn(f"{e}; " + (f"falling back to {rest[0]}" if rest else
+                             "no other finished checkpoint: this run starts from fresh weights (the file is kept)"))
     return None

@@ -18,16 +18,20 @@ import torch.nn.functional as F
 from data import (PackedStreams, TextTokenizer, build_tokenizer, eval_documents, eval_windows, open_sources,
                   sample_texts)
 from data.adaptive import AdaptiveReweighter
+from data.registry import AllSourcesDied, DocumentMixer
 from data.prefetch import make_document_stream
 from model import build_model, count_params, detach_state, map_state
 
-from .checkpoint import RUN_STATE, CheckpointError, atomic_save, load_checkpoint, load_latest, recover_rotation, rotate_checkpoints
+from .checkpoint import (RUN_STATE, CheckpointError, atomic_save, load_checkpoint, load_latest, load_run_state,
+                         recover_rotation, rotate_checkpoints)
 from .config import TOKEN_BUDGET, Preset
 from .distributed import Dist, all_reduce_sum, any_rank, barrier, broadcast_object, gather_objects, init_distributed
+from .estimate import memory_problem, param_count, vocab_size_guess
 from .evaluate import evaluate, sample_texts as generate_samples
 from .optim import build_optimizer, build_scheduler
 from .preset import preset_from_dict
 from .progress import MetricsLog, Reporter, human
+from .tensorboard import CurveLog
 
 CHECKPOINT_FORMAT = 1
 MAX_BAD_STEPS = 3  # non-finite steps in a row before rolling back to the last save
@@ -45,6 +49,7 @@ class RunResult:
     finished: bool  # False when stopped early (Ctrl-C / SIGTERM); run_state.pth holds it
     eval: dict
     checkpoint: Optional[Path]
+    stop_signal: Optional[int] = None  # the signal that stopped an unfinished run
 
 
 class StopFlag:
@@ -53,12 +58,14 @@ class StopFlag:
 
     def __init__(self):
         self.requested = False
+        self.signum: Optional[int] = None
         self._old = {}
 
     def _handler(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = self.signum or signum
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -69,6 +76,26 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def interruptible(fn, *args):
+    """fn(*args) in a worker thread, so Ctrl-C reaches the main thread at once even while
+    fn is inside native code that holds off signals until it returns (the BPE trainer)."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # handed to the caller below
+            box["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True, name=getattr(fn, "__name__", "worker"))
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)  # KeyboardInterrupt is raised here, between joins
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def pick_device(pref: str, d: Dist) -> torch.device:
@@ -128,30 +155,70 @@ class Trainer:
     """One run. `train()` below is the entry point; the class keeps the pieces together."""
 
     def __init__(self, preset: Preset, budget: int, out_dir: Path, resume: bool, reporter: Optional[Reporter]):
-        self.d = init_distributed(preset.train.device)
         self.out = Path(out_dir)
+        self.budget = budget
+        self.run_state = None
+        if resume:  # the stored preset is the run's, whatever the caller passed (the picker passes None)
+            self.run_state = load_run_state(self.out / RUN_STATE)
+            preset, _ = preset_from_dict(self.run_state["preset"], f"{self.out / RUN_STATE} (stored preset)")
+            self.budget = self.run_state["budget"]
+        elif preset is None:
+            raise TrainError("no preset to train and no interrupted run to resume")
+        self.d = init_distributed(preset.train.device)
         self.rep = reporter or Reporter(enabled=self.d.is_main)
         if not self.d.is_main:
             self.rep.enabled = False
-        self.budget = budget
-        self.run_state = None
         if resume:
-            self.run_state = load_checkpoint(self.out / RUN_STATE)
-            preset, _ = preset_from_dict(self.run_state["preset"], f"{self.out / RUN_STATE} (stored preset)")
-            self.budget = self.run_state["budget"]
             if self.run_state["world_size"] != self.d.world_size:
-                raise TrainError(f"the interrupted run used {self.run_state['world_size']} processes; resume it "
-                                 f"with the same number (now {self.d.world_size})")
+                raise TrainError(f"the interrupted run used {self.run_state['world_size']} process(es), this start has "
+                                 f"{self.d.world_size}: resume it with the same number, or move "
+                                 f"{self.out / RUN_STATE} away to start a new run")
         self.preset, self.cfg = preset, preset.train
         self.device = pick_device(self.cfg.device, self.d)
         # data first: when no source opens, the run stops here, before any file is touched
         self.sources = open_sources(preset.data, log=self.rep.log if self.d.is_main else (lambda m: None))
+        self._check_training_documents()
+        self._check_memory()
         if self.d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if recover_rotation(self.out):
                 self.rep.warn("finished an interrupted checkpoint rotation from the previous run")
         barrier(self.d)
-        self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=self.d.is_main)
+        # a run's rows in metrics.jsonl carry its id; a resumed run keeps the id it started with
+        self.run_id = (self.run_state or {}).get("run_id") or time.strftime("%Y%m%d-%H%M%S")
+        self.metrics = CurveLog(self.out / "metrics.jsonl", enabled=self.d.is_main, run=self.run_id,
+                                log=self.rep.log)  # + TensorBoard files and a terminal loss curve
+        self.metrics.write({"kind": "run_start", "preset": preset.name, "resumed": resume, "world_size": self.d.world_size,
+                            "tokens": (self.run_state or {}).get("tokens", 0), "budget": self.budget})
+
+    def _check_training_documents(self) -> None:
+        """Stop before anything is built when this rank's share of the data holds no
+        training document (every file shorter than data.min_text_length, or fewer
+        documents than ranks): a fresh reader of the opened sources must yield one."""
+        try:
+            DocumentMixer(self.sources, self.preset.data, self.d.rank, self.d.world_size,
+                          log=lambda m: None).next_document()
+            empty = False
+        except AllSourcesDied:
+            empty = True
+        if not any_rank(empty, self.d, self.device):
+            return
+        names = ", ".join(s.name for s in self.sources)
+        if self.d.enabled:
+            raise TrainError(f"a rank got no training documents: {names} hold too few documents (of at least "
+                             f"data.min_text_length = {self.preset.data.min_text_length} characters, outside the "
+                             f"held-out share) for {self.d.world_size} processes; add text or use fewer processes")
+        raise TrainError(f"there is nothing to train on: {names} hold no document of at least data.min_text_length = "
+                         f"{self.preset.data.min_text_length} characters outside the held-out share; add text "
+                         "(or lower data.min_text_length)")
+
+    def _check_memory(self) -> None:
+        """Refuse, with the figures, a run that cannot fit in this machine's memory."""
+        t, vocab = self.cfg, vocab_size_guess(self.preset.tokenizer)
+        problem = memory_problem(self.preset.model, param_count(self.preset.model, vocab), vocab, t.batch_size,
+                                 t.seq_length, self.device.type)
+        if problem:
+            raise TrainError(f"this preset {problem}")
 
     # -- set-up -----------------------------------------------------------------------
     def setup(self) -> None:
@@ -169,7 +236,13 @@ class Trainer:
         self.tokenizer = self._resolve_tokenizer(init)
         self.model = build_model(self.preset.model, self.tokenizer.vocab_size, self.preset.auxiliary)
         if self.run_state is not None:
-            self.model.load_state_dict(self.run_state["model"])
+            try:
+                self.model.load_state_dict(self.run_state["model"])
+            except RuntimeError:
+                raise CheckpointError(f"{self.out / RUN_STATE} holds weights that do not fit its own stored model "
+                                      f"({self.preset.model.arch} d{self.preset.model.d_model} L{self.preset.model.n_layers}): "
+                                      "it was written by another version or edited; move it away to start a new "
+                                      "run") from None
         elif init is not None:
             loaded = tolerant_load(self.model, init[1]["model"], rep)
             self._seed_memory(init[1])
@@ -246,7 +319,7 @@ class Trainer:
             tcfg = self.preset.tokenizer
             t0 = time.time()
             texts = sample_texts(self.sources, self.preset.data, tcfg.train_chars) if tcfg.type == "bpe" else None
-            tok = build_tokenizer(tcfg, texts)
+            tok = interruptible(build_tokenizer, tcfg, texts)
             self.rep.log(f"[tokenizer] {tcfg.type}: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
             built = (tok.to_json(), tok.spec)
         js, spec = broadcast_object(built, self.d)
@@ -298,7 +371,7 @@ class Trainer:
                         "next_eval": self.next_eval, "next_save": self.next_save, "ranks": ranks,
                         "lr_scale": self.lr_scale, "skipped_steps": self.skipped_steps, "splits": self.splits,
                         "reweighter": self.reweighter.state_dict() if self.reweighter else None,
-                        "next_adapt": self.next_adapt,
+                        "next_adapt": self.next_adapt, "run_id": self.run_id,
                     }, self.out / RUN_STATE)
                     saved = True
                 except CheckpointError as e:
@@ -510,7 +583,7 @@ class Trainer:
                 rep.warn("the stop could not be saved; the run resumes from its previous save")
             rep.log(f"[stop] saved the run at {human(self.tokens)}/{human(self.budget)} tokens to "
                     f"{self.out / RUN_STATE}; start again and press Enter to resume")
-            return RunResult(self.tokens, self.step, False, last_eval, self.out / RUN_STATE)
+            return RunResult(self.tokens, self.step, False, last_eval, self.out / RUN_STATE, stop.signum)
         last_eval = self._evaluate(samples=True)
         if d.is_main:
             if not all_finite(self.model.parameters()):
@@ -598,7 +671,7 @@ def block_summary(metrics: dict) -> str:
     return "".join(f"  {p}" for p in parts)
 
 
-def train(preset: Preset, budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,
+def train(preset: Optional[Preset], budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,
           reporter: Optional[Reporter] = None) -> RunResult:
     """Train `preset` for `budget` tokens (the product always uses TOKEN_BUDGET; tests pass
     less). With resume=True, continue the interrupted run saved in out_dir/run_state.pth

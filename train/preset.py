@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from data import HFSourceSpec
+from data import HFSourceSpec, PdfSourceSpec
 
 from .config import IGNORED_KEYS, Preset
+from .preset_rules import range_problems, resolve_aliases
 
 
 class PresetError(Exception):
@@ -89,6 +91,8 @@ class _Validator:
                 return self.fail(path, f"expected {_type_name(tp)}, got {_describe(value)}")
             (item,) = typing.get_args(tp)
             return [self.convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+        if tp in (int, float) and isinstance(value, float) and not math.isfinite(value):
+            return self.fail(path, f"expected a finite number, got {_describe(value)}")
         if tp is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
@@ -142,8 +146,9 @@ class _Validator:
                 continue
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                self.fail(where, f"unknown key ({hint}expected one of: {', '.join(fields)})")
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                section = path.split(".")[0].split("[")[0] or "top level"
+                self.fail(where, f"unknown key{hint} (the valid keys are in README.md, `{section}` table)")
                 continue
             kwargs[key] = self.convert(item, hints[key], where)
         for name, f in fields.items():
@@ -152,7 +157,10 @@ class _Validator:
                     self.fail(f"{path}.{name}" if path else name, f"missing (expected {_type_name(hints[name])})")
         if self.problems:
             return None
-        return cls(**kwargs)
+        obj = cls(**kwargs)
+        for key, problem in range_problems(obj):
+            self.fail(f"{path}.{key}" if path else key, problem)
+        return None if self.problems else obj
 
 
 def _cross_checks(p: Preset) -> list[str]:
@@ -169,8 +177,6 @@ def _cross_checks(p: Preset) -> list[str]:
             problems.append('tokenizer.path: required when tokenizer.type is "file"')
         elif not Path(tok.path).is_file():
             problems.append(f"tokenizer.path: file {tok.path!r} does not exist")
-    if tok.type == "bpe" and tok.vocab_size < 257:
-        problems.append("tokenizer.vocab_size: must be at least 257 (256 bytes + end-of-text)")
     d = p.data
     if not d.sources:
         problems.append("data.sources: expected at least one source")
@@ -182,8 +188,6 @@ def _cross_checks(p: Preset) -> list[str]:
             problems.append("data.source_weights: weights must be >= 0 and not all zero")
     if d.mix_strategy == "weighted" and d.source_weights is None:
         problems.append('data.source_weights: required when data.mix_strategy is "weighted"')
-    if not 0 <= d.eval_fraction < 0.5:
-        problems.append("data.eval_fraction: must be in [0, 0.5)")
     try:
         from data.formatting import check_format
     except ImportError:
@@ -195,28 +199,13 @@ def _cross_checks(p: Preset) -> list[str]:
             problem = check_format(fmt, fields)
             if problem:
                 problems.append(f"data.sources[{i}].format: {problem}")
-    t = p.train
-    for key in ("seq_length", "batch_size", "grad_accum_steps", "log_every_steps", "eval_every_tokens",
-                "checkpoint_every_tokens"):
-        if getattr(t, key) < 1:
-            problems.append(f"train.{key}: must be at least 1")
-    if t.lr <= 0:
-        problems.append("train.lr: must be positive")
-    if not 0 <= t.decay_fraction <= 1:
-        problems.append("train.decay_fraction: must be in [0, 1]")
-    if not 0 <= t.min_lr_ratio <= 1:
-        problems.append("train.min_lr_ratio: must be in [0, 1]")
-    g, e = p.generate, p.eval
-    if g.temperature < 0 or not 0 < g.top_p <= 1 or g.max_tokens < 1 or g.no_repeat_ngram < 0:
-        problems.append("generate: temperature >= 0, top_p in (0, 1], max_tokens >= 1, no_repeat_ngram >= 0")
-    if e.num_fewshot < 0 or e.batch_size < 1 or (e.limit is not None and e.limit < 1):
-        problems.append("eval: num_fewshot >= 0, batch_size >= 1, limit null or >= 1")
+    for i, s in enumerate(d.sources):
+        if isinstance(s, PdfSourceSpec) and s.min_chunk_chars > s.max_chunk_chars:
+            problems.append(f"data.sources[{i}].min_chunk_chars: must be at most max_chunk_chars ({s.max_chunk_chars})")
     a = p.auxiliary
     problems += [f"auxiliary.{k}: {m}" for k, m in a.check_heads(p.model.n_layers)]
     if not 0 < a.adaptive_min_weight <= a.adaptive_max_weight:
         problems.append("auxiliary.adaptive_min_weight: must be > 0 and <= adaptive_max_weight")
-    if not 0 <= a.adaptive_smoothing < 1:
-        problems.append("auxiliary.adaptive_smoothing: must be in [0, 1)")
     return problems
 
 
@@ -225,6 +214,8 @@ def preset_from_dict(raw: Any, origin: str) -> tuple[Preset, list[str]]:
     v = _Validator()
     if not isinstance(raw, dict):
         raise PresetError(origin, [f"(top level): expected a JSON object, got {_describe(raw)}"])
+    raw, v.notices, alias_problems = resolve_aliases(raw)
+    v.problems += alias_problems
     preset = v.dataclass(raw, Preset, "")
     if v.problems:
         raise PresetError(origin, v.problems)

@@ -7,13 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from data import hub_status, needs_hub
+
 from .checkpoint import RUN_STATE, CheckpointError, load_checkpoint
 from .config import TOKEN_BUDGET, Preset
-from .estimate import human_duration, machine_flops, param_count, train_seconds, vocab_size_guess
+from .estimate import STEP_TIMES, human_duration, measured_tokens_per_s, memory_problem, param_count, vocab_size_guess
 from .preset import PresetError, load_preset
 from .progress import human
 
@@ -31,39 +34,79 @@ def interactive() -> bool:
     return sys.stdin is not None and sys.stdin.isatty()
 
 
-def preset_table(paths: list[Path], console: Console) -> Table:
-    rate, device = machine_flops()
-    table = Table(title=f"Presets (each trains {TOKEN_BUDGET:,} tokens; time estimated for this {device})")
+def _estimate(preset: Preset, cache: Optional[Path], on_measure=None) -> tuple[str, str, Optional[str]]:
+    """(params, duration, problem) of one preset's row; problem says why it cannot run here."""
+    vocab = vocab_size_guess(preset.tokenizer)
+    n = param_count(preset.model, vocab)
+    t = preset.train
+    device = "cuda" if torch.cuda.is_available() and t.device != "cpu" else "cpu"
+    problem = memory_problem(preset.model, n, vocab, t.batch_size, t.seq_length, device)
+    if problem:
+        return human(n), "", problem
+    rate = measured_tokens_per_s(preset.model, vocab, t.seq_length, t.batch_size, cache, on_measure=on_measure)
+    return human(n), human_duration(TOKEN_BUDGET / rate), None
+
+
+def preset_table(paths: list[Path], console: Console, cache: Optional[Path] = STEP_TIMES) -> tuple[Table, set[str]]:
+    """The picker's table, and the presets that cannot run here (invalid, too big, or
+    needing the Hugging Face hub when it is unreachable). One bad preset marks its own row."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    table = Table(title=f"Presets (each trains {TOKEN_BUDGET:,} tokens; time measured on this {device})")
     table.add_column("preset", no_wrap=True, style="bold")
     table.add_column("params", no_wrap=True, justify="right")
     table.add_column("est. time", no_wrap=True, justify="right")
     table.add_column("model and data", ratio=1)
+    unusable: set[str] = set()
+    hub = None  # checked once, only when some preset needs it
+    said = []
+
+    def on_measure():  # the first start times each preset's training step once; later starts read the cache
+        if not said:
+            console.print(f"timing a training step of each preset on this {device} (once; cached)...", style="dim")
+            said.append(True)
     for path in paths:
         try:
             preset, _ = load_preset(path)
         except PresetError as e:
             table.add_row(path.stem, "", "", Text(f"invalid: {e.problems[0]}", style="red"))
+            unusable.add(path.stem)
             continue
-        n = param_count(preset.model, vocab_size_guess(preset.tokenizer))
-        secs = train_seconds(n, preset.model, preset.train.seq_length, TOKEN_BUDGET)
         m = preset.model
         about = Text(f"{m.arch} d{m.d_model} L{m.n_layers}", style="cyan")
         about.append(f"  {preset.description}", style="default")
-        table.add_row(path.stem, human(n), human_duration(secs), about)
-    return table
+        try:
+            params, secs, problem = _estimate(preset, cache, on_measure)
+        except Exception as e:  # a preset that validates but cannot be built must not stop the picker
+            params, secs, problem = "", "", f"cannot be built: {e.__class__.__name__}: {e}"
+        if problem is None and any(needs_hub(s) for s in preset.data.sources):
+            hub = hub if hub is not None else hub_status()
+            if not hub[0]:
+                problem = "needs the Hugging Face hub, which is unreachable from here"
+        if problem:
+            about.append(f"  ({problem})", style="red")
+            unusable.add(path.stem)
+        table.add_row(path.stem, params, secs, about)
+    return table, unusable
 
 
-def choose_preset(configs: Path, console: Console) -> Optional[Path]:
+def choose_preset(configs: Path, console: Console, cache: Optional[Path] = STEP_TIMES) -> Optional[Path]:
     """The preset file to train: picked with questionary, Enter = 00_best_general."""
     paths = sorted(Path(configs).glob("*.json"))
     if not paths:
         console.print(f"[red]no presets in {configs}/[/]")
         return None
     default = next((p for p in paths if p.stem == DEFAULT_PRESET), paths[0])
-    console.print(preset_table(paths, console))
+    table, unusable = preset_table(paths, console, cache)
+    console.print(table)
     if not interactive():
         console.print(f"no terminal on stdin: taking the default preset [bold]{default.stem}[/]")
         return default
+    if default.stem in unusable:  # Enter should not lead into a preset that can only fail here
+        usable = [p for p in paths if p.stem not in unusable]
+        if usable:
+            console.print(f"[yellow]{default.stem} cannot run here (see the table): Enter takes "
+                          f"{usable[0].stem} instead[/]")
+            default = usable[0]
     import questionary
 
     answer = questionary.select("Preset to train (Enter = default):", choices=[p.stem for p in paths],

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 
 from ..config import HFSourceSpec
 from ..formatting import check_format, compile_format, field_text, render
-from ..hub import OFFLINE_HINT, hub_status
+from ..hub import hub_status
 from .base import Document, Source, SourceError
 from .text import split_paragraphs
 
@@ -78,7 +78,7 @@ class HFSource(Source):
     def _path(self) -> Path:
         return Path(os.path.expanduser(self.spec.dataset))
 
-    def _needs_hub(self) -> bool:
+    def needs_hub(self) -> bool:
         if self.is_local():
             return False
         files = _data_file_list(self.spec.data_files)
@@ -135,12 +135,12 @@ class HFSource(Source):
             problem = check_format(spec.format, spec.fields)
             if problem:
                 raise SourceError(problem)
-        if self._needs_hub():
+        if self.needs_hub():
             if _looks_like_path(spec.dataset):
                 raise SourceError(f"{spec.dataset} does not exist")
             ok, reason = hub_status()  # seconds, not minutes of HTTP retries
             if not ok:
-                raise SourceError(f"{spec.dataset}: {reason}. {OFFLINE_HINT}")
+                raise SourceError(f"{spec.dataset}: {reason}")  # the offline hint is said once, by the caller
         elif spec.dataset in PACKAGED_BUILDERS:
             for f in _data_file_list(spec.data_files):
                 if not _is_remote(f) and next(_glob(f), None) is None:

@@ -14,7 +14,7 @@ PICK = ("import sys; sys.path.insert(0, {root!r}); from pathlib import Path; fro
         "print('PICKED', p.stem if p else None)")
 
 
-def run_in_pty(code: str, keys: bytes, wait_for: bytes, limit: float = 60.0) -> tuple[int, str]:
+def run_in_pty(code: str, keys: bytes, wait_for: bytes, limit: float = 300.0) -> tuple[int, str]:
     """Run python code on a pseudo-terminal; type `keys` once `wait_for` appears."""
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, close_fds=True,

@@ -39,7 +39,8 @@ def test_bad_json_names_file_line_and_column(tmp_path):
 
 def test_unknown_key_names_path_and_suggests(tmp_path):
     msg = problems(tmp_path, {**BASE, "model": {"d_modle": 64}})
-    assert "p.json: model.d_modle: unknown key (did you mean 'd_model'?" in msg
+    assert "p.json: model.d_modle: unknown key; did you mean 'd_model'? (the valid keys are in README.md, `model` table)" in msg
+    assert "n_layers" not in msg  # a pointer to the table, not every valid key after every mistake
 
 
 def test_wrong_type_says_what_was_expected(tmp_path):

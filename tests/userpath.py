@@ -1,0 +1,90 @@
+"""Driving the program the way a user does: `python main.py` in a project folder of its
+own (copied main.py, the packages linked, presets of the test's choosing), on a
+pseudo-terminal or with no terminal at all.
+
+The one change from a user's machine is the token budget: a child process sets
+`train.TOKEN_BUDGET` before running main.py, so a run finishes in seconds. Nothing else
+is handed in: the preset comes from the picker, resumption from the resume question.
+bench/faults.py uses the same helpers for its kill -9 trials."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+# main.py run as a user runs it, under a smaller token budget
+MAIN = ("import runpy, sys; sys.path.insert(0, {root!r}); import train; train.TOKEN_BUDGET = {budget}; "
+        "sys.argv = ['main.py']; runpy.run_path({main!r}, run_name='__main__')")
+
+
+def tiny_preset(name: str = "00_tiny", arch: str = "transformer", books: Path = CORPUS / "books", **sections) -> dict:
+    """A seconds-scale preset over the books corpus; `sections` update its sections."""
+    model = {"arch": arch, "d_model": 64, "n_layers": 2, "n_heads": 2}
+    if arch == "hatchling":
+        model.update(global_every=2, wm_window=32, chunk_size=16, plasticity_span=8, em_slots=8, pm_slots=4)
+    raw = {
+        "name": name,
+        "description": "test preset",
+        "model": model,
+        "train": {"seq_length": 32, "batch_size": 4, "lr": 3e-3, "warmup_tokens": 1000, "log_every_steps": 1,
+                  "eval_every_tokens": 10**9, "checkpoint_every_tokens": 1024, "eval_tokens": 2048, "samples": 0},
+        "data": {"sources": [{"type": "text", "path": str(books), "name": "books"}], "eval_fraction": 0.02},
+        "tokenizer": {"type": "bpe", "vocab_size": 512, "train_chars": 200_000},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return raw
+
+
+def make_project(folder: Path, presets: list[dict] | dict[str, object]) -> Path:
+    """A project folder: main.py, the packages (linked), and configs/ holding `presets`
+    (dicts written as <name>.json, or {file stem: dict or raw text})."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "main.py", folder / "main.py")
+    for name in ("model", "data", "train"):
+        if not (folder / name).exists():
+            (folder / name).symlink_to(ROOT / name)
+    configs = folder / "configs"
+    configs.mkdir(exist_ok=True)
+    items = presets.items() if isinstance(presets, dict) else ((p["name"], p) for p in presets)
+    for stem, body in items:
+        (configs / f"{stem}.json").write_text(body if isinstance(body, str) else json.dumps(body, indent=1))
+    return folder
+
+
+def main_command(project: Path, budget: int) -> list[str]:
+    return [sys.executable, "-c", MAIN.format(root=str(ROOT), budget=budget, main=str(project / "main.py"))]
+
+
+def env(**extra) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm", "COLUMNS": "160", "LINES": "50", **extra}
+
+
+def run_main(project: Path, budget: int = 4096, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """`python main.py` with no terminal on stdin, to the end."""
+    return subprocess.run(main_command(project, budget), cwd=project, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, timeout=timeout, env=env())
+
+
+def start_main(project: Path, budget: int = 4096) -> subprocess.Popen:
+    """`python main.py` with no terminal on stdin, in the background."""
+    return subprocess.Popen(main_command(project, budget), cwd=project, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+
+
+def spawn_main(project: Path, budget: int = 4096, timeout: float = 120):
+    """`python main.py` on a pseudo-terminal (pexpect)."""
+    import pexpect
+
+    cmd = main_command(project, budget)
+    return pexpect.spawn(cmd[0], cmd[1:], cwd=str(project), env=env(), timeout=timeout, encoding="utf-8",
+                         dimensions=(50, 160))
