@@ -1,0 +1,113 @@
+"""Curves: the metrics log also written as TensorBoard event files, and a small loss curve
+printed in the terminal at each evaluation.
+
+`CurveLog` is a `MetricsLog` (metrics.jsonl stays exactly as it was) that also writes every
+numeric value of a row as a TensorBoard scalar, with the run's token count as the step,
+into `<checkpoints>/tensorboard/<run id>/` (a resumed run keeps its id, so its curves go
+on in the same folder). Tags:
+
+    train/loss, train/lr, train/tokens_per_s, train/grad_norm, train/skipped_steps,
+    train/loss_total, eval/loss, eval/ppl, loss/<aux term>, share/<aux term>,
+    source_loss/<source>, source_weight/<source>, metric/<name>/layer<i> (spike rates,
+    memory figures, auxiliary metrics)
+
+When tensorboard is not installed, one line says so and only metrics.jsonl is written."""
+from __future__ import annotations
+
+import atexit
+import re
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from .progress import MetricsLog
+
+SPARK = "▁▂▃▄▅▆▇█"
+RENAME = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "grad_norm": "train/grad_norm",
+          "skipped_steps": "train/skipped_steps", "loss_total": "train/loss_total", "eval_loss": "eval/loss",
+          "eval_ppl": "eval/ppl"}
+SKIP = {"kind", "step", "tokens", "eval_tokens", "run"}
+CURVE_KINDS = ("train", "eval", "source_weights")  # rows that are curves (not run_start notes)
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """The TensorBoard tags and values of one metrics.jsonl row."""
+    out = {}
+    for key, value in row.items():
+        if key in SKIP:
+            continue
+        if isinstance(value, dict):  # source_loss / weights: {source name: value}
+            prefix = "source_weight" if key == "weights" else key
+            for name, v in value.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"{prefix}/{re.sub(r'[^A-Za-z0-9_.-]', '_', str(name))}"] = float(v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[RENAME.get(key, key)] = float(value)
+    return out
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """values as a row of block characters (resampled to at most `width`)."""
+    if not values:
+        return ""
+    if len(values) > width:
+        step = len(values) / width
+        values = [sum(values[int(i * step):int((i + 1) * step)]) / max(1, len(values[int(i * step):int((i + 1) * step)]))
+                  for i in range(width)]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in values)
+
+
+class CurveLog(MetricsLog):
+    """metrics.jsonl + TensorBoard scalars + a terminal loss curve at each evaluation."""
+
+    def __init__(self, path: Path, enabled: bool = True, log: Optional[Callable[[str], None]] = None, **kwargs):
+        super().__init__(path, enabled, **kwargs)
+        self.log = log or print
+        self.writer = None
+        self.train_losses: list[float] = []
+        self.eval_losses: list[float] = []
+        # one folder per run id (a resumed run keeps its id, so its curves continue in place)
+        run = getattr(self, "run", None) or time.strftime("%Y%m%d-%H%M%S")
+        self.logdir = self.path.parent / "tensorboard" / str(run)
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            self.log(f"[curves] TensorBoard files not written ({e}); pip install tensorboard for them. "
+                     f"metrics.jsonl has every figure")
+            return
+        self.writer = SummaryWriter(str(self.logdir), flush_secs=30)
+        atexit.register(self.close)
+        self.log(f"[curves] tensorboard --logdir {self.path.parent / 'tensorboard'}")
+
+    def write(self, row: dict) -> None:
+        super().write(row)
+        if not self.enabled:
+            return
+        step = int(row.get("tokens", 0))
+        if self.writer is not None and row.get("kind", "train") in CURVE_KINDS:
+            for tag, value in scalars(row).items():
+                self.writer.add_scalar(tag, value, step)
+        if row.get("kind") == "train" and isinstance(row.get("loss"), (int, float)):
+            self.train_losses.append(float(row["loss"]))
+        if row.get("kind") == "eval" and isinstance(row.get("eval_loss"), (int, float)):
+            self.eval_losses.append(float(row["eval_loss"]))
+            self.show_curve()
+            if self.writer is not None:
+                self.writer.flush()
+
+    def show_curve(self) -> None:
+        """Two lines: the training loss so far and the held-out losses, as sparklines."""
+        t, e = self.train_losses, self.eval_losses
+        if t:
+            self.log(f"[curve] train loss {t[0]:.2f} {sparkline(t)} {t[-1]:.2f}")
+        if len(e) > 1:
+            self.log(f"[curve] held-out   {e[0]:.2f} {sparkline(e)} {e[-1]:.2f}")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
