@@ -1,24 +1,31 @@
 """Training-step throughput: our models vs Hugging Face's GPT2LMHeadModel at the same
-dimensions, measured in the same run. One JSON line per measurement on stdout:
+dimensions, all measured in ONE process, interleaved. One JSON line per model on stdout:
 
-  {"bench": "train_throughput", "model": "ours-transformer", "size": "small", "tokens_per_s": ...,
-   "step_ms": ..., "mfu": ... (GPU only), "peak_mem_mb": ..., "params": ..., "ratio_vs_gpt2": ...}
+  {"bench": "train_throughput", "model": "ours-hatchling", "seq_length": 256, "tokens_per_s": ...,
+   "step_ms": ..., "params": ..., "ratio_vs_transformer": ..., "ratio_vs_gpt2": ..., "rounds": [...]}
 
-Each measurement runs in its own subprocess so peak memory is its own. A step is a
-full optimizer step: forward, cross-entropy, backward, AdamW, as the trainer does it
-(bf16 autocast on CUDA, fp32 on CPU).
+A step is a full optimizer step: forward, cross-entropy, backward, clipping, AdamW, as the
+trainer does it (bf16 autocast on CUDA, fp32 on CPU). Every model is built once; then
+each round runs `--steps` timed steps of every model in turn (after `--warmup` untimed
+ones), and the figure reported is the median over `--rounds` rounds. Interleaving makes
+machine noise (other jobs on a shared 2-core box) hit all models alike; separate
+processes drift by 2x between runs. On CUDA, peak memory is per model (reset per step).
 
-    python bench/train_throughput.py                      # CPU-sized defaults
-    python bench/train_throughput.py --sizes tierA --steps 30
+Models (`--models`, comma list): gpt2 (HF GPT2LMHeadModel), transformer (ours),
+hatchling (phase A: backbone + WM), hatchling-B (+ procedural memory), hatchling-C
+(+ episodic memory). Hatchling phases also report `ratio_vs_phase_a`.
+
+    python bench/train_throughput.py                                  # the issue-14 shape, T=256
+    python bench/train_throughput.py --seq-lengths 256,1024,4096      # batch = tokens-per-step / T
+    python bench/train_throughput.py --models transformer,hatchling --compile
+    python bench/train_throughput.py --profile hatchling              # torch.profiler top ops of one step
     python bench/train_throughput.py --preset configs/00_best_general.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,138 +36,220 @@ sys.path.insert(0, str(ROOT))
 SIZES = {  # d_model, n_layers, n_heads, seq_length, batch, vocab
     "tiny": (128, 2, 4, 128, 8, 4096),
     "small": (256, 4, 4, 256, 8, 8192),
+    "issue14": (256, 8, 4, 256, 8, 8192),
     "tierA": (512, 8, 8, 1024, 8, 50257),
     "tierB": (768, 12, 12, 1024, 8, 50257),
 }
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40": 181e12, "4090": 165e12, "3090": 71e12}
+PHASES = {"hatchling": {}, "hatchling-B": {"pm_enabled": True},
+          "hatchling-C": {"pm_enabled": True, "em_enabled": True}}
 
 
 def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
-def build(kind: str, d: int, layers: int, heads: int, seq: int, vocab: int, arch: str):
+def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extra: dict):
+    """(model, step_loss(x, y) -> loss) for model `name`."""
     import torch
 
-    if kind == "gpt2":
+    if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = GPT2Config(vocab_size=vocab, n_positions=seq, n_embd=d, n_layer=layers, n_head=heads,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+                         bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(cfg)
 
         def step_loss(x, y):
             logits = model(input_ids=x).logits
             return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
-        return model, step_loss
-    from model import ModelConfig, build_model
+        return model, model, step_loss
+    from model import ModelConfig, build_model, detach_state
 
-    model = build_model(ModelConfig(arch=arch, d_model=d, n_layers=layers, n_heads=heads), vocab)
+    arch = "transformer" if name == "transformer" else "hatchling"
+    model = build_model(ModelConfig(arch=arch, d_model=d, n_layers=layers, n_heads=heads,
+                                    **PHASES.get(name, {}), **extra), vocab)
     state = {"s": None}
+    fwd = model
 
     def step_loss(x, y):
-        out = model(x, state=state["s"])
+        out = fwd(x, state=state["s"])
         if model.carries_state:
-            from model import detach_state
-
             state["s"] = detach_state(out.state)
         return torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
 
-    return model, step_loss
+    def compiled():
+        nonlocal fwd
+        fwd = torch.compile(model)
+
+    step_loss.compile = compiled
+    return model, model, step_loss
 
 
-def measure(kind: str, arch: str, size: str, dims: tuple, steps: int, warmup: int) -> dict:
-    """Runs in a child process: time `steps` optimizer steps after `warmup` ones."""
+class Runner:
+    """One model with its optimizer and a fixed batch; `steps(n)` runs n optimizer steps."""
+
+    def __init__(self, name, dims, dev, extra, compile_model):
+        import torch
+
+        from model import count_params
+
+        d, layers, heads, seq, batch, vocab = dims
+        self.name, self.seq, self.batch, self.dev = name, seq, batch, dev
+        torch.manual_seed(0)
+        self.model, _, self.step_loss = build(name, d, layers, heads, seq, vocab, extra)
+        self.model.to(dev).train()
+        if compile_model:
+            if hasattr(self.step_loss, "compile"):
+                self.step_loss.compile()
+            else:
+                self.model = torch.compile(self.model)
+        self.params = count_params(self.model)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda")
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+        g = torch.Generator().manual_seed(1)
+        self.data = torch.randint(0, vocab, (4, batch, seq + 1), generator=g).to(dev)
+        self.i = 0
+        self.peak_mb = 0.0
+
+    def steps(self, n: int) -> float:
+        import torch
+
+        cuda = self.dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            x = self.data[self.i % len(self.data)]
+            self.i += 1
+            with self.autocast:
+                loss = self.step_loss(x[:, :-1], x[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = max(self.peak_mb, torch.cuda.max_memory_allocated() / 2**20)
+        return time.perf_counter() - t0
+
+
+def run_interleaved(names, dims, dev, args, extra) -> list[dict]:
     import torch
 
-    from model import count_params
-
     d, layers, heads, seq, batch, vocab = dims
-    torch.manual_seed(0)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    model, step_loss = build(kind, d, layers, heads, seq, vocab, arch)
-    model.to(dev).train()
-    n_params = count_params(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    data = torch.randint(0, vocab, (steps + warmup, batch, seq + 1), device=dev)
+    runners = []
+    for name in names:
+        try:
+            runners.append(Runner(name, dims, dev, extra, args.compile))
+        except Exception as exc:  # noqa: BLE001 - report and go on with the others
+            print(json.dumps({"bench": "train_throughput", "model": name, "error": f"{type(exc).__name__}: {exc}"}))
+    live = []
+    for r in runners:
+        try:
+            r.steps(args.warmup)
+            live.append(r)
+        except Exception as exc:  # noqa: BLE001
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            print(json.dumps({"bench": "train_throughput", "model": r.name, "error": f"{type(exc).__name__}: {msg}"}))
+    times = {r.name: [] for r in live}
+    for _ in range(args.rounds):
+        for r in live:
+            times[r.name].append(r.steps(args.steps) / args.steps)
+    rows = {}
+    for r in live:
+        sec = statistics.median(times[r.name])
+        tps = batch * seq / sec
+        label = r.name if r.name == "gpt2" else f"ours-{r.name}"
+        row = {"bench": "train_throughput", "model": label, "device": torch.cuda.get_device_name() if dev.type == "cuda"
+               else f"cpu x{torch.get_num_threads()} threads", "params": r.params, "d_model": d, "n_layers": layers,
+               "n_heads": heads, "seq_length": seq, "batch": batch, "vocab": vocab, "compile": bool(args.compile),
+               "tokens_per_s": round(tps, 1), "step_ms": round(1000 * sec, 2),
+               "rounds_ms": [round(1000 * t, 1) for t in times[r.name]]}
+        if dev.type == "cuda":
+            row["peak_mem_mb"] = round(r.peak_mb, 1)
+            peak = peak_flops(row["device"])
+            flops_per_token = 6 * r.params + 6 * layers * d * seq
+            row["mfu"] = round(flops_per_token * tps / peak, 4) if peak else None
+        rows[r.name] = row
+    for name, row in rows.items():
+        for ref, key in (("transformer", "ratio_vs_transformer"), ("gpt2", "ratio_vs_gpt2"),
+                         ("hatchling", "ratio_vs_phase_a")):
+            if ref in rows and name != ref and (key != "ratio_vs_phase_a" or name in PHASES):
+                row[key] = round(row["tokens_per_s"] / rows[ref]["tokens_per_s"], 3)
+        print(json.dumps(row), flush=True)
+    return list(rows.values())
 
-    def one(i):
-        with autocast:
-            loss = step_loss(data[i, :, :-1], data[i, :, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    for i in range(warmup):
-        one(i)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        one(i)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    tokens_per_s = steps * batch * seq / seconds
-    row = {"bench": "train_throughput", "model": kind if kind == "gpt2" else f"ours-{arch}", "size": size,
-           "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "params": n_params,
-           "d_model": d, "n_layers": layers, "seq_length": seq, "batch": batch, "vocab": vocab,
-           "tokens_per_s": round(tokens_per_s, 1), "step_ms": round(1000 * seconds / steps, 2)}
-    if dev.type == "cuda":
-        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        peak = peak_flops(row["device"])
-        flops_per_token = 6 * n_params + 6 * layers * d * seq  # matmuls fwd+bwd, plus causal attention
-        row["mfu"] = round(flops_per_token * tokens_per_s / peak, 4) if peak else None
-    else:
-        row["peak_mem_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # process peak RSS
-    return row
+def profile(name, dims, dev, args, extra, top: int) -> None:
+    """torch.profiler over `--steps` optimizer steps of one model: the top ops by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    r = Runner(name, dims, dev, extra, args.compile)
+    r.steps(max(1, args.warmup))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with tprofile(activities=acts) as prof:
+        r.steps(args.steps)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    print(f"# profile of {name}: {args.steps} step(s), self CPU time total {total / 1e3:.1f} ms")
+    print(f"{'op':40s} {'share':>7s} {'self ms':>9s} {'calls':>7s}")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        print(f"{e.key[:40]:40s} {100 * e.self_cpu_time_total / total:6.1f}% {e.self_cpu_time_total / 1e3:9.1f} "
+              f"{e.count:7d}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="tiny,small", help=f"comma list of {','.join(SIZES)}")
-    ap.add_argument("--preset", help="measure this preset's model dimensions instead of --sizes")
-    ap.add_argument("--archs", default="transformer", help="our archs to measure: transformer,hatchling")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--size", default="issue14", help=f"one of {','.join(SIZES)}")
+    ap.add_argument("--preset", help="measure this preset's model dimensions instead of --size")
+    ap.add_argument("--models", default="gpt2,transformer,hatchling,hatchling-B,hatchling-C",
+                    help="comma list of gpt2, transformer, " + ", ".join(PHASES))
+    ap.add_argument("--seq-lengths", default="", help="comma list of T, e.g. 256,1024,4096 (default: the size's)")
+    ap.add_argument("--tokens-per-step", type=int, default=0,
+                    help="with --seq-lengths: batch = this / T (default: the size's batch x seq)")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per model per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile every model (as train.compile)")
+    ap.add_argument("--profile", metavar="MODEL", help="print a torch.profiler top-ops table for MODEL and exit")
+    ap.add_argument("--top", type=int, default=15, help="rows of the --profile table")
     args = ap.parse_args()
-    if args.child:  # one measurement, in a fresh process
-        print(json.dumps(measure(**json.loads(args.child))))
-        return
-    jobs = []
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    extra = {}
     if args.preset:
         from train.estimate import vocab_size_guess
         from train.preset import load_preset
 
         p, _ = load_preset(args.preset)
         m = p.model
-        jobs.append((Path(args.preset).stem, (m.d_model, m.n_layers, m.n_heads, p.train.seq_length,
-                                              p.train.batch_size, vocab_size_guess(p.tokenizer))))
+        dims = (m.d_model, m.n_layers, m.n_heads, p.train.seq_length, p.train.batch_size,
+                vocab_size_guess(p.tokenizer))
+        extra = {k: getattr(m, k) for k in ("global_every", "wm_window", "chunk_size", "n_kv_heads")}
     else:
-        jobs = [(s, SIZES[s]) for s in args.sizes.split(",")]
-    for size, dims in jobs:
-        rows = {}
-        for kind, arch in [("gpt2", "")] + [("ours", a) for a in args.archs.split(",")]:
-            spec = {"kind": kind, "arch": arch or "transformer", "size": size, "dims": dims, "steps": args.steps,
-                    "warmup": args.warmup}
-            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                  text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-            if proc.returncode != 0:
-                print(json.dumps({"bench": "train_throughput", "model": kind, "size": size,
-                                  "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}))
-                continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows[row["model"]] = row
-            if "gpt2" in rows and row["model"] != "gpt2":
-                row["ratio_vs_gpt2"] = round(row["tokens_per_s"] / rows["gpt2"]["tokens_per_s"], 3)
-            print(json.dumps(row), flush=True)
+        dims = SIZES[args.size]
+    d, layers, heads, seq, batch, vocab = dims
+    if args.profile:
+        profile(args.profile, dims, dev, args, extra, args.top)
+        return
+    names = args.models.split(",")
+    seqs = [int(s) for s in args.seq_lengths.split(",")] if args.seq_lengths else [seq]
+    tokens = args.tokens_per_step or batch * seq
+    for T in seqs:
+        B = batch if T == seq and not args.tokens_per_step else max(1, tokens // T)
+        run_interleaved(names, (d, layers, heads, T, B, vocab), dev, args, extra)
 
 
 if __name__ == "__main__":

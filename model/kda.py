@@ -137,9 +137,14 @@ def kda_recurrent(
 #
 # Numerical care: e^{G_t - G_i} (t >= i) is <= 1, but splitting it as e^{G_t} e^{-G_i} to
 # use a matmul overflows once a chunk decays by more than ~e^-88. So the decayed score
-# matrices are built from sub-chunks of `sub` tokens: pairs in the same sub-chunk use
-# the explicit pairwise exponent, pairs in different sub-chunks are factored through the
-# last token r of the key's sub-chunk, e^{G_t - G_r} e^{G_r - G_i}, both factors <= 1.
+# matrices are built from sub-chunks of `sub` tokens: pairs in different sub-chunks are
+# factored through the last token r of the key's sub-chunk, e^{G_t - G_r} e^{G_r - G_i},
+# both factors <= 1; pairs in the same sub-chunk are factored through its first token f,
+# e^{G_t - G_f} e^{G_f - G_i} (one small matmul), as long as no sub-chunk in the call
+# decays by more than e^-80 (so no factor, nor a masked product above the diagonal,
+# leaves float32's range); otherwise they use the explicit pairwise exponent
+# ([.., s, s, dk], several times slower). The choice is per call, so a strongly decaying
+# call only costs time, never exactness.
 #
 # Resets: a token at or after a reset may only combine with tokens of its own segment
 # (segment = number of resets so far in the chunk), and only segment 0 sees S0.
@@ -155,25 +160,39 @@ def _reset_bht(reset: Optional[torch.Tensor], B: int, H: int, T: int) -> Optiona
     return reset.expand(B, H, T)
 
 
+_FACTOR_MAX = 80.0  # largest log-decay across one sub-chunk that its factored form takes
+
+
 def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decay-weighted dot products inside each chunk.
 
     q, k, G: [..., C, dk] (G the within-chunk cumulative log-decay). Returns
     (Aqk, Akk), each [..., C, C], with X[t, i] = sum_d x_t[d] k_i[d] exp(G_t[d] - G_i[d])
-    for t >= i and 0 above the diagonal.
+    for t >= i; above the diagonal, entries are finite but arbitrary (the caller masks them).
     """
     C, dk = q.shape[-2], q.shape[-1]
     n = C // sub
     lead = q.shape[:-2]
-    # (1) pairs inside one sub-chunk: the explicit pairwise exponent, [..., n, s, s, dk]
+    # (1) pairs inside one sub-chunk, [..., n, s, s]
     Gs = G.unflatten(-2, (n, sub))
-    diff = Gs[..., :, None, :] - Gs[..., None, :, :]
-    tri = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
-    decay = torch.where(tri[..., None], diff, float("-inf")).exp()  # 0 above the diagonal
     ks = k.unflatten(-2, (n, sub))
-    k_pairs = decay * ks[..., None, :, :]  # [..., n, s(t), s(i), dk]: k_i decayed to time t
-    rows = torch.stack([q.unflatten(-2, (n, sub)), ks], dim=-1)  # [..., n, s(t), dk, 2]
-    diag_qk, diag_kk = (k_pairs @ rows).unbind(-1)  # [..., n, s(t), s(i)] each
+    qs = q.unflatten(-2, (n, sub))
+    first = Gs[..., :1, :]  # [..., n, 1, dk]: G at the sub-chunk's first token f
+    if bool(((first - Gs[..., -1:, :]).amax() <= _FACTOR_MAX) if Gs.numel() else True):
+        # factored through f (f <= i <= t, so causal): e^{G_t - G_i} = e^{G_t - G_f} e^{G_f - G_i},
+        # factors in [e^-80, e^80] (and the products above the diagonal, masked by the caller,
+        # <= e^80): one matmul per sub-chunk instead of an [s, s, dk] tensor of pairwise exponents
+        k_in = ks * (first - Gs).exp()  # [..., n, s, dk]
+        down = (Gs - first).exp()
+        diag_qk = (qs * down) @ k_in.transpose(-1, -2)  # [..., n, s(t), s(i)]
+        diag_kk = (ks * down) @ k_in.transpose(-1, -2)
+    else:  # some sub-chunk decays by more than e^-80: the explicit pairwise exponent
+        diff = Gs[..., :, None, :] - Gs[..., None, :, :]
+        tri = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()
+        decay = torch.where(tri[..., None], diff, float("-inf")).exp()  # 0 above the diagonal
+        k_pairs = decay * ks[..., None, :, :]  # [..., n, s(t), s(i), dk]: k_i decayed to time t
+        rows = torch.stack([qs, ks], dim=-1)  # [..., n, s(t), dk, 2]
+        diag_qk, diag_kk = (k_pairs @ rows).unbind(-1)  # [..., n, s(t), s(i)] each
     # (2) pairs in different sub-chunks, factored through r = last token of the key's
     # sub-chunk b: keys scaled by e^{G_r - G_i} <= 1, rows by e^{G_t - G_r} (<= 1 where used;
     # clamped elsewhere, those entries are masked out below).
