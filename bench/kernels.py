@@ -1,5 +1,7 @@
 """Fused CUDA kernels (model/kernels) against their PyTorch references, and the KDA
-kernel against flash-linear-attention's `fla.ops.kda.chunk_kda` when that is importable.
+kernel against flash-linear-attention's `fla.ops.kda.chunk_kda` when that is importable
+(impl "fla": chunk_kda called directly; "fla-glue": through our training path,
+`kernels.kda(mode="fla")`, with its layout changes and cu_seqlens).
 
     python bench/kernels.py                 # T = 1k, 2k, 4k, 8k
     python bench/kernels.py --quick         # T = 1k, 2k, fewer repeats
@@ -80,6 +82,8 @@ def bench_kda(B, H, T, dk, dtype, reps, fla):
         "reference": lambda *x: kernels.kda(*x, mode="reference", impl="chunk", chunk_size=64),
     }
     if fla is not None:  # fla: [B, T, H, d], log-space gates
+        # our glue (model/kernels/chunked.py: layout, cu_seqlens, segment states) around chunk_kda
+        impls["fla-glue"] = lambda *x: kernels.kda(*x, mode="fla")
         impls["fla"] = lambda q, k, v, g, b: fla(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   g.transpose(1, 2), b.transpose(1, 2), scale=dk ** -0.5)
     with torch.no_grad():
@@ -205,7 +209,7 @@ def main():
     B, H, dk = args.batch, args.heads, args.head_dim
     torch.manual_seed(0)
     emit(bench="kernels", device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-         extension=build.sources_hash())
+         build=build.build_in_use(), line=build.line())
 
     fla = None
     if "kda" in args.ops:

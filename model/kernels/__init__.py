@@ -97,10 +97,19 @@ def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, ch
     if mode == "fla" or (mode == "auto" and impl == "chunk" and q.is_cuda and q.shape[2] > 1):
         why = chunked.available() or chunked.unsupported(q, reset)
         if why is None:
-            return chunked.kda_varlen(q, k, v, log_alpha, beta, initial_state, scale, reset)
+            try:
+                out = chunked.kda_varlen(q, k, v, log_alpha, beta, initial_state, scale, reset)
+                build.say("KDA training kernel: flash-linear-attention's chunk_kda (chunked, tensor cores)")
+                return out
+            except Exception as e:  # noqa: BLE001 - a first call that fails (Triton/fla mismatch) must not stop training
+                if mode == "fla" or chunked.proven():
+                    raise
+                why = f"fla chunk_kda failed on its first call: {type(e).__name__}: {str(e).strip()[:200]}"
+                chunked.disable(why)
+                build.say(f"{why}; using the fused recurrent kernel instead")
         if mode == "fla":
             raise RuntimeError(f"model.kernels: fla chunk_kda requested but unavailable: {why}")
-        build.notice(f"chunked training kernel: {why}; using the fused recurrent kernel", logging.INFO)
+        build.say(f"chunked KDA training kernel unavailable ({why}); using the fused recurrent kernel")
     be = _backend(mode, q, _kda_unsupported(q, q.shape[2]))
     if be is None:
         return kda_reference(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size, impl)

@@ -50,6 +50,14 @@ def notice(reason: str, level: int = logging.WARNING) -> None:
     _log.log(level, "model.kernels: fused CUDA kernels not used (%s); running the PyTorch reference", reason)
 
 
+def say(line: str, level: int = logging.WARNING) -> None:
+    """One free-text line per distinct message per process (which kernel path is in use)."""
+    if line in _noted:
+        return
+    _noted.add(line)
+    _log.log(level, "model.kernels: %s", line)
+
+
 def sources_hash() -> str:
     h = hashlib.sha256()
     for f in sorted(CSRC.iterdir()):
@@ -220,6 +228,13 @@ def build_in_use() -> Optional[str]:
 def line() -> Optional[str]:
     """The one line that said which build is in use (None before or without one)."""
     return _state["line"]
+
+
+def force(be, name: str) -> None:
+    """Use backend `be` (built by the caller, e.g. nvrtc.NvrtcBackend()) from now on, as if the
+    ladder had chosen it: for benchmarks and device checks that compare the builds."""
+    with _lock:
+        _state.update(tried=True, ext=getattr(be, "ext", be), backend=be, reason=None, build=name, line=_describe(be))
 
 
 def _reset_for_tests() -> None:

@@ -49,6 +49,16 @@ def available() -> Optional[str]:
     return _fla["why"]
 
 
+def disable(why: str) -> None:
+    """Stop using chunk_kda in this process (its first call failed: e.g. a Triton mismatch)."""
+    _fla["fn"], _fla["why"] = None, why[:300]
+
+
+def proven() -> bool:
+    """Whether a chunk_kda call has succeeded in this process (after that, errors propagate)."""
+    return bool(_fla.get("ok"))
+
+
 def fla_kernel() -> Callable:
     why = available()
     if why:
@@ -105,6 +115,8 @@ def kda_varlen(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=N
     if initial_state is not None:
         h0 = h0.index_copy(0, first, initial_state.float() * keep0[:, None, None, None])
     o, ht = kernel(qf, kf, vf, gf, bf, scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    if kernel is _fla.get("fn"):
+        _fla["ok"] = True
     last = torch.cat([first[1:], first.new_tensor([N])]) - 1
     o = o.reshape(B, T, H, dv).transpose(1, 2).to(v.dtype)
     return o, ht.float().index_select(0, last)

@@ -81,8 +81,26 @@ def library():
         raise NvrtcUnavailable(f"torch {torch.__version__} has no torch.cuda._utils._cuda_load_module")
     try:
         return _utils._get_gpu_rtc_library()
-    except Exception as e:  # noqa: BLE001
-        raise NvrtcUnavailable(f"NVRTC library not found ({e})") from e
+    except Exception as e:  # noqa: BLE001 - not on the loader's path: look where pip puts it
+        for path in _pip_nvrtc_paths():
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+        raise NvrtcUnavailable(f"NVRTC library not found ({e}; pip install nvidia-cuda-nvrtc-cu12)") from e
+
+
+def _pip_nvrtc_paths() -> list[str]:
+    """libnvrtc in pip's nvidia packages (nvidia/cuda_nvrtc/lib for CUDA 12, nvidia/cu13/lib for 13)."""
+    import glob
+    import sys
+
+    major = (torch.version.cuda or "12").split(".")[0]
+    out = []
+    for root in sys.path:
+        for sub in ("cuda_nvrtc", f"cu{major}"):
+            out += sorted(glob.glob(os.path.join(root, "nvidia", sub, "lib", f"libnvrtc.so.{major}*")))
+    return [p for p in out if "builtins" not in p and ".alt." not in p]
 
 
 def version(lib) -> str:
@@ -186,6 +204,26 @@ class NvrtcBackend:
         self._modules: dict[int, dict] = {}  # device index -> {name expression: _CudaKernel}
         self._lock = threading.Lock()
         self._smem_set: set = set()
+        self._primary: dict[int, ctypes.c_void_p] = {}
+
+    def _context(self, index: int) -> None:
+        """Make device `index`'s primary context (torch's, where the module lives) current in this
+        thread: the driver API needs one, and autograd runs backward kernels on its own threads."""
+        from torch.cuda import _utils
+
+        libcuda = _utils._get_gpu_runtime_library()
+        primary = self._primary.get(index)
+        if primary is None:
+            torch.cuda.init()
+            dev, primary = ctypes.c_int(), ctypes.c_void_p()
+            if libcuda.cuDeviceGet(ctypes.byref(dev), index) != 0 or \
+                    libcuda.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev) != 0:
+                raise RuntimeError(f"model.kernels (nvrtc): no primary CUDA context for device {index}")
+            self._primary[index] = primary
+        cur = ctypes.c_void_p()
+        libcuda.cuCtxGetCurrent(ctypes.byref(cur))
+        if cur.value != primary.value and libcuda.cuCtxSetCurrent(primary) != 0:
+            raise RuntimeError(f"model.kernels (nvrtc): cannot make device {index}'s context current")
 
     def load(self, index: int) -> dict:
         with self._lock:
@@ -196,19 +234,24 @@ class NvrtcBackend:
                 major, minor = torch.cuda.get_device_capability(index)
                 data, lowered = cubin_for(self.lib, f"{major}{minor}")
                 with torch.cuda.device(index):
+                    self._context(index)
                     kernels = _utils._cuda_load_module(data, list(lowered.values()))
                 mod = self._modules[index] = {n: kernels[m] for n, m in lowered.items()}
             return mod
 
     def _launch(self, index: int, name: str, grid, block, smem: int, params) -> None:
         kern = self.load(index)[name]
-        if smem >= 48 * 1024 and (index, name, smem) not in self._smem_set:
-            with torch.cuda.device(index):
-                kern.set_shared_memory_config(smem)
-            self._smem_set.add((index, name, smem))
+        self._context(index)
         from torch.cuda import _utils
 
         libcuda = _utils._get_gpu_runtime_library()
+        if smem >= 48 * 1024 and (index, name, smem) not in self._smem_set:
+            # opt in to more than 48 KB of dynamic shared memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES);
+            # not _CudaKernel.set_shared_memory_config, which reads a device property torch 2.13 lacks
+            rc = libcuda.cuFuncSetAttribute(kern.func, 8, ctypes.c_int(smem))
+            if rc != 0:
+                raise RuntimeError(f"model.kernels.{name} (nvrtc): {smem} bytes of shared memory refused (CUDA error {rc})")
+            self._smem_set.add((index, name, smem))
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))  # the struct, passed by value
         stream = torch.cuda.current_stream(index)
         rc = libcuda.cuLaunchKernel(kern.func, ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), ctypes.c_uint(1),

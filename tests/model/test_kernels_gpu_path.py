@@ -409,3 +409,109 @@ def test_chunked_path_is_optional_and_says_why(monkeypatch):
     o, s = kernels.kda(q, k, v, la, beta, s0)
     o_ref, s_ref = kernels.kda_reference(q, k, v, la, beta, s0)
     assert torch.equal(o, o_ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or chunked.available() is not None,
+                    reason="needs a CUDA device and flash-linear-attention (fla-core + Triton)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 3e-2)], ids=["f32", "bf16"])
+def test_fla_chunk_kda_through_our_glue_matches_the_reference(dtype, tol):
+    """On a GPU: the real chunk_kda behind kda_varlen, against model/kda.py, with resets and carried state."""
+    from model.kda import kda_chunk
+
+    B, H, T, dk, dv = 3, 4, 300, 64, 64
+    q, k, v, la, beta, s0 = (x.detach().cuda() for x in _kda_in(B, H, T, dk, dv, seed=7))
+    reset = _random_resets(B, T, 0.01, 7).cuda()
+    reset[1, 0] = True
+    ins = [x.to(dtype).requires_grad_() if i < 5 else x.requires_grad_() for i, x in enumerate((q, k, v, la, beta, s0))]
+    ref_in = [x.detach().float().requires_grad_() for x in ins]
+    o, s = kernels.kda(*ins, reset=reset, mode="fla")
+    o_ref, s_ref = kda_chunk(*ref_in, None, reset, 64)
+    wo, ws = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    grads = torch.autograd.grad((o.float() * wo).sum() + (s * ws).sum(), ins)
+    grads_ref = torch.autograd.grad((o_ref * wo).sum() + (s_ref * ws).sum(), ref_in)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+    assert rel(o, o_ref) < tol and rel(s, s_ref) < tol
+    for name, a, b in zip("q k v log_alpha beta s0".split(), grads, grads_ref):
+        assert rel(a, b) < tol, f"d{name}: {rel(a, b):.3g}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA line")
+def test_gpu_check_says_no_cuda_device_and_exits_0():
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "bench" / "gpu_check.py")], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(ln) for ln in res.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0]["check"] == "device" and lines[0]["ok"] is False
+    assert lines[0]["reason"] == "no CUDA device"
+
+
+def test_nvrtc_backend_launch_glue_with_a_fake_driver(monkeypatch, tmp_path):
+    """NvrtcBackend.run on a simulated driver: the module is loaded once per device, the
+    context made current, >48 KB of shared memory opted into, and cuLaunchKernel given the
+    plan's grid/block/smem, the current stream and the parameter struct's address."""
+    import contextlib
+
+    from torch.cuda import _utils
+
+    calls = []
+
+    class Lib:
+        def __getattr__(self, name):
+            def f(*args):
+                calls.append((name, args))
+                if name == "cuCtxGetCurrent":
+                    args[0]._obj.value = None  # no context current in this thread (an autograd worker)
+                if name == "cuDevicePrimaryCtxRetain":
+                    args[0]._obj.value = 1234
+                return 0
+            return f
+
+    class Kern:
+        def __init__(self, name):
+            self.func = ctypes.c_void_p(hash(name) & 0xFFFF)
+
+    loads = []
+
+    def load_module(data, names):
+        loads.append(names)
+        return {n: Kern(n) for n in names}
+
+    class Stream:
+        cuda_stream = 777
+
+    lib = Lib()
+    monkeypatch.setattr(_utils, "_get_gpu_runtime_library", lambda: lib)
+    monkeypatch.setattr(_utils, "_cuda_load_module", load_module)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda i=None: Stream())
+    monkeypatch.setattr(torch.cuda, "device", lambda i: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    lowered = {n: f"_mangled_{i}" for i, n in enumerate(nvrtc.kernel_names())}
+    monkeypatch.setattr(nvrtc, "cubin_for", lambda lib, arch: (b"cubin-" + arch.encode(), lowered))
+    be = nvrtc.NvrtcBackend(lib=lib)
+    p = _kda_params(2, 3, 40, 64, 64)
+    be.run("kda_bwd", p, torch.device("cuda", 0))
+    be.run("kda_bwd", p, torch.device("cuda", 0))
+    assert len(loads) == 1  # one module per device
+    _, (name, grid, block, smem) = nvrtc.plan("kda_bwd", p)
+    launches = [a for n, a in calls if n == "cuLaunchKernel"]
+    assert len(launches) == 2
+    func, gx, gy, gz, bx, by, bz, sm, stream, args, extra = launches[0]
+    assert func.value == Kern(lowered[name]).func.value and (gx.value, gy.value, gz.value) == (*grid, 1)
+    assert (bx.value, by.value, bz.value) == (block, 1, 1) and sm.value == smem and stream.value == 777
+    assert args[0] == ctypes.addressof(p) and extra is None
+    attrs = [a for n, a in calls if n == "cuFuncSetAttribute"]
+    assert len(attrs) == 1 and attrs[0][1] == 8 and attrs[0][2].value == smem > 48 * 1024  # opted in once
+    assert [n for n, _ in calls].count("cuCtxSetCurrent") >= 2  # made current before each launch
+    with pytest.raises(RuntimeError, match="nvrtc.*head dim"):
+        be.run("kda_fwd", _kda_params(1, 1, 5, 300, 8), torch.device("cuda", 0))
+    with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        be.run("kda_fwd", p, torch.device("cpu"))
