@@ -6,8 +6,9 @@
   poisoned with NaN first so an unwritten element fails), on two backends:
   * "emu": the same CUDA source compiled for the host and run by the fiber emulator in
     csrc/cuda_emu.h (needs a C++ compiler; tiny shapes, it is slow);
-  * "cuda": the JIT-built extension (needs a CUDA device, nvcc and ninja; larger and
-    ragged shapes). Skipped with the reason where that is missing.
+  * "cuda": the build the ladder picks (nvcc extension, or NVRTC without a toolkit;
+    SPIKE_KERNELS_BUILD=nvcc|nvrtc forces one, as bench/gpu_check.py does per build;
+    larger and ragged shapes). Skipped with the reason where there is no device.
 Tolerances (relative error in norm): 1e-5 for float32, 1e-2 for bf16.
 """
 from __future__ import annotations
