@@ -100,6 +100,8 @@ def load_finished(path: Path, configs: Optional[Path] = None, device: Optional[t
                               f"e.g. {missing[0]})")
     device = device or pick_device()
     model.to(device).eval()
+    with torch.no_grad():  # first forward now: one-time notices (kernels) come before any prompt
+        model(torch.tensor([[tok.eot_id]], device=device), state=model.generation_state(1, device))
     return Finished(model, tok, preset, path, ckpt, device)
 
 

@@ -86,8 +86,9 @@ def export(fin, out: Path) -> Path:
         "add_bos_token": False, "add_eos_token": False, **special}, indent=2), encoding="utf-8")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
 
-    GenerationConfig(do_sample=g.temperature > 0, temperature=g.temperature if g.temperature > 0 else None,
-                     top_p=g.top_p, top_k=0, max_new_tokens=g.max_tokens, no_repeat_ngram_size=g.no_repeat_ngram,
+    sampling = dict(do_sample=True, temperature=g.temperature, top_p=g.top_p, top_k=0) if g.temperature > 0 else \
+        dict(do_sample=False)  # temperature 0: greedy
+    GenerationConfig(**sampling, max_new_tokens=g.max_tokens, no_repeat_ngram_size=g.no_repeat_ngram,
                      bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, use_cache=False).save_pretrained(out)
     (out / "README.md").write_text(
         f"# {fin.preset.name}\n\nExported by the Hatchling trainer from `{fin.path.name}` "

@@ -47,13 +47,14 @@ class TrainerLM(LM):
         spaces = len(context) - len(context.rstrip())
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
+        bos = [self.eot_token_id]  # a document starts after an end-of-text in training: it is our BOS
         if not context:
-            return [self.eot_token_id], self.tok_encode(continuation)
+            return bos, self.tok_encode(continuation)
         whole = self.tok_encode(context + continuation)
         ctx = self.tok_encode(context)
         if whole[:len(ctx)] != ctx or len(ctx) >= len(whole):  # tokenisation merged across the split
-            return ctx, self.tok_encode(continuation)
-        return ctx, whole[len(ctx):]
+            return bos + ctx, self.tok_encode(continuation)
+        return bos + ctx, whole[len(ctx):]
 
     @torch.no_grad()
     def _score(self, pairs: list[tuple[list[int], list[int]]], advance) -> list[tuple[float, bool]]:
@@ -112,7 +113,7 @@ class TrainerLM(LM):
             context, kwargs = r.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            ids = (self.tok_encode(context) or [self.eot_token_id])[-self.max_length:]
+            ids = ([self.eot_token_id] + self.tok_encode(context))[-self.max_length:]
             new, text = [], ""
             for t in stream_tokens(self.model, ids, int(kwargs.get("max_gen_toks", 128)), top_p=1.0,
                                    temperature=0.0, no_repeat_ngram=0, stop_token=self.eot_token_id):
