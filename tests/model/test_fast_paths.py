@@ -1,0 +1,67 @@
+"""Issue 14's fast paths against their specifications: the LIF's parallel backward (leaky
+scan over chunks, with resets), the KDA's factored and pairwise sub-chunk scores, and the
+blocked unit-triangular solve. Never timed."""
+import pytest
+import torch
+
+import model.kda as kda_mod
+from model.kda import _unit_lower_solve, kda_chunk, kda_recurrent
+from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
+
+from .test_kda import assert_same, make_inputs, run_and_grad
+
+
+@pytest.mark.parametrize("T", [1, 31, 32, 33, 100])
+@pytest.mark.parametrize("with_reset", [False, True])
+def test_leaky_scan_matches_loop(T, with_reset):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(3, T, 5, generator=g, dtype=torch.float64)
+    keep = (torch.rand(3, T, generator=g) > 0.1).double() if with_reset else None
+    y, ref = torch.zeros(3, 5, dtype=torch.float64), []
+    for t in range(T):
+        y = 0.9 * (keep[:, t, None] if keep is not None else 1.0) * y + x[:, t]
+        ref.append(y)
+    torch.testing.assert_close(_leaky_scan(x, 0.9, keep), torch.stack(ref, 1))
+
+
+@pytest.mark.parametrize("fn", [lif_scan, lif_scan_sequential])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lif_forms_match_reference_over_many_chunks(fn, dtype):
+    g = torch.Generator().manual_seed(0)
+    drive = (torch.randn(2, 150, 3, 4, generator=g, dtype=dtype) * 0.5 + 0.3).requires_grad_()
+    m0 = torch.randn(2, 3, 4, generator=g, dtype=dtype).requires_grad_()
+    reset = torch.rand(2, 150, generator=g) < 0.05
+    s1, m1 = fn(drive, 0.9, 1.0, m0, reset)
+    s2, m2 = lif_scan_reference(drive, 0.9, 1.0, m0, reset)
+    assert torch.equal(s1, s2)
+    assert_same(m1, m2)
+    w_s, w_m = torch.randn(s1.shape, generator=g, dtype=dtype), torch.randn(m1.shape, generator=g, dtype=dtype)
+    g1 = torch.autograd.grad((s1 * w_s).sum() + (m1 * w_m).sum(), [drive, m0])
+    g2 = torch.autograd.grad((s2 * w_s).sum() + (m2 * w_m).sum(), [drive, m0])
+    for a, b in zip(g1, g2):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("factor_max", [0.0, float("inf"), 80.0])
+def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max):
+    """0 forces the pairwise exponents, inf the factored form (inputs whose decay it can hold)."""
+    monkeypatch.setattr(kda_mod, "_FACTOR_MAX", factor_max)
+    inputs = make_inputs(T=70)
+    reset = torch.zeros(2, 70, dtype=torch.bool)
+    reset[0, 20] = reset[1, 45] = True
+    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, chunk_size=32), inputs)
+    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
+    assert_same(o1, o2)
+    assert_same(s1, s2)
+    for a, b in zip(g1, g2):
+        assert_same(a, b)
+
+
+@pytest.mark.parametrize("C,blk", [(64, 16), (32, 16), (8, 8), (12, 6)])
+def test_unit_lower_solve_matches_solve_triangular(C, blk):
+    g = torch.Generator().manual_seed(C)
+    L = (torch.randn(2, 3, C, C, generator=g, dtype=torch.float64) * 0.3).tril(-1)
+    rhs = torch.randn(2, 3, C, 5, generator=g, dtype=torch.float64)
+    eye = torch.eye(C, dtype=torch.float64)
+    ref = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
+    torch.testing.assert_close(_unit_lower_solve(L, rhs, blk), ref)
