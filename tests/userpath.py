@@ -8,6 +8,7 @@ is handed in: the preset comes from the picker, resumption from the resume quest
 bench/faults.py uses the same helpers for its kill -9 trials."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -75,10 +76,13 @@ def run_main(project: Path, budget: int = 4096, timeout: float = 300, **popen) -
                           text=True, timeout=timeout, env=env())
 
 
-def start_main(project: Path, budget: int = 4096) -> subprocess.Popen:
-    """`python main.py` with no terminal on stdin, in the background."""
+def start_main(project: Path, budget: int = 4096, pythonpath: Path | None = None) -> subprocess.Popen:
+    """`python main.py` with no terminal on stdin, in the background (stderr joined to
+    stdout); `pythonpath` puts a folder first on the import path (a sitecustomize.py
+    there injects a fault)."""
+    extra = {"PYTHONPATH": str(pythonpath)} if pythonpath else {}
     return subprocess.Popen(main_command(project, budget), cwd=project, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(**extra))
 
 
 def spawn_main(project: Path, budget: int = 4096, timeout: float = 120):
@@ -86,5 +90,7 @@ def spawn_main(project: Path, budget: int = 4096, timeout: float = 120):
     import pexpect
 
     cmd = main_command(project, budget)
-    return pexpect.spawn(cmd[0], cmd[1:], cwd=str(project), env=env(), timeout=timeout, encoding="utf-8",
-                         dimensions=(50, 160))
+    child = pexpect.spawn(cmd[0], cmd[1:], cwd=str(project), env=env(), timeout=timeout, encoding="utf-8",
+                          dimensions=(50, 160))
+    child.logfile_read = io.StringIO()  # everything the program printed, for checks after EOF
+    return child

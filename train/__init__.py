@@ -29,6 +29,7 @@ def run(root: str | Path = ".") -> int:
     console = Console()
     root = Path(root)
     d = init_distributed()
+    old_term = _terminate_as_interrupt()
     try:
         plan = None
         if d.is_main:
@@ -66,9 +67,26 @@ def run(root: str | Path = ".") -> int:
         if d.is_main:
             console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if d.is_main:
-            console.print("interrupted.")
-        return 130
+            console.print("terminated." if isinstance(e, Terminated) else "interrupted.")
+        return 143 if isinstance(e, Terminated) else 130
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         shutdown()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which saves on it): stop like Ctrl-C, exit 143."""
+
+
+def _terminate_as_interrupt():
+    """SIGTERM raises Terminated in the main thread; returns the old handler (None off the main thread)."""
+    def handler(signum, frame):
+        raise Terminated
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
