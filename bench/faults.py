@@ -8,7 +8,8 @@ Prints one JSON line per fault ({"fault", "trials", "survived", "data_lost_token
 and then a table. tests/train/test_faults.py runs the same trials at a smaller count.
 
 What "survived" means for each fault:
-  kill9        SIGKILL at a random moment (often mid-step, sometimes mid-save or mid-rotation):
+  kill9        SIGKILL of `python main.py` at a random moment (often mid-step, sometimes mid-save or
+               mid-rotation), restarted through main.py with no preset handed in:
                every checkpoint file left loads, lm_current/prev/prev2 are in order, the run
                resumes from its last completed save, and finishes with exactly its budget.
                data_lost_tokens: tokens trained after the last save, redone after the restart.
@@ -111,8 +112,6 @@ def check_files(folder: Path) -> list[str]:
     order = [stamps[n] for n in (CURRENT, PREV, PREV2) if n in stamps]
     if order != sorted(order, reverse=True):
         problems.append(f"rolling checkpoints out of order: {stamps}")
-    if any(p.name.startswith(".") and ".tmp" in p.name for p in folder.iterdir()) and False:
-        problems.append("temporary file left behind")  # (left by a killed writer: harmless, overwritten next time)
     return problems
 
 
@@ -122,7 +121,8 @@ def trained_tokens(folder: Path) -> int:
     if not path.exists():
         return 0
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return max((r["tokens"] for r in rows if r.get("kind") == "train"), default=0)
+    run = rows[-1].get("run") if rows else None  # rows of the run in progress (a finished one may precede it)
+    return max((r["tokens"] for r in rows if r.get("kind") == "train" and r.get("run") == run), default=0)
 
 
 def saved_tokens(folder: Path) -> int:
@@ -131,19 +131,30 @@ def saved_tokens(folder: Path) -> int:
 
 
 def fault_kill9(kills: int, seed: int = 0, budget: int = 12_288) -> dict:
-    """SIGKILL a training child at random moments, restart it each time, until it finishes."""
+    """SIGKILL `python main.py` at random moments and start it again each time, exactly as
+    a user would (no terminal, so every restart takes the default answer: resume), until
+    the run finishes. Only the token budget is smaller (tests/userpath.py)."""
+    from tests.userpath import main_command, make_project, run_main
+    from tests.userpath import tiny_preset as project_preset
+
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        script = child_script(work, tiny_preset(), budget)
-        folder = work / "ck"
+        project = make_project(Path(tmp), [project_preset("00_faults", train={"checkpoint_every_tokens": 1024,
+                                                                              "log_every_steps": 1})])
+        folder = project / "checkpoints"
         survived, lost, problems, finished_runs = 0, 0, [], 0
         for trial in range(kills):
-            proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            proc = subprocess.Popen(main_command(project, budget), cwd=project, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
             time.sleep(rng.uniform(3.0, 9.0))  # start-up takes a few seconds; kills land at varied points
-            if proc.poll() is not None:  # the run finished before the kill: start the next run
+            if proc.poll() is not None:  # the run finished (or failed) before the kill
+                err = proc.stderr.read().decode(errors="replace")
                 finished_runs += proc.returncode == 0
-                survived += proc.returncode == 0
+                if proc.returncode == 0:
+                    survived += 1
+                else:
+                    problems.append(f"trial {trial}: rc {proc.returncode}: {err[-300:]}")
                 continue
             before = trained_tokens(folder)
             proc.kill()
@@ -155,12 +166,12 @@ def fault_kill9(kills: int, seed: int = 0, budget: int = 12_288) -> dict:
                 problems += found
             else:
                 survived += 1
-        # after the last kill, the run must still complete with exactly its budget
-        final = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+        # after the last kill, `python main.py` must still complete the run with exactly its budget
+        final = run_main(project, budget, timeout=900)
         ok_end = final.returncode == 0 and load_checkpoint(folder / CURRENT)["tokens"] == budget
         if not ok_end:
-            problems.append(f"final run failed: {final.stderr[-500:]}")
-        return {"fault": "kill9", "trials": kills, "survived": survived if ok_end else 0,
+            problems.append(f"final run failed (rc {final.returncode}): {(final.stdout + final.stderr)[-500:]}")
+        return {"fault": "kill9", "trials": kills, "survived": survived if ok_end else 0, "via": "python main.py",
                 "data_lost_tokens": lost, "finished_runs": finished_runs, "problems": problems[:5]}
 
 
@@ -313,21 +324,36 @@ def fault_nan() -> dict:
         def setup(t):
             holder["t"] = t
             poison_logits(t, {3, 9, 12, 13, 14})
+            real_roll_back = t._roll_back
+
+            def roll_back():  # the roll-back must restore the saved token count and weights exactly
+                saved = load_checkpoint(out / RUN_STATE) if (out / RUN_STATE).exists() else None
+                real_roll_back()
+                if saved is not None:
+                    holder["rolled_back_exactly"] = t.tokens == saved["tokens"] and all(
+                        torch.equal(v, saved["model"][k]) for k, v in t._model_cpu_state().items())
+            t._roll_back = roll_back
 
         trainer, result = _train_in_process(tiny_preset(), 4096, out, setup, Reporter(enabled=False))
         finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+        exact = holder.get("rolled_back_exactly", False)
         ok = (result.finished and finite and trainer.skipped_steps >= 5 and trainer.lr_scale == 0.5
-              and result.tokens == 4096)
+              and result.tokens == 4096 and exact)
         return {"fault": "nan", "trials": 5, "survived": 5 if ok else 0, "data_lost_tokens": 0,
-                "skipped_steps": trainer.skipped_steps, "lr_scale": trainer.lr_scale,
+                "skipped_steps": trainer.skipped_steps, "lr_scale": trainer.lr_scale, "rolled_back_exactly": exact,
                 "problems": [] if ok else [f"finished={result.finished} finite={finite}"]}
 
 
-def fault_oom() -> dict:
+def fault_oom(arch: str = "transformer") -> dict:
+    """Out of memory in every forward of more than one stream; for the hatchling the carried
+    recurrent state is split into row groups and joined again, so the result must not change."""
+    from tests.userpath import tiny_preset as arch_preset
     from train.progress import Reporter
 
+    preset = tiny_preset() if arch == "transformer" else arch_preset(arch=arch, train={
+        "log_every_steps": 1, "checkpoint_every_tokens": 1024, "eval_every_tokens": 10**9})
     with tempfile.TemporaryDirectory() as tmp:
-        base, _ = _train_in_process(tiny_preset(), 2048, Path(tmp) / "a", None, Reporter(enabled=False))
+        base, _ = _train_in_process(preset, 2048, Path(tmp) / "a", None, Reporter(enabled=False))
 
         def setup(t):
             def hook(module, args, kwargs):
@@ -335,11 +361,11 @@ def fault_oom() -> dict:
                     raise torch.OutOfMemoryError("CUDA out of memory (injected)")
             t.model.register_forward_pre_hook(hook, with_kwargs=True)
 
-        trainer, result = _train_in_process(tiny_preset(), 2048, Path(tmp) / "b", setup, Reporter(enabled=False))
+        trainer, result = _train_in_process(preset, 2048, Path(tmp) / "b", setup, Reporter(enabled=False))
         same = all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in
                    zip(base.model.state_dict().values(), trainer.model.state_dict().values()))
         ok = result.finished and trainer.splits == 4 and same
-        return {"fault": "oom", "trials": 1, "survived": int(ok), "data_lost_tokens": 0, "splits": trainer.splits,
+        return {"fault": "oom", "arch": arch, "trials": 1, "survived": int(ok), "data_lost_tokens": 0, "splits": trainer.splits,
                 "same_result": same, "problems": [] if ok else [f"splits={trainer.splits} same={same}"]}
 
 

@@ -22,10 +22,12 @@ def survived(row):
 def test_nan_steps_are_skipped_and_a_streak_rolls_back():
     row = survived(faults.fault_nan())
     assert row["skipped_steps"] == 5 and row["lr_scale"] == 0.5
+    assert row["rolled_back_exactly"]  # token count and weights are the saved ones
 
 
-def test_out_of_memory_halves_the_micro_batch_with_the_same_result():
-    row = survived(faults.fault_oom())
+@pytest.mark.parametrize("arch", ["transformer", "hatchling"])
+def test_out_of_memory_halves_the_micro_batch_with_the_same_result(arch):
+    row = survived(faults.fault_oom(arch))
     assert row["splits"] == 4 and row["same_result"]
 
 

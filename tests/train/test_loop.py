@@ -2,6 +2,7 @@
 end-of-run rotation keeps the order, a damaged checkpoint falls back, the tokenizer is
 stored and reused."""
 import json
+import math
 import os
 import signal
 
@@ -156,6 +157,17 @@ def test_resume_is_exact_with_background_data_workers(tiny_preset, tmp_path):
     assert straight.finished and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def flat(tree) -> list:
+    """The tensors of a nested dict/list state, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree) for t in flat(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in flat(v)]
+    return []
+
+
 @pytest.mark.parametrize("phase", ["B", "C", "E"])
 def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, phase, capsys):
     model = {**HATCHLING, "plasticity_span": 8, "pm_slots": 4, "em_slots": 8}
@@ -163,8 +175,9 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
     assert preset.model.pm_enabled and preset.model.em_enabled == (phase != "B")
     assert preset.model.lifelong == (phase == "E")
     shown = DetailRecorder()
-    result = train(preset, budget=1024, out_dir=tmp_path, reporter=shown)
-    assert result.finished and result.eval["eval_loss"] < 7.0
+    result = train(preset, budget=2048, out_dir=tmp_path, reporter=shown)
+    uniform = math.log(preset.tokenizer.vocab_size)  # the loss of guessing every token equally likely
+    assert result.finished and result.eval["eval_loss"] < uniform - 0.3
     metrics = rows(tmp_path, "train")[-1]
     assert {"metric/pm_commit_rate/layer0", "metric/pm_strength/layer1"} <= set(metrics)
     assert ("metric/em_write_rate/layer1" in metrics) == (phase != "B")  # EM lives in the WM block
@@ -173,9 +186,16 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
     assert ("EM writes" in shown.details[-1]) == (phase != "B")
     memory = load_checkpoint(tmp_path / CURRENT)["memory"]
     assert (memory is not None) == (phase == "E")
-    if phase == "E":  # the next lifelong run starts from the stored memory contents
-        train(preset, budget=512, out_dir=tmp_path)
-        assert "starting with the stored procedural/episodic memory" in " ".join(capsys.readouterr().out.split())
+    if phase == "E":  # the next lifelong run starts from the stored memory contents, tensor for tensor
+        from train.loop import Trainer
+
+        nxt = Trainer(preset, 512, tmp_path, resume=False, reporter=None)
+        nxt.setup()
+        restored = flat(nxt.model.memory_state(nxt.state))
+        stored = flat(memory)
+        assert restored and len(restored) == len(stored)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, stored))
+        assert any(bool(b.abs().sum() > 0) for b in stored)  # there was something to carry
 
 
 def test_phases_need_hatchling(tmp_path):
