@@ -6,30 +6,42 @@ from data import BUILTIN_DATASETS, BUILTIN_TABLE, HFSourceSpec, SourceError, bui
 from data.registry import make_source
 from data.sources.hf import HFSource
 
-EXPECTED = {
-    "fineweb_edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
-    "wikipedia": ("wikimedia/wikipedia", "20231101.en"),
-    "openwebtext": ("vietgpt/openwebtext_en", None),
-    "c4": ("allenai/c4", "en"),
-    "slimpajama": ("DKYoon/SlimPajama-6B", None),
-    "pg19": ("emozilla/pg19", None),
-    "tinystories": ("roneneldan/TinyStories", None),
-    "natural_questions": ("sentence-transformers/natural-questions", "pair"),
-}
+from tests.conftest import ROOT
+
+# legacy hub ids whose loading needs a dataset script (trust_remote_code), which we never run
+SCRIPT_BASED = {"Skylion007/openwebtext", "deepmind/pg19", "openwebtext", "pg19", "c4", "wikipedia", "bookcorpus"}
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_each_name_expands_to_its_dataset(name):
+def readme_rows() -> dict:
+    """name -> (dataset, config, text) from the README's built-in dataset table."""
+    rows = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].startswith("`") and cells[1].startswith("`") and "/" in cells[1]:
+            rows[cells[0].strip("`")] = tuple(c.strip("`") for c in cells[1:4])
+    return rows
+
+
+def test_the_readme_documents_every_builtin_name_and_nothing_else():
+    assert set(readme_rows()) == set(BUILTIN_DATASETS)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_DATASETS))
+def test_each_name_expands_to_a_script_free_dataset_with_the_documented_text(name):
     spec = builtin_spec(name)
-    assert isinstance(spec, HFSourceSpec) and spec.type == "hf" and spec.name == name
-    assert (spec.dataset, spec.config) == EXPECTED[name] and spec.split == "train"
-    if spec.fields:
+    assert isinstance(spec, HFSourceSpec) and spec.type == "hf" and spec.name == name and spec.split == "train"
+    owner, _, repo = spec.dataset.partition("/")
+    assert owner and repo and spec.dataset not in SCRIPT_BASED  # an owner/name repo of data files
+    dataset, config, text = readme_rows()[name]
+    assert dataset == spec.dataset and (config == "default") == (spec.config is None)
+    if spec.fields:  # multi-field records: the README shows the format, and it names only those fields
         assert check_format(spec.format, spec.fields) is None
+        assert text == spec.format.replace("\n", "\\n")
     else:
-        assert spec.text_field == "text"
+        assert text == spec.text_field
     source = make_source(name)  # a bare string in data.sources
     assert isinstance(source, HFSource) and source.spec == spec and source.name == name
-    assert not source.is_local()
+    assert not source.is_local() and source.needs_hub()
     assert f"`{name}`" in BUILTIN_TABLE and f"`{spec.dataset}`" in BUILTIN_TABLE
 
 
