@@ -21,8 +21,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import (DataConfig, HFSourceSpec, PackedStreams, PdfSourceSpec, TextSourceSpec,  # noqa: E402
-                  TokenizerConfig, build_tokenizer, make_document_stream, open_sources, sample_texts)
+from data import (  # noqa: E402
+    DataConfig,
+    HFSourceSpec,
+    PackedStreams,
+    PdfSourceSpec,
+    TextSourceSpec,
+    TokenizerConfig,
+    build_tokenizer,
+    make_document_stream,
+    open_sources,
+    sample_texts,
+)
 from data.sources.text import split_paragraphs  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "corpus"

@@ -134,8 +134,7 @@ def fault_kill9(kills: int, seed: int = 0, budget: int = 12_288) -> dict:
     """SIGKILL `python main.py` at random moments and start it again each time, exactly as
     a user would (no terminal, so every restart takes the default answer: resume), until
     the run finishes. Only the token budget is smaller (tests/userpath.py)."""
-    from tests.userpath import main_command, make_project, run_main
-    from tests.userpath import tiny_preset as project_preset
+    from tests.userpath import main_command, make_project, run_main, tiny_preset as project_preset
 
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:

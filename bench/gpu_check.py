@@ -218,7 +218,6 @@ def check_sanitizer(builds, timeout):
 
 def check_timing(seqs, reps):
     import bench.kernels as bk
-
     from model.kernels import build
 
     bk.emit = lambda **rec: (emit("timing", **rec), RESULTS.setdefault("timing", []).append(rec))

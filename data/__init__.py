@@ -5,8 +5,16 @@ from .config import DataConfig, HFSourceSpec, PdfSourceSpec, SourceSpec, TextSou
 from .formatting import check_format
 from .hub import OFFLINE_HINT, hub_status
 from .prefetch import PrefetchingStream, make_document_stream
-from .registry import (AllSourcesDied, AllSourcesFailed, DocumentMixer, eval_documents, is_heldout, needs_hub,
-                       open_sources, sample_texts)
+from .registry import (
+                       AllSourcesDied,
+                       AllSourcesFailed,
+                       DocumentMixer,
+                       eval_documents,
+                       is_heldout,
+                       needs_hub,
+                       open_sources,
+                       sample_texts,
+)
 from .sources.base import Document, Source, SourceError
 from .sources.builtin import BUILTIN_DATASETS, BUILTIN_TABLE, builtin_spec
 from .streams import Batch, PackedStreams, eval_windows

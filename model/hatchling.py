@@ -33,15 +33,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import ModelOutput
 from .aux_heads import AuxHeads
+from .base import ModelOutput
 from .config import AuxHeadsConfig, ModelConfig
-from .episodic import COMMITTED as EM_COMMITTED
-from .episodic import EpisodicMemory
+from .episodic import COMMITTED as EM_COMMITTED, EpisodicMemory
 from .layers import RMSNorm, SwiGLU
 from .memory import SpanGrid, committed
-from .procedural import COMMITTED as PM_COMMITTED
-from .procedural import ProceduralMemory
+from .procedural import COMMITTED as PM_COMMITTED, ProceduralMemory
 from .spike_kda import SpikeKDA
 from .wm_attention import WorkingMemoryAttention
 

@@ -170,7 +170,7 @@ def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int)
     (Aqk, Akk), each [..., C, C], with X[t, i] = sum_d x_t[d] k_i[d] exp(G_t[d] - G_i[d])
     for t >= i; above the diagonal, entries are finite but arbitrary (the caller masks them).
     """
-    C, dk = q.shape[-2], q.shape[-1]
+    C = q.shape[-2]
     n = C // sub
     lead = q.shape[:-2]
     # (1) pairs inside one sub-chunk, [..., n, s, s]

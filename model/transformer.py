@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import ModelOutput
 from .aux_heads import AuxHeads
+from .base import ModelOutput
 from .config import AuxHeadsConfig, ModelConfig
 from .layers import RMSNorm, SwiGLU
 

@@ -15,22 +15,29 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from data import (PackedStreams, TextTokenizer, build_tokenizer, eval_documents, eval_windows, open_sources,
-                  sample_texts)
+from data import PackedStreams, TextTokenizer, build_tokenizer, eval_documents, eval_windows, open_sources, sample_texts
 from data.adaptive import AdaptiveReweighter
-from data.registry import AllSourcesDied, DocumentMixer
 from data.prefetch import make_document_stream
+from data.registry import AllSourcesDied, DocumentMixer
 from model import build_model, count_params, detach_state, map_state
 
-from .checkpoint import (RUN_STATE, CheckpointError, atomic_save, load_checkpoint, load_latest, load_run_state,
-                         recover_rotation, rotate_checkpoints)
+from .checkpoint import (
+    RUN_STATE,
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_latest,
+    load_run_state,
+    recover_rotation,
+    rotate_checkpoints,
+)
 from .config import TOKEN_BUDGET, Preset
 from .distributed import Dist, all_reduce_sum, any_rank, barrier, broadcast_object, gather_objects, init_distributed
 from .estimate import memory_problem, param_count, vocab_size_guess
 from .evaluate import evaluate, sample_texts as generate_samples
 from .optim import build_optimizer, build_scheduler
 from .preset import preset_from_dict
-from .progress import MetricsLog, Reporter, human
+from .progress import Reporter, human
 from .tensorboard import CurveLog
 
 CHECKPOINT_FORMAT = 1
@@ -425,7 +432,7 @@ class Trainer:
         """Forward and backward over the step's micro-batches, each cut into `self.splits`
         row groups (streams); gradients accumulate, the carried state is sliced and
         re-joined so splitting changes memory use, not the result."""
-        cfg, d, B, T = self.cfg, self.d, self.cfg.batch_size, self.cfg.seq_length
+        d, B, T = self.d, self.cfg.batch_size, self.cfg.seq_length
         n_step = min(remaining, self.tokens_per_step)
         n_src = len(self.sources)
         acc = {"loss_sum": torch.zeros((), device=self.device), "src_loss": torch.zeros(n_src, device=self.device),
@@ -490,7 +497,8 @@ class Trainer:
                 if self.d.enabled or self.splits >= cfg.batch_size:
                     raise TrainError("out of memory even at a micro-batch of one stream; lower train.seq_length or "
                                      "the model size" if not self.d.enabled else
-                                     "out of memory on this rank; lower train.batch_size and raise train.grad_accum_steps")
+                                     "out of memory on this rank; lower train.batch_size and raise train.grad_accum_steps"
+                                     ) from None
                 self.splits *= 2
                 if not self._oom_logged:
                     self.rep.warn(f"out of memory: micro-batch halved to {math.ceil(cfg.batch_size / self.splits)} "

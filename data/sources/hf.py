@@ -6,7 +6,7 @@ or a packaged builder with local files (`"dataset": "json", "data_files": "qa.js
 A record becomes a document through `text_field`, or through `fields` + `format`
 (see data/formatting.py). Records missing a needed field are skipped and counted.
 
-Sharding (data.registry.file_shares). Document ids are `"{file}:{row}"` (file = the
+Sharding (data.sharding.file_shares). Document ids are `"{file}:{row}"` (file = the
 stream's shard index, usually one data file; row = the record's index in it), so they do
 not depend on how the stream is split. With at least as many files as readers, reader k
 reads whole files f % num_shards == k (no reader downloads what another one reads);
@@ -169,7 +169,7 @@ class HFSource(Source):
 
     def records(self, shard: int = 0, num_shards: int = 1) -> Iterator[tuple[str, dict]]:
         """(record id, record) of this reader's share, in a fixed order (see file_shares)."""
-        from ..registry import file_shares
+        from ..sharding import file_shares
 
         ds = self._open()
         n_files = max(1, ds.num_shards or 1)

@@ -320,10 +320,10 @@ class PdfSource(Source):
             _cache_chars += size
 
     def documents(self, shard: int = 0, num_shards: int = 1) -> Iterator[Document]:
-        """This reader's chunks (data.registry.file_shares): with at least as many PDFs as
+        """This reader's chunks (data.sharding.file_shares): with at least as many PDFs as
         readers, whole files, so no reader extracts a file another one uses; with fewer,
         the readers of a file split its chunks by position (one PDF: chunk % num_shards)."""
-        from ..registry import file_shares
+        from ..sharding import file_shares
 
         files = self.files()
         for f, group, index in file_shares(shard, num_shards, len(files)):

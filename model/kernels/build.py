@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import abi
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 # the host-only binding and three CUDA translation units, so that ninja compiles them in parallel
@@ -142,8 +142,8 @@ def _build():
 def _build_nvcc() -> "CudaBackend":
     ext = _build()
     sizes = list(ext.struct_sizes())
-    if sizes != ops.STRUCT_SIZES:
-        raise RuntimeError(f"parameter struct sizes {sizes} != ctypes {ops.STRUCT_SIZES}")
+    if sizes != abi.STRUCT_SIZES:
+        raise RuntimeError(f"parameter struct sizes {sizes} != ctypes {abi.STRUCT_SIZES}")
     return CudaBackend(ext)
 
 

@@ -132,7 +132,7 @@ def reference_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output
     cu = cu_seqlens.tolist()
     outs, finals = [], []
     for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        def seg(x):
+        def seg(x, a=a, b=b):
             return x[:, a:b].transpose(1, 2)  # [1, H, t, d] / [1, H, t]
 
         s0 = None if initial_state is None else initial_state[n:n + 1]

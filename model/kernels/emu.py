@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import abi
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
@@ -53,11 +53,11 @@ class EmuBackend:
             fn.argtypes = [ctypes.c_void_p]
         sizes = (ctypes.c_int64 * 3)()
         lib.emu_struct_sizes(sizes)
-        if list(sizes) != ops.STRUCT_SIZES:
-            raise RuntimeError(f"emu: parameter struct sizes {list(sizes)} != ctypes {ops.STRUCT_SIZES}")
+        if list(sizes) != abi.STRUCT_SIZES:
+            raise RuntimeError(f"emu: parameter struct sizes {list(sizes)} != ctypes {abi.STRUCT_SIZES}")
         consts = (ctypes.c_int64 * 3)()
         lib.emu_kda_constants(consts)
-        if tuple(consts) != (ops.KDA_ROWS, ops.KDA_THREADS, ops.KDA_CHUNK):
+        if tuple(consts) != (abi.KDA_ROWS, abi.KDA_THREADS, abi.KDA_CHUNK):
             raise RuntimeError(f"emu: kda constants {tuple(consts)} differ from ops.py")
 
     def run(self, op: str, params, device: torch.device) -> None:

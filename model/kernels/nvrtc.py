@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import abi
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 HEADERS = ("common.cuh", "kda.cuh", "lif.cuh", "rmsnorm.cuh")
@@ -182,7 +182,7 @@ def cubin_for(lib, arch: str) -> tuple[bytes, dict[str, str]]:
 
 def _kda_cfg(dkp: int) -> tuple[int, int, int]:
     """(BV, forward smem floats, backward smem floats): KdaCfg in csrc/kda.cuh."""
-    C, R, TH, W = ops.KDA_CHUNK, ops.KDA_ROWS, ops.KDA_THREADS, ops.KDA_THREADS // 32
+    C, R, TH, W = abi.KDA_CHUNK, abi.KDA_ROWS, abi.KDA_THREADS, abi.KDA_THREADS // 32
     bv = 32 // (dkp // R) * W
     fwd = 3 * C * dkp + 2 * C * bv + 2 * C
     bwd = 3 * C * dkp + 3 * C * bv + 2 * C + C * R * TH + 2 * W * 3 * dkp + 2 * W
@@ -282,7 +282,7 @@ def plan(op: str, p) -> tuple[Optional[str], Optional[tuple]]:
         bv, fwd_smem, bwd_smem = _kda_cfg(dkp)
         if p.nv != -(-p.DV // bv):
             return "kda: nv does not match the column tiling", None
-        if p.nc != -(-p.T // ops.KDA_CHUNK):
+        if p.nc != -(-p.T // abi.KDA_CHUNK):
             return "kda: nc does not match the chunking", None
         if bwd and not p.ckpt:
             return "kda: the backward needs the forward's checkpoints", None
@@ -291,7 +291,7 @@ def plan(op: str, p) -> tuple[Optional[str], Optional[tuple]]:
         if (p.ti, p.tv) not in KDA_COMBOS:
             return "kda: unsupported dtype combination (q/k/log_alpha/beta bf16 with float32 v)", None
         name = f"sk::kda_{'bwd' if bwd else 'fwd'}_kernel<{dkp}, {_DT[p.ti]}, {_DT[p.tv]}>"
-        return None, (name, (p.B * p.H, p.nv), ops.KDA_THREADS, 4 * (bwd_smem if bwd else fwd_smem))
+        return None, (name, (p.B * p.H, p.nv), abi.KDA_THREADS, 4 * (bwd_smem if bwd else fwd_smem))
     if op in ("lif_fwd", "lif_bwd"):
         if p.N < 1 or p.N > 1024:
             return "lif: channels per head must be in [1, 1024]", None
@@ -304,10 +304,10 @@ def plan(op: str, p) -> tuple[Optional[str], Optional[tuple]]:
             return "gated_rmsnorm: empty last dim", None
         if p.n_blocks < 1:
             return "gated_rmsnorm: n_blocks must be at least 1", None
-        if bwd and p.d * ops.RMS_WARPS * 4 > 200 * 1024:
+        if bwd and p.d * abi.RMS_WARPS * 4 > 200 * 1024:
             return "gated_rmsnorm: last dim too large", None
         if (p.to, p.tg) not in RMS_COMBOS:
             return "gated_rmsnorm: unsupported dtype", None
         name = f"sk::rms_{'bwd' if bwd else 'fwd'}_kernel<{_DT[p.to]}, {_DT[p.tg]}>"
-        return None, (name, (p.n_blocks, 1), ops.RMS_WARPS * 32, p.d * ops.RMS_WARPS * 4 if bwd else 0)
+        return None, (name, (p.n_blocks, 1), abi.RMS_WARPS * 32, p.d * abi.RMS_WARPS * 4 if bwd else 0)
     return f"unknown op {op}", None

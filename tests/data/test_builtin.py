@@ -5,7 +5,6 @@ import pytest
 from data import BUILTIN_DATASETS, BUILTIN_TABLE, HFSourceSpec, SourceError, builtin_spec, check_format
 from data.registry import make_source
 from data.sources.hf import HFSource
-
 from tests.conftest import ROOT
 
 # legacy hub ids whose loading needs a dataset script (trust_remote_code), which we never run

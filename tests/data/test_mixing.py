@@ -5,8 +5,16 @@ from collections import Counter
 
 import pytest
 
-from data import (AllSourcesDied, AllSourcesFailed, DataConfig, DocumentMixer, HFSourceSpec, PdfSourceSpec,
-                  TextSourceSpec, open_sources)
+from data import (
+    AllSourcesDied,
+    AllSourcesFailed,
+    DataConfig,
+    DocumentMixer,
+    HFSourceSpec,
+    PdfSourceSpec,
+    TextSourceSpec,
+    open_sources,
+)
 from data.sources.base import Document
 
 from .conftest import FlakySource, ListSource

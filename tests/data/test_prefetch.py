@@ -9,8 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from data import (AllSourcesDied, DataConfig, DocumentMixer, HFSourceSpec, PackedStreams, PrefetchingStream,
-                  TextSourceSpec, TokenizerConfig, build_tokenizer, make_document_stream, open_sources)
+from data import (
+    AllSourcesDied,
+    DataConfig,
+    DocumentMixer,
+    HFSourceSpec,
+    PackedStreams,
+    PrefetchingStream,
+    TextSourceSpec,
+    TokenizerConfig,
+    build_tokenizer,
+    make_document_stream,
+    open_sources,
+)
 
 from .conftest import FlakySource, corpus_path
 

@@ -2,7 +2,15 @@
 a hub tokenizer on an offline machine fails at once with a clear way out."""
 import pytest
 
-from data import DataConfig, TextSourceSpec, TokenizerConfig, TokenizerError, build_tokenizer, open_sources, sample_texts
+from data import (
+    DataConfig,
+    TextSourceSpec,
+    TokenizerConfig,
+    TokenizerError,
+    build_tokenizer,
+    open_sources,
+    sample_texts,
+)
 from data.tokenizer import TextTokenizer
 
 

@@ -7,8 +7,8 @@ line), export it (transformers loads the folder, the logits equal ours, generate
 and the TensorBoard files of the run (read back with tensorboard's event reader)."""
 from __future__ import annotations
 
-import json
 import io
+import json
 import os
 import random
 import shutil

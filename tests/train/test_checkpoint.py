@@ -5,8 +5,17 @@ import os
 import pytest
 import torch
 
-from train.checkpoint import (CURRENT, NEXT, PREV, PREV2, CheckpointError, atomic_save, load_checkpoint,
-                              recover_rotation, rotate_checkpoints)
+from train.checkpoint import (
+    CURRENT,
+    NEXT,
+    PREV,
+    PREV2,
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    recover_rotation,
+    rotate_checkpoints,
+)
 
 
 def ckpt(tag):

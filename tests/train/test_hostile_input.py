@@ -2,12 +2,10 @@
 formats cannot reach attributes, odd text is read without crashing, a checkpoint of
 another architecture is reported, not a shape error."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import ROOT
 from train.preset import PresetError, load_preset, preset_from_dict

@@ -1,8 +1,8 @@
 """The picker: Enter takes 00_best_general on a terminal, the default is taken (and said)
 without one, and Ctrl-C exits quietly."""
 import os
-import re
 import pty
+import re
 import select
 import subprocess
 import sys

@@ -21,7 +21,6 @@ import os
 import sys
 import zipfile
 
-import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
