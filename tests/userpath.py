@@ -91,6 +91,7 @@ def spawn_main(project: Path, budget: int = 4096, timeout: float = 120):
 
     cmd = main_command(project, budget)
     child = pexpect.spawn(cmd[0], cmd[1:], cwd=str(project), env=env(), timeout=timeout, encoding="utf-8",
+                          codec_errors="replace",
                           dimensions=(50, 160))
     child.logfile_read = io.StringIO()  # everything the program printed, for checks after EOF
     return child
