@@ -101,3 +101,25 @@ def test_a_key_and_its_alias_that_disagree_are_named_both():
 def test_real_presets_still_validate():
     for path in sorted((ROOT / "configs").glob("*.json")):
         load_preset(path)
+
+
+def test_the_replaced_trainers_preset_trains_and_logs_all_four_auxiliary_terms(tmp_path, corpus):
+    import copy
+
+    from train import train
+
+    raw = copy.deepcopy(SEED)
+    raw["data"]["sources"] = [{"type": "text", "path": str(corpus / "books"), "name": "books"},
+                              {"type": "hf", "dataset": "json", "data_files": str(corpus / "qa" / "*.jsonl"),
+                               "fields": ["question", "answer"], "format": "Q: {question}\nA: {answer}"}]
+    # the seed's shapes, with a CPU-sized batch and context for the test
+    raw["model"].update(hidden_size=64, num_heads=2, seq_length=32)
+    raw["train"].update(per_gpu_batch_size=4, accumulation_steps=1, eval_tokens=1024, log_every_steps=2)
+    raw["tokenizer"] = {"type": "bpe", "vocab_size": 512, "train_chars": 200_000}
+    preset, notices = preset_from_dict(raw, "seed.json")
+    assert any("hidden_size" in n for n in notices)
+    result = train(preset, budget=2048, out_dir=tmp_path)
+    assert result.finished
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in rows if r.get("kind") == "train" for k in r if k.startswith("loss/")}
+    assert len(logged) == 4, logged  # policy, value, dynamics, span contrastive
