@@ -3,6 +3,8 @@ incremental state (a KV cache for attention, the recurrent state for KDA layers)
 each new token costs one single-token forward."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 
@@ -30,6 +32,28 @@ def sample_top_p(logits: torch.Tensor, top_p: float, temperature: float, generat
     return int(order[choice])
 
 
+def stream_tokens(model, prompt: list[int], max_new_tokens: int = 64, top_p: float = 0.9, temperature: float = 0.8,
+                  no_repeat_ngram: int = 3, stop_token: int | None = None, generator: torch.Generator | None = None,
+                  state=None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` sampled continuations of `prompt` one at a time, O(1)
+    per token through the model's state (a fresh generation state unless one is given).
+    The caller puts the model in eval mode and under no_grad."""
+    device = next(model.parameters()).device
+    state = state if state is not None else model.generation_state(1, device)
+    history = list(prompt)
+    out = model(torch.tensor([prompt], device=device), state=state)
+    for _ in range(max_new_tokens):
+        logits = out.logits[0, -1].float().cpu()
+        for tok in banned_by_ngram(history, no_repeat_ngram):
+            logits[tok] = float("-inf")
+        tok = sample_top_p(logits, top_p, temperature, generator)
+        if stop_token is not None and tok == stop_token:
+            return
+        history.append(tok)
+        yield tok
+        out = model(torch.tensor([[tok]], device=device), state=out.state)
+
+
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int = 64, top_p: float = 0.9,
              temperature: float = 0.8, no_repeat_ngram: int = 3, stop_token: int | None = None,
@@ -37,20 +61,7 @@ def generate(model, prompt: list[int], max_new_tokens: int = 64, top_p: float = 
     """Continue `prompt` (token ids) by up to `max_new_tokens` sampled tokens."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    state = model.generation_state(1, device)
-    history = list(prompt)
-    out = model(torch.tensor([prompt], device=device), state=state)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = out.logits[0, -1].float().cpu()
-        for tok in banned_by_ngram(history, no_repeat_ngram):
-            logits[tok] = float("-inf")
-        tok = sample_top_p(logits, top_p, temperature, generator)
-        if stop_token is not None and tok == stop_token:
-            break
-        new.append(tok)
-        history.append(tok)
-        out = model(torch.tensor([[tok]], device=device), state=out.state)
+    new = list(stream_tokens(model, prompt, max_new_tokens, top_p, temperature, no_repeat_ngram, stop_token,
+                             generator))
     model.train(was_training)
     return new

@@ -12,29 +12,10 @@ from typing import Iterator, Optional
 import torch
 from rich.console import Console
 
-from model.generate import banned_by_ngram, sample_top_p
+from model.generate import stream_tokens
 
 
 @torch.no_grad()
-def stream_tokens(model, prompt: list[int], max_new_tokens: int, top_p: float, temperature: float,
-                  no_repeat_ngram: int, stop_token: Optional[int], generator=None, state=None) -> Iterator[int]:
-    """Yield sampled token ids one at a time (the same sampling as model.generate)."""
-    device = next(model.parameters()).device
-    state = state if state is not None else model.generation_state(1, device)
-    history = list(prompt)
-    out = model(torch.tensor([prompt], device=device), state=state)
-    for _ in range(max_new_tokens):
-        logits = out.logits[0, -1].float().cpu()
-        for tok in banned_by_ngram(history, no_repeat_ngram):
-            logits[tok] = float("-inf")
-        tok = sample_top_p(logits, top_p, temperature, generator)
-        if stop_token is not None and tok == stop_token:
-            return
-        history.append(tok)
-        yield tok
-        out = model(torch.tensor([[tok]], device=device), state=out.state)
-
-
 def stream_text(fin, prompt: str, generator=None) -> Iterator[str]:
     """Yield pieces of decoded text as the reply grows (a piece that would end in half a
     UTF-8 character waits for the next token)."""

@@ -105,7 +105,7 @@ class TrainerLM(LM):
 
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
-        from .chat import stream_tokens
+        from model.generate import stream_tokens
 
         advance = self._advance("generate", len(requests))
         out = []

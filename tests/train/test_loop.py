@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from tests.model.helpers import tensors
 from train import train
 from train.checkpoint import CURRENT, LEGACY_MIRROR, PREV, PREV2, RUN_STATE, load_checkpoint
 from train.progress import Reporter
@@ -157,17 +158,6 @@ def test_resume_is_exact_with_background_data_workers(tiny_preset, tmp_path):
     assert straight.finished and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def flat(tree) -> list:
-    """The tensors of a nested dict/list state, in a fixed order."""
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for k in sorted(tree) for t in flat(tree[k])]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in flat(v)]
-    return []
-
-
 @pytest.mark.parametrize("phase", ["B", "C", "E"])
 def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, phase, capsys):
     model = {**HATCHLING, "plasticity_span": 8, "pm_slots": 4, "em_slots": 8}
@@ -191,8 +181,8 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
 
         nxt = Trainer(preset, 512, tmp_path, resume=False, reporter=None)
         nxt.setup()
-        restored = flat(nxt.model.memory_state(nxt.state))
-        stored = flat(memory)
+        restored = tensors(nxt.model.memory_state(nxt.state))
+        stored = tensors(memory)
         assert restored and len(restored) == len(stored)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, stored))
         assert any(bool(b.abs().sum() > 0) for b in stored)  # there was something to carry
