@@ -92,19 +92,25 @@ def lif_scan_reference(
     return torch.stack(spikes, dim=1), m
 
 
+def _lif_forward(drive, membrane, keep, decay, threshold):
+    """The membrane loop of both scans' forward: (v_all, spikes, final membrane), v_all the
+    pre-reset potentials [B, T, ...] the backward needs."""
+    v_all = torch.empty_like(drive)
+    m = membrane
+    for t, (drive_t, v) in enumerate(zip(drive.unbind(1), v_all.unbind(1))):
+        if keep is not None:
+            m = m * keep[:, t]
+        torch.add(drive_t, m, alpha=decay, out=v)  # v_t, written straight into v_all
+        m = torch.where(v >= threshold, v - threshold, v)
+    return v_all, (v_all >= threshold).to(drive.dtype), m
+
+
 class _LIFScanSequential(torch.autograd.Function):
     """lif_scan_sequential: the loop over tokens with a manual backward (module docstring)."""
 
     @staticmethod
     def forward(ctx, drive, membrane, keep, decay, threshold, slope):
-        v_all = torch.empty_like(drive)
-        m = membrane
-        for t, (drive_t, v) in enumerate(zip(drive.unbind(1), v_all.unbind(1))):
-            if keep is not None:
-                m = m * keep[:, t]
-            torch.add(drive_t, m, alpha=decay, out=v)  # v_t, written straight into v_all
-            m = torch.where(v >= threshold, v - threshold, v)
-        spikes = (v_all >= threshold).to(drive.dtype)
+        v_all, spikes, m = _lif_forward(drive, membrane, keep, decay, threshold)
         ctx.save_for_backward(v_all, keep)
         ctx.decay, ctx.threshold, ctx.slope = decay, threshold, slope
         return spikes, m
@@ -196,14 +202,7 @@ class _LIFScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, drive, membrane, keep, decay, threshold, slope):
-        v_all = torch.empty_like(drive)
-        m = membrane
-        for t, (drive_t, v) in enumerate(zip(drive.unbind(1), v_all.unbind(1))):
-            if keep is not None:
-                m = m * keep[:, t]
-            torch.add(drive_t, m, alpha=decay, out=v)  # v_t, written straight into v_all
-            m = torch.where(v >= threshold, v - threshold, v)
-        spikes = (v_all >= threshold).to(drive.dtype)
+        v_all, spikes, m = _lif_forward(drive, membrane, keep, decay, threshold)
         ctx.save_for_backward(v_all.view(*v_all.shape[:2], v_all[0, 0].numel()), keep)
         ctx.decay, ctx.threshold, ctx.slope, ctx.shape = decay, threshold, slope, drive.shape
         return spikes, m

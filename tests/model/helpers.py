@@ -1,5 +1,6 @@
 """Helpers shared by the model tests."""
 import torch
+import torch.nn.functional as F
 
 
 def tensors(state) -> list[torch.Tensor]:
@@ -11,3 +12,15 @@ def tensors(state) -> list[torch.Tensor]:
     if isinstance(state, (list, tuple)):
         return [t for v in state for t in tensors(v)]
     return []
+
+
+def kda_inputs(B=1, H=2, T=7, dk=8, dv=8, device="cpu", dtype=torch.float32, seed=0):
+    """Random KDA inputs [B, H, T, .]: unit q/k, log-decays below 0, betas in (0, 1), an fp32 initial state."""
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
+    v = torch.randn(B, H, T, dv, generator=g)
+    la = -F.softplus(torch.randn(B, H, T, dk, generator=g) - 2)
+    beta = torch.rand(B, H, T, generator=g)
+    s0 = torch.randn(B, H, dk, dv, generator=g)
+    return [x.to(device=device, dtype=dtype if i < 5 else torch.float32) for i, x in enumerate((q, k, v, la, beta, s0))]

@@ -27,6 +27,7 @@ from model import kernels
 from model.kernels import build, ops
 from model.kernels.emu import EmuBackend, EmuUnavailable
 from model.kernels.reference import lif_modulate_reference
+from tests.model.helpers import kda_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -56,21 +57,10 @@ def test_import_builds_nothing_and_cpu_forward_runs_without_a_build():
     assert res.stdout.strip().endswith("ok")
 
 
-def _kda_inputs(B=1, H=2, T=7, dk=8, dv=8, device="cpu", dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
-    v = torch.randn(B, H, T, dv, generator=g)
-    la = -F.softplus(torch.randn(B, H, T, dk, generator=g) - 2)
-    beta = torch.rand(B, H, T, generator=g)
-    s0 = torch.randn(B, H, dk, dv, generator=g)
-    return [x.to(device=device, dtype=dtype if i < 5 else torch.float32) for i, x in enumerate((q, k, v, la, beta, s0))]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA fallback")
 def test_cpu_falls_back_to_reference_with_one_line(caplog):
     build._reset_for_tests()
-    q, k, v, la, beta, s0 = _kda_inputs()
+    q, k, v, la, beta, s0 = kda_inputs()
     with caplog.at_level(logging.INFO, logger="model.kernels"):
         for _ in range(3):
             o, s = kernels.kda(q, k, v, la, beta, s0)
@@ -95,7 +85,7 @@ def test_reference_mode_never_touches_the_build(monkeypatch, caplog):
 
     monkeypatch.setattr(build, "extension", forbidden)
     monkeypatch.setattr(build, "backend", forbidden)
-    q, k, v, la, beta, s0 = _kda_inputs()
+    q, k, v, la, beta, s0 = kda_inputs()
     with caplog.at_level(logging.WARNING, logger="model.kernels"):
         o, s = kernels.kda(q, k, v, la, beta, s0, mode="reference", impl="recurrent")
         kernels.gated_rmsnorm(v, v, torch.ones(8), 1e-6, mode="reference")
@@ -105,7 +95,7 @@ def test_reference_mode_never_touches_the_build(monkeypatch, caplog):
 
 
 def test_fused_mode_raises_when_unavailable_and_bad_mode_is_rejected():
-    q, k, v, la, beta, s0 = _kda_inputs()
+    q, k, v, la, beta, s0 = kda_inputs()
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="fused kernel requested but unavailable"):
             kernels.kda(q, k, v, la, beta, mode="fused")

@@ -22,11 +22,11 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import kernels
 from model.kernels import build, chunked, nvrtc, ops
 from model.kernels.emu import EmuBackend, EmuUnavailable
+from tests.model.helpers import kda_inputs
 
 
 @pytest.fixture
@@ -221,14 +221,7 @@ def emu():
 
 
 def _kda_in(B=1, H=2, T=9, dk=8, dv=6, seed=0, grad=True):
-    g = torch.Generator().manual_seed(seed)
-    q = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, dk, generator=g), dim=-1)
-    v = torch.randn(B, H, T, dv, generator=g)
-    la = -F.softplus(torch.randn(B, H, T, dk, generator=g) - 2)
-    beta = torch.rand(B, H, T, generator=g)
-    s0 = torch.randn(B, H, dk, dv, generator=g)
-    return [x.requires_grad_(grad) for x in (q, k, v, la, beta, s0)]
+    return [x.requires_grad_(grad) for x in kda_inputs(B, H, T, dk, dv, seed=seed)]
 
 
 def test_ops_are_registered_custom_ops():

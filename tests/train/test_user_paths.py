@@ -101,15 +101,25 @@ def test_terminal_ctrl_c_then_enter_resumes_and_finishes(tmp_path):
     assert not (project / "checkpoints" / RUN_STATE).exists()
 
 
-def test_terminal_no_to_resume_leads_to_the_picker_and_ctrl_c_there_keeps_the_run(tmp_path):
+def interrupted_project(tmp_path):
     project = make_project(tmp_path, [tiny_preset()])
-    rc, _ = stop_after_first_save(project, budget=60_000)
-    assert rc == 130
+    assert stop_after_first_save(project, budget=60_000)[0] == 130
+    return project
+
+
+def answer_resume_question(project, keys: str):
+    """Start main.py on a pty, answer the resume question with `keys`; (child, run_state bytes before)."""
     before = (project / "checkpoints" / RUN_STATE).read_bytes()
     child = spawn_main(project)
     child.expect("Resume the interrupted run")
     time.sleep(0.3)
-    child.send("n")
+    child.send(keys)
+    return child, before
+
+
+def test_terminal_no_to_resume_leads_to_the_picker_and_ctrl_c_there_keeps_the_run(tmp_path):
+    project = interrupted_project(tmp_path)
+    child, before = answer_resume_question(project, "n")
     child.expect("Preset to train")
     time.sleep(0.3)
     child.send("\x03")
@@ -120,23 +130,12 @@ def test_terminal_no_to_resume_leads_to_the_picker_and_ctrl_c_there_keeps_the_ru
 
 
 def test_terminal_ctrl_c_at_the_resume_question_exits_quietly(tmp_path):
-    project = make_project(tmp_path, [tiny_preset()])
-    assert stop_after_first_save(project, budget=60_000)[0] == 130
-    before = (project / "checkpoints" / RUN_STATE).read_bytes()
-    child = spawn_main(project)
-    child.expect("Resume the interrupted run")
-    time.sleep(0.3)
-    child.send("\x03")
+    project = interrupted_project(tmp_path)
+    child, before = answer_resume_question(project, "\x03")
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130 and "Traceback" not in child.logfile_read.getvalue()
     assert (project / "checkpoints" / RUN_STATE).read_bytes() == before
-
-
-def interrupted_project(tmp_path):
-    project = make_project(tmp_path, [tiny_preset()])
-    assert stop_after_first_save(project, budget=60_000)[0] == 130
-    return project
 
 
 def test_a_damaged_run_state_is_reported_and_a_new_run_starts(tmp_path):
