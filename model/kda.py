@@ -136,8 +136,11 @@ def kda_recurrent(
 #     S_end = Diag(e^{G_C}) S0 + (e^{G_C - G} * K)^T U
 #
 # Numerical care: e^{G_t - G_i} (t >= i) is <= 1, but splitting it as e^{G_t} e^{-G_i} to
-# use a matmul overflows once a chunk decays by more than ~e^-88. So the decayed score
-# matrices are built from sub-chunks of `sub` tokens: pairs in different sub-chunks are
+# use a matmul overflows once a chunk decays by more than ~e^-88. So when no chunk of the
+# call decays by more than e^-80 in any channel (the usual case), the score matrices are
+# two matmuls per chunk, (e^G * Q) (e^-G * K)^T and (e^G * K) (e^-G * K)^T, with factors
+# e^{G_t} <= 1 and e^{-G_i} <= e^80 (e^G * Q and e^G * K are needed for S0 anyway).
+# Otherwise they are built from sub-chunks of `sub` tokens: pairs in different sub-chunks are
 # factored through the last token r of the key's sub-chunk, e^{G_t - G_r} e^{G_r - G_i},
 # both factors <= 1; pairs in the same sub-chunk are factored through its first token f,
 # e^{G_t - G_f} e^{G_f - G_i} (one small matmul), as long as no sub-chunk in the call
@@ -163,6 +166,11 @@ def _reset_bht(reset: Optional[torch.Tensor], B: int, H: int, T: int) -> Optiona
 _FACTOR_MAX = 80.0  # largest log-decay across one sub-chunk that its factored form takes
 
 
+def _span_at_most(span: torch.Tensor, limit: float) -> bool:
+    """Whether every log-decay in `span` (>= 0) is at most `limit` (True when empty)."""
+    return bool(span.amax() <= limit) if span.numel() else True
+
+
 def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decay-weighted dot products inside each chunk.
 
@@ -177,8 +185,11 @@ def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int)
     Gs = G.unflatten(-2, (n, sub))
     ks = k.unflatten(-2, (n, sub))
     qs = q.unflatten(-2, (n, sub))
-    first = Gs[..., :1, :]  # [..., n, 1, dk]: G at the sub-chunk's first token f
-    if bool(((first - Gs[..., -1:, :]).amax() <= _FACTOR_MAX) if Gs.numel() else True):
+    # The reference points of the factorisations below are detached: e^{G_t - G_f} e^{G_f - G_i}
+    # does not depend on G_f, so its gradient through G_f is exactly zero (and summing the two
+    # cancelling halves of it would only add rounding).
+    first = Gs[..., :1, :].detach()  # [..., n, 1, dk]: G at the sub-chunk's first token f
+    if _span_at_most(first - Gs[..., -1:, :], _FACTOR_MAX):
         # factored through f (f <= i <= t, so causal): e^{G_t - G_i} = e^{G_t - G_f} e^{G_f - G_i},
         # factors in [e^-80, e^80] (and the products above the diagonal, masked by the caller,
         # <= e^80): one matmul per sub-chunk instead of an [s, s, dk] tensor of pairwise exponents
@@ -196,7 +207,7 @@ def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int)
     # (2) pairs in different sub-chunks, factored through r = last token of the key's
     # sub-chunk b: keys scaled by e^{G_r - G_i} <= 1, rows by e^{G_t - G_r} (<= 1 where used;
     # clamped elsewhere, those entries are masked out below).
-    Gr = Gs[..., -1, :]  # [..., n, dk]
+    Gr = Gs[..., -1, :].detach()  # [..., n, dk]
     k_dec = ks * (Gr[..., :, None, :] - Gs).exp()  # [..., n(b), s, dk]
     row_dec = (G[..., None, :, :] - Gr[..., :, None, :]).clamp(max=0).exp()  # [..., n(b), C, dk]
     blk = torch.arange(C, device=q.device) // sub
@@ -281,28 +292,32 @@ def kda_chunk(
     q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, d]
     beta = beta.unflatten(2, (N, C))  # [B, H, N, C]
     G = g.cumsum(-2)
-
-    Aqk, Akk = _decayed_scores(q, k, G, _sub_chunk(C))
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    Aqk = Aqk.masked_fill(~causal, 0.0)
-    Akk = Akk.masked_fill(~causal.tril(-1), 0.0)  # strictly lower: u_t depends on earlier u_i
-    eG = G.exp()
-    k_end = k * (G[..., -1:, :] - G).exp()  # e^{G_C - G_i} k_i: how each write looks at chunk end
+    eG = G.exp()  # e^{G_t}: the decay from the chunk's start to token t
+    q_s0, k_s0 = q * eG, k * eG  # how each query (key) reads the chunk's initial state
+    if _span_at_most(-G[..., -1:, :], _FACTOR_MAX):  # the usual case: two matmuls per chunk
+        k_inv = k * (-G).exp()  # e^{-G_i} k_i, in [1, e^80] times k_i
+        k_inv_t = k_inv.transpose(-1, -2)
+        Aqk, Akk = q_s0 @ k_inv_t, k_s0 @ k_inv_t
+        k_end = k_inv * eG[..., -1:, :]
+    else:
+        Aqk, Akk = _decayed_scores(q, k, G, _sub_chunk(C))
+        k_end = k * (G[..., -1:, :] - G).exp()  # e^{G_C - G_i} k_i: how each write looks at chunk end
+    Aqk = Aqk.tril()
+    Akk = Akk.tril(-1)  # strictly lower: u_t depends on earlier u_i
     decay_end = eG[..., -1, :]  # [B, H, N, dk]
     if reset is not None:
         seg = reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
         same = seg[..., :, None] == seg[..., None, :]
         Aqk, Akk = Aqk * same, Akk * same
         sees_s0 = (seg == 0)[..., None].float()  # tokens before the chunk's first reset
-        eG = eG * sees_s0
+        q_s0, k_s0 = q_s0 * sees_s0, k_s0 * sees_s0
         k_end = k_end * (seg == seg[..., -1:])[..., None]  # only the last segment survives
         decay_end = decay_end * sees_s0[..., -1, :]
 
     # U = U~ - W S0, with [U~ | W] = (I + diag(beta) Akk)^{-1} diag(beta) [V | e^G K]
-    rhs = beta[..., None] * torch.cat([v, eG * k], dim=-1)
+    rhs = beta[..., None] * torch.cat([v, k_s0], dim=-1)
     sol = _unit_lower_solve(beta[..., None] * Akk, rhs, _sub_chunk(C))
     u_free, w = sol[..., :dv], sol[..., dv:]
-    q_s0 = eG * q  # how each query reads the chunk's initial state
 
     S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
     outs = []

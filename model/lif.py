@@ -17,28 +17,34 @@ A document reset zeroes the membrane before that token: v_t = drive_t.
 
 `lif_scan_reference` is the specification, written with autograd, one token at a time;
 tests compare the others to it. `lif_scan_sequential` is the same loop with a hand-written
-backward (a second loop). `lif_scan`, the one the model uses, has no loop over tokens in
-its backward: the membrane's gradient is a *linear* leaky reverse scan, and a linear scan
-is a matmul with a lower-triangular matrix of decay powers (`_leaky_scan`: inside chunks of
-32 tokens, then across the chunk ends the same way), run over the flipped sequence.
+backward (a second loop). `lif_scan`, the one the model uses, has no Python loop over
+tokens:
 
-The forward keeps its loop over tokens, by measurement. The spike decision is not
-linear: given the spikes the membrane is a linear scan, so the spikes are a fixed point of
-s <- H(v(s) - theta), and since v_t depends only on s_{<t} the iteration from s = 0
-converges exactly in at most T + 1 rounds. But each round only settles the pattern up to
-the next mis-placed spike of the slowest neuron: at the layer's shape (8 x 256 tokens,
-4 x 64 neurons, spike rate 0.3) it took 134-160 rounds for T = 256 and 175-465 for
-T = 1024, 50-100x the loop's time (each round is a whole-sequence scan), so it was not
-kept. The loop is 3 small ops per token on [B, N].
+- Forward: the spike decision is not linear in the drive, so the membrane is run in time
+  order, but as a small compiled C loop (csrc_cpu/lif_scan.c, built once with the system
+  C compiler by model/native.py) for CPU tensors. A parallel alternative, iterating a
+  linear scan to a fixed point of the spike pattern, is exact but needs as many rounds as
+  the slowest neuron has mis-placed spikes (over a hundred at T = 256), each a whole-sequence
+  scan. Where no compiler exists (one log line), and on CUDA without the fused kernels,
+  the same arithmetic runs as a Python loop.
+- Backward: the membrane's gradient is a *linear* leaky reverse scan, and a linear scan
+  is a matmul with a lower-triangular matrix of decay powers (`_leaky_scan`: inside chunks
+  of 32 tokens, then across the chunk ends the same way), run over the flipped sequence.
 
 Summed in a different order than the loop, the backward agrees with the reference's to
 float rounding; the forward is the reference's arithmetic, so spikes are identical.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import native
 
 
 def surrogate_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
@@ -92,15 +98,59 @@ def lif_scan_reference(
     return torch.stack(spikes, dim=1), m
 
 
+_NATIVE_SOURCE = Path(__file__).resolve().parent / "csrc_cpu" / "lif_scan.c"
+_native_lib: Optional[ctypes.CDLL] = None
+_native_tried = False
+
+
+def native_forward_available() -> bool:
+    """Whether the compiled membrane loop (csrc_cpu/lif_scan.c) serves CPU tensors here: built
+    once per process with the system C compiler; `SPIKE_NATIVE=0` turns it off. Where it
+    cannot be built, one log line says why and the Python loop runs instead."""
+    global _native_lib, _native_tried
+    if not _native_tried:
+        _native_tried = True
+        if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
+            return False
+        try:
+            lib = native.shared_library(_NATIVE_SOURCE, [os.environ.get("CC"), "cc", "gcc", "clang"],
+                                        ["-O3", "-ffp-contract=off"])
+        except native.NativeUnavailable as exc:
+            logging.getLogger("model.lif").warning("model.lif: the LIF forward runs as a Python loop over tokens (%s)",
+                                                   str(exc).splitlines()[0])
+            return False
+        for fn in (lib.lif_forward_f32, lib.lif_forward_f64):
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double] * 2
+        _native_lib = lib
+    return _native_lib is not None
+
+
 def _lif_forward(drive, membrane, keep, decay, threshold):
-    """The membrane loop of both scans' forward: (v_all, spikes, final membrane), v_all the
-    pre-reset potentials [B, T, ...] the backward needs."""
+    """The membrane recurrence of both scans' forward: (v_all, spikes, final membrane), v_all
+    the pre-reset potentials [B, T, ...] the backward needs. On CPU (float32/64) the compiled
+    loop, else `_lif_forward_loop`; the two do the same arithmetic in the same order."""
+    if drive.device.type == "cpu" and drive.dtype in (torch.float32, torch.float64) and native_forward_available():
+        x = drive.contiguous()
+        B, T = x.shape[:2]
+        v_all = torch.empty_like(x)
+        m = torch.empty(membrane.shape, dtype=x.dtype).copy_(membrane)  # contiguous, written in place
+        k = None if keep is None else keep.to(x.dtype).reshape(B, T).contiguous()
+        fn = _native_lib.lif_forward_f32 if x.dtype == torch.float32 else _native_lib.lif_forward_f64
+        fn(x.data_ptr(), None if k is None else k.data_ptr(), v_all.data_ptr(), m.data_ptr(),
+           B, T, x[0, 0].numel() if T else 0, float(decay), float(threshold))
+        return v_all, (v_all >= threshold).to(drive.dtype), m
+    return _lif_forward_loop(drive, membrane, keep, decay, threshold)
+
+
+def _lif_forward_loop(drive, membrane, keep, decay, threshold):
+    """`_lif_forward` as a Python loop over tokens (CUDA without the fused kernels, no C compiler)."""
     v_all = torch.empty_like(drive)
     m = membrane
     for t, (drive_t, v) in enumerate(zip(drive.unbind(1), v_all.unbind(1))):
         if keep is not None:
             m = m * keep[:, t]
-        torch.add(drive_t, m, alpha=decay, out=v)  # v_t, written straight into v_all
+        torch.add(drive_t, m * decay, out=v)  # v_t, written straight into v_all (decay * m rounded first)
         m = torch.where(v >= threshold, v - threshold, v)
     return v_all, (v_all >= threshold).to(drive.dtype), m
 

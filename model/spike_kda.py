@@ -28,12 +28,36 @@ from . import kernels as K
 from .config import ModelConfig
 
 
+def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor,
+                         reset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The specification of ShortConv's convolution (before SiLU), one lag at a time.
+
+    x [B, T, D]; weight [D, K]; tail [B, K-1, D]; reset [B, T] bool. Returns [B, T, D]:
+    y_t = sum_lag weight[:, K-1-lag] x_{t-lag}, a term dropped when a reset lies in (t-lag, t]."""
+    B, T, D = x.shape
+    K = weight.shape[1]
+    xx = torch.cat([tail.to(x.dtype), x], dim=1)
+    if reset is not None:
+        seg = F.pad(reset.long().cumsum(1), (K - 1, 0))
+    y = x * weight[:, K - 1]
+    for lag in range(1, K):
+        term = xx[:, K - 1 - lag: K - 1 - lag + T] * weight[:, K - 1 - lag]
+        if reset is not None:
+            term = term * (seg[:, K - 1 - lag: K - 1 - lag + T] == seg[:, K - 1:])[..., None]
+        y = y + term
+    return y
+
+
 class ShortConv(nn.Module):
     """Causal depthwise convolution over time followed by SiLU.
 
     x: [B, T, D]; tail: [B, K-1, D] the inputs before x (None = zeros); reset: [B, T] bool.
     Returns (y [B, T, D], new tail [B, K-1, D]). Inputs from before a document reset are
     treated as zeros for the positions after it, so the conv never mixes documents.
+
+    One grouped `conv1d` over the whole call; the few positions whose window reaches back
+    across a reset (at most K-1 per reset) then have the earlier document's terms taken
+    out again, gathered by index, so resets cost nothing where there are none.
     """
 
     def __init__(self, dim: int, size: int):
@@ -48,16 +72,21 @@ class ShortConv(nn.Module):
         if tail is None:
             tail = x.new_zeros(B, K - 1, D)
         xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
-        if reset is not None:  # segment id per input position; the tail belongs to segment 0
-            seg = F.pad(reset.long().cumsum(1), (K - 1, 0))  # [B, K-1+T]
-        y = x * self.weight[:, K - 1]
-        for lag in range(1, K):  # y_t = sum_lag w[K-1-lag] x_{t-lag}
-            term = xx[:, K - 1 - lag: K - 1 - lag + T] * self.weight[:, K - 1 - lag]
-            if reset is not None:
-                term = term * (seg[:, K - 1 - lag: K - 1 - lag + T] == seg[:, K - 1:])[..., None]
-            y = y + term
+        # y_t = sum_j w[j] xx[t + j] (j = K-1 is x_t itself)
+        y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=D).transpose(1, 2)
         new_tail = xx[:, xx.shape[1] - (K - 1):]
-        if reset is not None:  # keep only inputs of the stream's current document
+        if reset is not None and K > 1:
+            # segment id per input position; the tail belongs to segment 0
+            seg = F.pad(reset.long().cumsum(1), (K - 1, 0))  # [B, K-1+T]
+            window = seg.unfold(1, K, 1)  # [B, T, K]: the segments position t's window reads
+            earlier = window != window[..., -1:]  # inputs from before the position's document
+            rows = earlier.any(-1).nonzero(as_tuple=True)  # (b, t) of the positions affected
+            if rows[0].numel():
+                b, t = rows
+                reach = xx[b[:, None], t[:, None] + torch.arange(K, device=x.device)]  # [n, K, D]
+                cut = (reach * (self.weight.t() * earlier[rows][..., None])).sum(1)  # [n, D]
+                y = y.index_put(rows, y[rows] - cut)
+            # keep only inputs of the stream's current document
             new_tail = new_tail * (seg[:, seg.shape[1] - (K - 1):] == seg[:, -1:])[..., None]
         return F.silu(y), new_tail
 

@@ -21,7 +21,6 @@ TORCH_CUDA_ARCH_LIST says otherwise; set SPIKE_KERNELS_VERBOSE=1 to see the comp
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from ..native import source_hash
 from . import abi
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -59,11 +59,10 @@ def say(line: str, level: int = logging.WARNING) -> None:
 
 
 def sources_hash() -> str:
-    h = hashlib.sha256()
-    for f in sorted(CSRC.iterdir()):
-        if f.suffix in (".cu", ".cuh", ".h", ".cpp") and f.name not in ("cuda_emu.h", "emu.cpp"):
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:12]
+    """12 hex digits naming the extension build: every CUDA source and header but the emulator's."""
+    files = [f for f in sorted(CSRC.iterdir())
+             if f.suffix in (".cu", ".cuh", ".h", ".cpp") and f.name not in ("cuda_emu.h", "emu.cpp")]
+    return source_hash(files, length=12)
 
 
 BUILDS = ("auto", "nvcc", "nvrtc", "reference")

@@ -6,40 +6,29 @@ fiber emulator in csrc/cuda_emu.h runs every thread of a block with real barrier
 warp-shuffle semantics. Slow (tiny shapes only) but it checks the kernels' indexing,
 reductions and barrier placement, and the Python glue of ops.py, on machines with no GPU.
 
-`EmuBackend.load()` compiles once per source hash into a cache folder
+`EmuBackend.load()` compiles once per source hash (model/native.py) into a cache folder
 (`$SPIKE_KERNELS_EMU_DIR`, else the system temp folder) and raises `EmuUnavailable`
-when there is no C++ compiler.
+when there is no C++ compiler or the build fails.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from .. import native
 from . import abi
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
-_loaded: dict[str, "EmuBackend"] = {}
+_loaded: dict[int, "EmuBackend"] = {}
 
 
 class EmuUnavailable(RuntimeError):
     pass
-
-
-def _sources_hash() -> str:
-    h = hashlib.sha256()
-    for f in sorted(CSRC.iterdir()):
-        if f.suffix in (".h", ".cuh", ".cpp"):
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 class EmuBackend:
@@ -69,22 +58,14 @@ class EmuBackend:
 
     @classmethod
     def load(cls, verbose: bool = False) -> "EmuBackend":
+        headers = [f for f in sorted(CSRC.iterdir()) if f.suffix in (".h", ".cuh")]
+        try:
+            lib = native.shared_library(CSRC / "emu.cpp", [os.environ.get("CXX"), "g++", "clang++"],
+                                        ["-std=c++17", "-O1"], native.cache_root("SPIKE_KERNELS_EMU_DIR",
+                                                                                 "spike_kernels_emu"), headers)
+        except native.NativeUnavailable as exc:
+            raise EmuUnavailable(str(exc)) from exc
         with _lock:
-            key = _sources_hash()
-            if key in _loaded:
-                return _loaded[key]
-            cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
-            if cxx is None:
-                raise EmuUnavailable("no C++ compiler (g++ or clang++) on PATH")
-            root = Path(os.environ.get("SPIKE_KERNELS_EMU_DIR") or Path(tempfile.gettempdir()) / "spike_kernels_emu")
-            out = root / key / "emu.so"
-            if not out.exists():
-                out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = out.with_suffix(f".{os.getpid()}.tmp")
-                cmd = [cxx, "-std=c++17", "-O1", "-fPIC", "-shared", "-o", str(tmp), str(CSRC / "emu.cpp")]
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                if res.returncode != 0:
-                    raise RuntimeError(f"emu build failed ({' '.join(cmd)}):\n{res.stderr[-4000:]}")
-                os.replace(tmp, out)
-            _loaded[key] = cls(ctypes.CDLL(str(out)))
-            return _loaded[key]
+            if id(lib) not in _loaded:
+                _loaded[id(lib)] = cls(lib)
+            return _loaded[id(lib)]

@@ -23,7 +23,6 @@ mirrors kda_run / lif_fwd / lif_bwd / rms_run in the headers.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import os
 import threading
@@ -32,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..native import source_hash
 from . import abi
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -59,10 +59,8 @@ def kernel_names() -> list[str]:
 
 
 def sources_hash() -> str:
-    h = hashlib.sha256(SOURCE.encode())
-    for n in HEADERS:
-        h.update(n.encode() + (CSRC / n).read_bytes())
-    return h.hexdigest()[:12]
+    """12 hex digits naming the NVRTC program: its generated source and the headers it includes."""
+    return source_hash([CSRC / n for n in HEADERS], extra=SOURCE, length=12)
 
 
 class NvrtcUnavailable(RuntimeError):

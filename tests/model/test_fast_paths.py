@@ -1,10 +1,14 @@
-"""Issue 14's fast paths against their specifications: the LIF's parallel backward (leaky
-scan over chunks, with resets), the KDA's factored and pairwise sub-chunk scores, and the
+"""The fast paths against their specifications: the LIF's compiled forward and parallel
+backward (leaky scan over chunks, with resets), the KDA's factored and pairwise sub-chunk scores, and the
 blocked unit-triangular solve. Never timed."""
+import logging
+
 import pytest
 import torch
 
 import model.kda as kda_mod
+import model.lif as lif_mod
+from model import native
 from model.kda import _unit_lower_solve, kda_chunk, kda_recurrent
 from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
@@ -57,6 +61,30 @@ def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max):
         assert_same(a, b)
 
 
+@pytest.mark.parametrize("per_token,expect_sub_chunks", [(0.5, False), (3.5, True)])
+def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeypatch, per_token, expect_sub_chunks):
+    """A chunk whose decay stays within e^-80 is two matmuls; one that decays further
+    (3.5 x 32 = 112 nats, while a 16-token sub-chunk holds 56) goes through the sub-chunk
+    scores. Both agree with the recurrence, forward and gradients."""
+    calls = []
+    real = kda_mod._decayed_scores
+    monkeypatch.setattr(kda_mod, "_decayed_scores", lambda *a: calls.append(1) or real(*a))
+    q, k, v, _, beta, s0 = make_inputs(T=70)
+    g = torch.Generator().manual_seed(3)
+    log_alpha = (-per_token * torch.rand(q.shape[:3] + (k.shape[-1],), generator=g) * 2).clamp(max=0)
+    log_alpha = log_alpha.clamp(min=-per_token * 1.0).requires_grad_()  # at most per_token nats a token
+    inputs = [q, k, v, log_alpha, beta, s0]
+    reset = torch.zeros(2, 70, dtype=torch.bool)
+    reset[1, 40] = True
+    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, chunk_size=32), inputs)
+    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
+    assert bool(calls) == expect_sub_chunks
+    assert_same(o1, o2)
+    assert_same(s1, s2)
+    for a, b in zip(g1, g2):
+        assert_same(a, b)
+
+
 @pytest.mark.parametrize("C,blk", [(64, 16), (32, 16), (8, 8), (12, 6)])
 def test_unit_lower_solve_matches_solve_triangular(C, blk):
     g = torch.Generator().manual_seed(C)
@@ -65,3 +93,35 @@ def test_unit_lower_solve_matches_solve_triangular(C, blk):
     eye = torch.eye(C, dtype=torch.float64)
     ref = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
     torch.testing.assert_close(_unit_lower_solve(L, rhs, blk), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lif_native_forward_equals_the_loop_bit_for_bit(dtype):
+    """The compiled membrane loop (csrc_cpu/lif_scan.c) and the Python loop do the same
+    arithmetic: potentials, spikes and the final membrane are identical, resets included."""
+    if not lif_mod.native_forward_available():
+        pytest.skip("no C compiler here: the LIF forward runs as the Python loop")
+    g = torch.Generator().manual_seed(1)
+    drive = torch.randn(3, 200, 4, 5, generator=g, dtype=dtype) * 0.7 + 0.3
+    m0, keep = lif_mod._prepare(drive, torch.randn(3, 4, 5, generator=g, dtype=dtype),
+                                torch.rand(3, 200, generator=g) < 0.05)
+    for a, b in zip(lif_mod._lif_forward(drive, m0, keep, 0.85, 1.0),
+                    lif_mod._lif_forward_loop(drive, m0, keep, 0.85, 1.0)):
+        assert torch.equal(a, b)
+
+
+def test_lif_without_a_compiler_runs_the_loop_and_says_so_once(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(lif_mod, "_native_tried", False)
+    monkeypatch.setattr(lif_mod, "_native_lib", None)
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    g = torch.Generator().manual_seed(2)
+    drive = (torch.randn(2, 40, 3, generator=g) * 0.5 + 0.3).requires_grad_()
+    with caplog.at_level(logging.WARNING, logger="model.lif"):
+        for _ in range(2):
+            s1, m1 = lif_scan(drive, 0.9, 1.0)
+    assert not lif_mod.native_forward_available()
+    assert sum("Python loop" in r.getMessage() for r in caplog.records) == 1
+    s2, m2 = lif_scan_reference(drive, 0.9, 1.0)
+    assert torch.equal(s1, s2) and torch.equal(m1, m2)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 from model.kda import kda_chunk, kda_recurrent, kda_step
 from model.lif import lif_scan, lif_scan_reference
-from model.spike_kda import ShortConv, SpikeKDA
+from model.spike_kda import ShortConv, SpikeKDA, short_conv_reference
 
 ATOL = RTOL = 1e-4
 
@@ -236,3 +236,27 @@ def test_short_conv_is_causal_and_resets():
     _, tail_r = conv(x, reset=reset)
     nxt = torch.randn(2, 3, 5)
     assert_same(conv(nxt, tail_r)[0][0], conv(torch.cat([x[:1, 10:], nxt[:1]], 1))[0][0, 2:])
+
+
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_short_conv_matches_its_reference_with_gradients(K):
+    """The grouped conv1d plus the cut-out terms at resets equals the per-lag loop, values and
+    gradients (x, weight, tail), with resets at t = 0, back to back, and none in a stream."""
+    g = torch.Generator().manual_seed(K)
+    conv = ShortConv(6, K).double()
+    x = torch.randn(3, 20, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tail = torch.randn(3, K - 1, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    reset = torch.zeros(3, 20, dtype=torch.bool)
+    reset[0, [0, 5, 6, 13]] = True
+    reset[1, 19] = True
+    y, _ = conv(x, tail, reset)
+    ref = F.silu(short_conv_reference(x, conv.weight, tail, reset))
+    assert_same(y, ref)
+    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad((y * w).sum(), [x, conv.weight, tail], allow_unused=True)
+    want = torch.autograd.grad((ref * w).sum(), [x, conv.weight, tail], allow_unused=True)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None or not a.abs().any()
+        else:
+            assert_same(a, b)
