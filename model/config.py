@@ -35,6 +35,9 @@ class ModelConfig:
     kernels: Literal["auto", "reference"] = "auto"  # fused CUDA kernels where they build; "reference" forces PyTorch
     lif_init_rate: float = 0.3  # spike rate the LIF drive bias is set for at init
     lif_surrogate_slope: float = 5.0  # fast-sigmoid surrogate: 1 / (1 + slope * |v - threshold|)^2
+    # False: plain KDA, the ablation of the spikes: alpha and beta straight from their projections
+    # (every channel decays and every head writes at every token), no LIF neurons
+    spiking: bool = True
     # --- memories (hatchling only; model/procedural.py, model/episodic.py) ---
     # The trainer maps train.phase onto these: A off, B pm, C pm+em, E pm+em+lifelong.
     pm_enabled: bool = False  # procedural memory: Hebbian fast-weight slots, one per block

@@ -8,6 +8,9 @@ leaky integrate-and-fire spikes.
     beta_t      = sigmoid(w x_t) * mean_d s_t[d]   a head writes in proportion to its spikes
     o_t = KDA(q, k, v, alpha, beta) ──> gated RMSNorm (RMSNorm(o) * silu(gate(x))) ──> out_proj
 
+With `spiking` off (cfg.spiking, an ablation) the same layer is plain KDA: log alpha_t = -a_t
+and beta_t = sigmoid(w x_t), no LIF neurons and no drive projection.
+
 Event-driven semantics: a head with no spikes at step t has beta_t = 0 and alpha_t = 1,
 so its fast-weight state is left exactly as it was (no write, no decay): it can be
 skipped at inference. It still reads (o_t = S^T q_t), so its memory keeps serving.
@@ -104,7 +107,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class SpikeKDA(nn.Module):
-    """Spike-gated KDA mixer. x: [B, T, d] -> ([B, T, d], new state, spikes [B, T, H, dk])."""
+    """Spike-gated KDA mixer. x: [B, T, d] -> ([B, T, d], new state, spikes [B, T, H, dk] or None
+    when cfg.spiking is off)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -117,7 +121,8 @@ class SpikeKDA(nn.Module):
         self.qkv_proj = nn.Linear(d, 3 * H * dk, bias=False)
         self.conv = ShortConv(3 * H * dk, cfg.conv_size)
         # LIF drive; the bias is set (see init_special) so that spikes start at ~lif_init_rate
-        self.drive_proj = nn.Linear(d, H * dk, bias=True)
+        self.spiking = cfg.spiking
+        self.drive_proj = nn.Linear(d, H * dk, bias=True) if cfg.spiking else None
         # per-channel decay magnitude a = exp(A_log[h]) * softplus(up(down(x)) + dt_bias), as in KDA
         self.decay_down = nn.Linear(d, cfg.decay_rank, bias=False)
         self.decay_up = nn.Linear(cfg.decay_rank, H * dk, bias=False)
@@ -135,7 +140,8 @@ class SpikeKDA(nn.Module):
         cfg = self.cfg
         # LIF steady state: mean membrane ~ theta/2 leaks (1 - lam) theta/2 per token, so a
         # mean drive mu fires at rate ~ mu/theta - (1 - lam)/2. Solve for mu at the target rate.
-        self.drive_proj.bias.fill_(cfg.lif_threshold * (cfg.lif_init_rate + (1 - cfg.lif_decay) / 2))
+        if self.drive_proj is not None:
+            self.drive_proj.bias.fill_(cfg.lif_threshold * (cfg.lif_init_rate + (1 - cfg.lif_decay) / 2))
         self.beta_proj.bias.zero_()
         # decay rates spread over time scales: A in [1, 16], dt log-uniform in [1e-3, 1e-1]
         self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
@@ -160,12 +166,18 @@ class SpikeKDA(nn.Module):
 
         # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift), fused on CUDA with
         # log_alpha = -a * spikes (silent channel: alpha = 1) and beta = sigmoid(w x) * mean(spikes)
-        drive = self.drive_proj(x).float().view(B, T, H, dk)
         a = self.A_log.exp()[:, None] * F.softplus(
             self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
-        spikes, membrane, log_alpha, beta = K.lif_modulate(
-            drive, a, self.beta_proj(x).float(), self.lif_decay, self.lif_threshold, state.get("membrane"), reset,
-            self.slope, mode=self.kernels)
+        if self.spiking:
+            drive = self.drive_proj(x).float().view(B, T, H, dk)
+            spikes, membrane, log_alpha, beta = K.lif_modulate(
+                drive, a, self.beta_proj(x).float(), self.lif_decay, self.lif_threshold, state.get("membrane"),
+                reset, self.slope, mode=self.kernels)
+        else:  # plain KDA (cfg.spiking off): the membrane is carried untouched, as zeros
+            spikes, log_alpha, beta = None, -a, torch.sigmoid(self.beta_proj(x).float())
+            membrane = state.get("membrane")
+            if membrane is None:
+                membrane = x.new_zeros(B, H, dk, dtype=torch.float32)
 
         q, k, v, log_alpha = (t.transpose(1, 2) for t in (q, k, v, log_alpha))  # [B, H, T, d]
         beta = beta.transpose(1, 2)  # [B, H, T]

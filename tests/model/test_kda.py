@@ -260,3 +260,25 @@ def test_short_conv_matches_its_reference_with_gradients(K):
             assert a is None or not a.abs().any()
         else:
             assert_same(a, b)
+
+
+def test_spiking_off_is_plain_kda():
+    """cfg.spiking = False: no drive projection, alpha and beta straight from their
+    projections, and the layer equals KDA fed those (the ablation bench/quality.py trains)."""
+    torch.manual_seed(0)
+    layer = SpikeKDA(tiny_cfg(d_model=32, n_heads=2, spiking=False))
+    assert layer.drive_proj is None
+    x = torch.randn(2, 20, 32)
+    y, state, spikes = layer(x)
+    assert spikes is None and not state["membrane"].any()
+    H, dk = 2, 16
+    qkv, _ = layer.conv(layer.qkv_proj(x))
+    q, k, v = (F.normalize(t.float(), dim=-1) if i < 2 else t for i, t in enumerate(qkv.view(2, 20, 3, H, dk).unbind(2)))
+    a = layer.A_log.exp()[:, None] * F.softplus(layer.decay_up(layer.decay_down(x)).view(2, 20, H, dk)
+                                                + layer.dt_bias.view(H, dk))
+    beta = torch.sigmoid(layer.beta_proj(x))
+    o, _ = kda_recurrent(*(t.transpose(1, 2) for t in (q, k, v, -a, beta)))
+    o = layer.o_norm(o.transpose(1, 2), layer.gate_proj(x).view(2, 20, H, dk))
+    assert_same(y, layer.out_proj(o.reshape(2, 20, H * dk)))
+    y.square().mean().backward()
+    assert layer.A_log.grad.abs().sum() > 0 and layer.beta_proj.weight.grad.abs().sum() > 0
