@@ -11,8 +11,10 @@ ones), and the figure reported is the median over `--rounds` rounds. Interleavin
 machine noise (other jobs on a shared 2-core box) hit all models alike; separate
 processes drift by 2x between runs. On CUDA, peak memory is per model (reset per step).
 
-Models (`--models`, comma list): gpt2 (HF GPT2LMHeadModel), transformer (ours),
-hatchling (phase A: backbone + WM), hatchling-B (+ procedural memory), hatchling-C
+Models (`--models`, comma list): gpt2 (HF GPT2LMHeadModel), transformer (ours, same
+dimensions), transformer-matched (ours, its MLP widened to the hatchling's parameter
+count, bench/quality.py's rule), hatchling (phase A: backbone + WM, its window one
+sequence long as in every shipped preset, unless --preset says otherwise), hatchling-B (+ procedural memory), hatchling-C
 (+ episodic memory). Hatchling phases also report `ratio_vs_phase_a`.
 
     python bench/train_throughput.py                                  # the issue-14 shape, T=256
@@ -32,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 SIZES = {  # d_model, n_layers, n_heads, seq_length, batch, vocab
     "tiny": (128, 2, 4, 128, 8, 4096),
@@ -68,9 +71,17 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
         return model, model, step_loss
     from model import ModelConfig, build_model, detach_state
 
-    arch = "transformer" if name == "transformer" else "hatchling"
-    model = build_model(ModelConfig(arch=arch, d_model=d, n_layers=layers, n_heads=heads,
-                                    **PHASES.get(name, {}), **extra), vocab)
+    hatch = ModelConfig(arch="hatchling", d_model=d, n_layers=layers, n_heads=heads,
+                        **{"wm_window": seq, **extra})  # a window of one sequence, as every preset has
+    if name == "transformer":
+        cfg = ModelConfig(**{**hatch.__dict__, "arch": "transformer"})
+    elif name == "transformer-matched":
+        from quality import matched_transformer
+
+        cfg = matched_transformer(hatch, vocab)
+    else:
+        cfg = ModelConfig(**{**hatch.__dict__, **PHASES[name]})
+    model = build_model(cfg, vocab)
     state = {"s": None}
     fwd = model
 
@@ -177,8 +188,8 @@ def run_interleaved(names, dims, dev, args, extra) -> list[dict]:
             row["mfu"] = round(flops_per_token * tps / peak, 4) if peak else None
         rows[r.name] = row
     for name, row in rows.items():
-        for ref, key in (("transformer", "ratio_vs_transformer"), ("gpt2", "ratio_vs_gpt2"),
-                         ("hatchling", "ratio_vs_phase_a")):
+        for ref, key in (("transformer", "ratio_vs_transformer"), ("transformer-matched", "ratio_vs_matched_transformer"),
+                         ("gpt2", "ratio_vs_gpt2"), ("hatchling", "ratio_vs_phase_a")):
             if ref in rows and name != ref and (key != "ratio_vs_phase_a" or name in PHASES):
                 row[key] = round(row["tokens_per_s"] / rows[ref]["tokens_per_s"], 3)
         print(json.dumps(row), flush=True)
@@ -208,7 +219,7 @@ def main() -> None:
     ap.add_argument("--size", default="issue14", help=f"one of {','.join(SIZES)}")
     ap.add_argument("--preset", help="measure this preset's model dimensions instead of --size")
     ap.add_argument("--models", default="gpt2,transformer,hatchling,hatchling-B,hatchling-C",
-                    help="comma list of gpt2, transformer, " + ", ".join(PHASES))
+                    help="comma list of gpt2, transformer, transformer-matched, " + ", ".join(PHASES))
     ap.add_argument("--seq-lengths", default="", help="comma list of T, e.g. 256,1024,4096 (default: the size's)")
     ap.add_argument("--tokens-per-step", type=int, default=0,
                     help="with --seq-lengths: batch = this / T (default: the size's batch x seq)")

@@ -233,29 +233,55 @@ def _sub_chunk(chunk_size: int) -> int:
     return 1
 
 
-def _unit_lower_solve(L: torch.Tensor, rhs: torch.Tensor, blk: int) -> torch.Tensor:
-    """(I + L)^{-1} rhs for strictly lower-triangular L [..., C, C], rhs [..., C, r].
-
-    Batched `linalg.solve_triangular` runs at well under 1 GFLOP/s on CPU (it was 15% of
-    a step), so: blocks of `blk` rows; each diagonal block inverted by the finite Neumann
-    product (I + P)^{-1} = (I - P)(I + P^2)(I + P^4)... (P nilpotent, exact once 2^m >=
-    blk), then forward substitution over the C / blk blocks. Only matmuls, forward and
-    backward."""
+def _blocked_unit_lower_solve(L: torch.Tensor, rhs: torch.Tensor, blk: int) -> torch.Tensor:
+    """(I + L)^{-1} rhs for strictly lower-triangular L [..., C, C], rhs [..., C, r], without
+    autograd: blocks of `blk` rows; each diagonal block inverted by the finite Neumann
+    product (I + P)^{-1} = (I - P)(I + P^2)(I + P^4)... (P nilpotent, exact once 2^m >= blk),
+    then forward substitution over the C / blk blocks. Batched `linalg.solve_triangular`
+    runs at well under 1 GFLOP/s on CPU; this is matmuls only."""
     C = L.shape[-1]
     nb = C // blk
-    Ld = torch.stack([L[..., i * blk:(i + 1) * blk, i * blk:(i + 1) * blk] for i in range(nb)], -3)
-    P = -Ld  # [..., nb, blk, blk]
-    X = torch.eye(blk, dtype=L.dtype, device=L.device) + P
+    P = -torch.stack([L[..., i * blk:(i + 1) * blk, i * blk:(i + 1) * blk] for i in range(nb)], -3)
+    X = torch.eye(blk, dtype=L.dtype, device=L.device) + P  # [..., nb, blk, blk]
     for _ in range(max(0, (blk - 1).bit_length() - 1)):
         P = P @ P
         X = X + X @ P
-    out = []
+    out = torch.empty_like(rhs)
     for i in range(nb):
-        r = rhs[..., i * blk:(i + 1) * blk, :]
+        rows = slice(i * blk, (i + 1) * blk)
+        r = rhs[..., rows, :]
         if i:
-            r = r - L[..., i * blk:(i + 1) * blk, :i * blk] @ torch.cat(out, -2)
-        out.append(X[..., i, :, :] @ r)
-    return torch.cat(out, -2)
+            r = r - L[..., rows, :i * blk] @ out[..., :i * blk, :]
+        out[..., rows, :] = X[..., i, :, :] @ r
+    return out
+
+
+class _UnitLowerSolve(torch.autograd.Function):
+    """x = (I + L)^{-1} rhs with the solve's own backward: g_rhs = (I + L)^{-T} g_x (the same
+    blocked solve on the system with rows and columns reversed, which makes it lower
+    triangular again) and g_L = -strict_tril(g_rhs x^T). Half the work of differentiating
+    through the forward's matmuls."""
+
+    @staticmethod
+    def forward(ctx, L, rhs, blk):
+        x = _blocked_unit_lower_solve(L, rhs, blk)
+        ctx.save_for_backward(L, x)
+        ctx.blk = blk
+        return x
+
+    @staticmethod
+    def backward(ctx, g_x):
+        L, x = ctx.saved_tensors
+        upper_as_lower = L.transpose(-1, -2).flip(-1, -2)
+        g_rhs = _blocked_unit_lower_solve(upper_as_lower, g_x.flip(-2), ctx.blk).flip(-2)
+        g_L = -(g_rhs @ x.transpose(-1, -2)).tril(-1)
+        return g_L, g_rhs, None
+
+
+def _unit_lower_solve(L: torch.Tensor, rhs: torch.Tensor, blk: int) -> torch.Tensor:
+    """(I + L)^{-1} rhs for strictly lower-triangular L [..., C, C] (only its strictly lower
+    part is read), rhs [..., C, r]; differentiable in both. `blk` must divide C."""
+    return _UnitLowerSolve.apply(L, rhs, blk)
 
 
 @_float32

@@ -91,8 +91,14 @@ def test_unit_lower_solve_matches_solve_triangular(C, blk):
     L = (torch.randn(2, 3, C, C, generator=g, dtype=torch.float64) * 0.3).tril(-1)
     rhs = torch.randn(2, 3, C, 5, generator=g, dtype=torch.float64)
     eye = torch.eye(C, dtype=torch.float64)
-    ref = torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)
-    torch.testing.assert_close(_unit_lower_solve(L, rhs, blk), ref)
+    L.requires_grad_()
+    rhs.requires_grad_()
+    ref = torch.linalg.solve_triangular(eye + L.tril(-1), rhs, upper=False, unitriangular=True)
+    got = _unit_lower_solve(L, rhs, blk)
+    torch.testing.assert_close(got, ref)
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), [L, rhs]), torch.autograd.grad((ref * w).sum(), [L, rhs])):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
