@@ -21,8 +21,7 @@ backward (a second loop). `lif_scan`, the one the model uses, has no Python loop
 tokens:
 
 - Forward: the spike decision is not linear in the drive, so the membrane is run in time
-  order, but as a small compiled C loop (csrc_cpu/lif_scan.c, built once with the system
-  C compiler by model/native.py) for CPU tensors. A parallel alternative, iterating a
+  order, but as a small compiled C loop (model/cpu_kernels.py) for CPU tensors. A parallel alternative, iterating a
   linear scan to a fixed point of the spike pattern, is exact but needs as many rounds as
   the slowest neuron has mis-placed spikes (over a hundred at T = 256), each a whole-sequence
   scan. Where no compiler exists (one log line), and on CUDA without the fused kernels,
@@ -36,15 +35,11 @@ float rounding; the forward is the reference's arithmetic, so spikes are identic
 """
 from __future__ import annotations
 
-import ctypes
-import logging
-import os
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from . import native
+from . import cpu_kernels
 
 
 def surrogate_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
@@ -98,47 +93,12 @@ def lif_scan_reference(
     return torch.stack(spikes, dim=1), m
 
 
-_NATIVE_SOURCE = Path(__file__).resolve().parent / "csrc_cpu" / "lif_scan.c"
-_native_lib: Optional[ctypes.CDLL] = None
-_native_tried = False
-
-
-def native_forward_available() -> bool:
-    """Whether the compiled membrane loop (csrc_cpu/lif_scan.c) serves CPU tensors here: built
-    once per process with the system C compiler; `SPIKE_NATIVE=0` turns it off. Where it
-    cannot be built, one log line says why and the Python loop runs instead."""
-    global _native_lib, _native_tried
-    if not _native_tried:
-        _native_tried = True
-        if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
-            return False
-        try:
-            lib = native.shared_library(_NATIVE_SOURCE, [os.environ.get("CC"), "cc", "gcc", "clang"],
-                                        ["-O3", "-ffp-contract=off"])
-        except native.NativeUnavailable as exc:
-            logging.getLogger("model.lif").warning("model.lif: the LIF forward runs as a Python loop over tokens (%s)",
-                                                   str(exc).splitlines()[0])
-            return False
-        for fn in (lib.lif_forward_f32, lib.lif_forward_f64):
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_double] * 2
-        _native_lib = lib
-    return _native_lib is not None
-
-
 def _lif_forward(drive, membrane, keep, decay, threshold):
     """The membrane recurrence of both scans' forward: (v_all, spikes, final membrane), v_all
     the pre-reset potentials [B, T, ...] the backward needs. On CPU (float32/64) the compiled
     loop, else `_lif_forward_loop`; the two do the same arithmetic in the same order."""
-    if drive.device.type == "cpu" and drive.dtype in (torch.float32, torch.float64) and native_forward_available():
-        x = drive.contiguous()
-        B, T = x.shape[:2]
-        v_all = torch.empty_like(x)
-        m = torch.empty(membrane.shape, dtype=x.dtype).copy_(membrane)  # contiguous, written in place
-        k = None if keep is None else keep.to(x.dtype).reshape(B, T).contiguous()
-        fn = _native_lib.lif_forward_f32 if x.dtype == torch.float32 else _native_lib.lif_forward_f64
-        fn(x.data_ptr(), None if k is None else k.data_ptr(), v_all.data_ptr(), m.data_ptr(),
-           B, T, x[0, 0].numel() if T else 0, float(decay), float(threshold))
+    if cpu_kernels.serves(drive):
+        v_all, m = cpu_kernels.lif_forward(drive, membrane, keep, float(decay), float(threshold))
         return v_all, (v_all >= threshold).to(drive.dtype), m
     return _lif_forward_loop(drive, membrane, keep, decay, threshold)
 

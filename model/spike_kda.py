@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels as K
+from . import cpu_kernels, kernels as K
 from .config import ModelConfig
 
 
@@ -58,7 +58,8 @@ class ShortConv(nn.Module):
     Returns (y [B, T, D], new tail [B, K-1, D]). Inputs from before a document reset are
     treated as zeros for the positions after it, so the conv never mixes documents.
 
-    One grouped `conv1d` over the whole call; the few positions whose window reaches back
+    One pass over the whole call (model/cpu_kernels.py's compiled loop on CPU, a grouped
+    `conv1d` elsewhere); the few positions whose window reaches back
     across a reset (at most K-1 per reset) then have the earlier document's terms taken
     out again, gathered by index, so resets cost nothing where there are none.
     """
@@ -76,7 +77,10 @@ class ShortConv(nn.Module):
             tail = x.new_zeros(B, K - 1, D)
         xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
         # y_t = sum_j w[j] xx[t + j] (j = K-1 is x_t itself)
-        y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=D).transpose(1, 2)
+        if cpu_kernels.serves(xx):
+            y = cpu_kernels.ShortConvFn.apply(xx, self.weight)
+        else:
+            y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=D).transpose(1, 2)
         new_tail = xx[:, xx.shape[1] - (K - 1):]
         if reset is not None and K > 1:
             # segment id per input position; the tail belongs to segment 0

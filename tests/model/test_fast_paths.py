@@ -8,7 +8,7 @@ import torch
 
 import model.kda as kda_mod
 import model.lif as lif_mod
-from model import native
+from model import cpu_kernels, native
 from model.kda import _unit_lower_solve, kda_chunk, kda_recurrent
 from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
@@ -105,7 +105,7 @@ def test_unit_lower_solve_matches_solve_triangular(C, blk):
 def test_lif_native_forward_equals_the_loop_bit_for_bit(dtype):
     """The compiled membrane loop (csrc_cpu/lif_scan.c) and the Python loop do the same
     arithmetic: potentials, spikes and the final membrane are identical, resets included."""
-    if not lif_mod.native_forward_available():
+    if not cpu_kernels.available():
         pytest.skip("no C compiler here: the LIF forward runs as the Python loop")
     g = torch.Generator().manual_seed(1)
     drive = torch.randn(3, 200, 4, 5, generator=g, dtype=dtype) * 0.7 + 0.3
@@ -117,17 +117,16 @@ def test_lif_native_forward_equals_the_loop_bit_for_bit(dtype):
 
 
 def test_lif_without_a_compiler_runs_the_loop_and_says_so_once(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(lif_mod, "_native_tried", False)
-    monkeypatch.setattr(lif_mod, "_native_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ok": False})
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     g = torch.Generator().manual_seed(2)
     drive = (torch.randn(2, 40, 3, generator=g) * 0.5 + 0.3).requires_grad_()
-    with caplog.at_level(logging.WARNING, logger="model.lif"):
+    with caplog.at_level(logging.WARNING, logger="model.cpu_kernels"):
         for _ in range(2):
             s1, m1 = lif_scan(drive, 0.9, 1.0)
-    assert not lif_mod.native_forward_available()
-    assert sum("Python loop" in r.getMessage() for r in caplog.records) == 1
+    assert not cpu_kernels.available()
+    assert sum("PyTorch paths" in r.getMessage() for r in caplog.records) == 1
     s2, m2 = lif_scan_reference(drive, 0.9, 1.0)
     assert torch.equal(s1, s2) and torch.equal(m1, m2)

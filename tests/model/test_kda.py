@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import cpu_kernels
 from model.config import ModelConfig
 from model.kda import kda_chunk, kda_recurrent, kda_step
 from model.lif import lif_scan, lif_scan_reference
@@ -238,10 +239,16 @@ def test_short_conv_is_causal_and_resets():
     assert_same(conv(nxt, tail_r)[0][0], conv(torch.cat([x[:1, 10:], nxt[:1]], 1))[0][0, 2:])
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("K", [1, 2, 4])
-def test_short_conv_matches_its_reference_with_gradients(K):
-    """The grouped conv1d plus the cut-out terms at resets equals the per-lag loop, values and
-    gradients (x, weight, tail), with resets at t = 0, back to back, and none in a stream."""
+def test_short_conv_matches_its_reference_with_gradients(K, compiled, monkeypatch):
+    """The one-pass conv (the compiled CPU loop, or the grouped conv1d) plus the cut-out terms
+    at resets equals the per-lag loop, values and gradients (x, weight, tail), with resets
+    at t = 0, back to back, and none in a stream."""
+    if compiled and not cpu_kernels.available():
+        pytest.skip("no C compiler here: ShortConv runs as conv1d")
+    if not compiled:
+        monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
     g = torch.Generator().manual_seed(K)
     conv = ShortConv(6, K).double()
     x = torch.randn(3, 20, 6, generator=g, dtype=torch.float64, requires_grad=True)

@@ -1,0 +1,141 @@
+"""Small compiled loops for CPU tensors, where PyTorch would take many passes or a Python
+loop: the LIF membrane recurrence (csrc_cpu/lif_scan.c) and ShortConv's causal depthwise
+convolution, forward and backward (csrc_cpu/short_conv.c).
+
+Built once per process with the system C compiler (model/native.py caches the library by
+source hash) and called through ctypes, which releases the GIL: a batch is split into
+`torch.get_num_threads()` row ranges run on a thread pool, so the loops use the cores
+torch would. `available()` is False where no compiler exists or `SPIKE_NATIVE=0`; then
+one log line says so and callers run their PyTorch path. The PyTorch paths are the
+specification; tests compare the two.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import native
+
+CSRC = Path(__file__).resolve().parent / "csrc_cpu"
+_P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+_SIGNATURES = {
+    "lif_forward": [_P] * 4 + [_I] * 3 + [_D] * 2,
+    "short_conv_forward": [_P] * 3 + [_I] * 5,
+    "short_conv_backward": [_P] * 5 + [_I] * 5,
+}
+_libs: dict[str, ctypes.CDLL] = {}
+_state = {"tried": False, "ok": False}
+_pool: Optional[ThreadPoolExecutor] = None
+
+
+def available() -> bool:
+    """Whether the compiled loops serve CPU tensors in this process (built on first call)."""
+    if not _state["tried"]:
+        _state["tried"] = True
+        if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
+            return False
+        try:
+            for name in ("lif_scan", "short_conv"):
+                lib = native.shared_library(CSRC / f"{name}.c", [os.environ.get("CC"), "cc", "gcc", "clang"],
+                                            ["-O3", "-ffp-contract=off"])
+                for fn_name, argtypes in _SIGNATURES.items():
+                    for suffix in ("f32", "f64"):
+                        fn = getattr(lib, f"{fn_name}_{suffix}", None)
+                        if fn is not None:
+                            fn.restype, fn.argtypes = None, argtypes
+                _libs[name] = lib
+        except native.NativeUnavailable as exc:
+            logging.getLogger("model.cpu_kernels").warning(
+                "model.cpu_kernels: compiled CPU loops unavailable, running the PyTorch paths (%s)",
+                str(exc).splitlines()[0])
+            return False
+        _state["ok"] = True
+    return _state["ok"]
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled loops take these tensors: CPU, float32 or float64, and built."""
+    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors) and available()
+
+
+def _fn(lib: str, name: str, dtype: torch.dtype) -> Callable:
+    if not available():
+        raise RuntimeError("model.cpu_kernels: the compiled CPU loops are unavailable (see the log)")
+    return getattr(_libs[lib], f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def _split(rows: int, work: Callable[[int, int, int], None]) -> None:
+    """work(part, b0, b1) over `rows` batch rows, in up to torch.get_num_threads() parts."""
+    global _pool
+    parts = max(1, min(torch.get_num_threads(), rows))
+    if parts == 1:
+        work(0, 0, rows)
+        return
+    if _pool is None or _pool._max_workers < parts:
+        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="cpu_kernels")
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    for f in [_pool.submit(work, i, bounds[i], bounds[i + 1]) for i in range(parts)]:
+        f.result()
+
+
+def lif_forward(drive: torch.Tensor, membrane: torch.Tensor, keep: Optional[torch.Tensor], decay: float,
+                threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LIF membrane loop (model/lif.py `_lif_forward_loop`, same arithmetic): drive
+    [B, T, *N], membrane [B, *N], keep [B, T, 1...] or None -> (v_all [B, T, *N] pre-reset
+    potentials, final membrane [B, *N])."""
+    x = drive.contiguous()
+    B, T = x.shape[:2]
+    N = x[0, 0].numel() if B and T else 0
+    v_all = torch.empty_like(x)
+    m = torch.empty(membrane.shape, dtype=x.dtype).copy_(membrane)
+    k = None if keep is None else keep.to(x.dtype).reshape(B, T).contiguous()
+    fn, size = _fn("lif_scan", "lif_forward", x.dtype), x.element_size()
+
+    def work(_, b0, b1):
+        fn(x.data_ptr() + b0 * T * N * size, None if k is None else k.data_ptr() + b0 * T * size,
+           v_all.data_ptr() + b0 * T * N * size, m.data_ptr() + b0 * N * size, b1 - b0, T, N, decay, threshold)
+
+    _split(B, work)
+    return v_all, m
+
+
+class ShortConvFn(torch.autograd.Function):
+    """y [B, T, D] = causal depthwise conv of xx [B, T+K-1, D] with weight [D, K]:
+    y[:, t] = sum_j weight[:, j] * xx[:, t + j]."""
+
+    @staticmethod
+    def forward(ctx, xx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xx = xx.contiguous()
+        B, TK, D = xx.shape
+        K = weight.shape[1]
+        T = TK - K + 1
+        w = weight.to(xx.dtype).t().contiguous()  # [K, D]
+        y = torch.empty(B, T, D, dtype=xx.dtype)
+        fn, size = _fn("short_conv", "short_conv_forward", xx.dtype), xx.element_size()
+        _split(B, lambda _, b0, b1: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
+                                       y.data_ptr() + b0 * T * D * size, 0, b1 - b0, T, D, K))
+        ctx.save_for_backward(xx, w)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xx, w = ctx.saved_tensors
+        gy = gy.contiguous()
+        B, TK, D = xx.shape
+        K = w.shape[0]
+        T = TK - K + 1
+        gxx = torch.empty_like(xx)
+        parts = max(1, min(torch.get_num_threads(), B))
+        gw = torch.empty(parts, K, D, dtype=xx.dtype)
+        fn, size = _fn("short_conv", "short_conv_backward", xx.dtype), xx.element_size()
+        _split(B, lambda part, b0, b1: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
+                                          gy.data_ptr() + b0 * T * D * size, gxx.data_ptr() + b0 * TK * D * size,
+                                          gw[part].data_ptr(), 0, b1 - b0, T, D, K))
+        return gxx, gw.sum(0).t().to(ctx.weight_dtype)
