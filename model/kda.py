@@ -233,47 +233,54 @@ def _sub_chunk(chunk_size: int) -> int:
     return 1
 
 
-def _blocked_unit_lower_solve(L: torch.Tensor, rhs: torch.Tensor, blk: int) -> torch.Tensor:
-    """(I + L)^{-1} rhs for strictly lower-triangular L [..., C, C], rhs [..., C, r], without
-    autograd: blocks of `blk` rows; each diagonal block inverted by the finite Neumann
-    product (I + P)^{-1} = (I - P)(I + P^2)(I + P^4)... (P nilpotent, exact once 2^m >= blk),
-    then forward substitution over the C / blk blocks. Batched `linalg.solve_triangular`
-    runs at well under 1 GFLOP/s on CPU; this is matmuls only."""
-    C = L.shape[-1]
-    nb = C // blk
+def _diagonal_block_inverses(L: torch.Tensor, blk: int) -> torch.Tensor:
+    """(I + L_ii)^{-1} for the C / blk diagonal blocks of strictly lower-triangular L
+    [..., C, C]: [..., C / blk, blk, blk], by the finite Neumann product
+    (I + P)^{-1} = (I - P)(I + P^2)(I + P^4)... (P nilpotent, exact once 2^m >= blk)."""
+    nb = L.shape[-1] // blk
     P = -torch.stack([L[..., i * blk:(i + 1) * blk, i * blk:(i + 1) * blk] for i in range(nb)], -3)
-    X = torch.eye(blk, dtype=L.dtype, device=L.device) + P  # [..., nb, blk, blk]
+    X = torch.eye(blk, dtype=L.dtype, device=L.device) + P
     for _ in range(max(0, (blk - 1).bit_length() - 1)):
         P = P @ P
         X = X + X @ P
+    return X
+
+
+def _blocked_solve(L: torch.Tensor, X: torch.Tensor, rhs: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(I + L)^{-1} rhs (forward substitution over blocks), or (I + L)^{-T} rhs when
+    `transposed` (back substitution, the diagonal inverses transposed), without autograd.
+    L [..., C, C] strictly lower; X its diagonal block inverses; rhs [..., C, r]."""
+    nb, blk = X.shape[-3], X.shape[-1]
     out = torch.empty_like(rhs)
-    for i in range(nb):
+    for i in (reversed(range(nb)) if transposed else range(nb)):
         rows = slice(i * blk, (i + 1) * blk)
         r = rhs[..., rows, :]
-        if i:
+        if transposed and i < nb - 1:
+            r = r - L[..., (i + 1) * blk:, rows].transpose(-1, -2) @ out[..., (i + 1) * blk:, :]
+        elif not transposed and i:
             r = r - L[..., rows, :i * blk] @ out[..., :i * blk, :]
-        out[..., rows, :] = X[..., i, :, :] @ r
+        out[..., rows, :] = (X[..., i, :, :].transpose(-1, -2) if transposed else X[..., i, :, :]) @ r
     return out
 
 
 class _UnitLowerSolve(torch.autograd.Function):
-    """x = (I + L)^{-1} rhs with the solve's own backward: g_rhs = (I + L)^{-T} g_x (the same
-    blocked solve on the system with rows and columns reversed, which makes it lower
-    triangular again) and g_L = -strict_tril(g_rhs x^T). Half the work of differentiating
+    """x = (I + L)^{-1} rhs by blocks: the diagonal blocks inverted (matmuls only; batched
+    `linalg.solve_triangular` runs at well under 1 GFLOP/s on CPU), then substitution over
+    blocks. Its own backward: g_rhs = (I + L)^{-T} g_x (back substitution with the same
+    block inverses) and g_L = -strict_tril(g_rhs x^T), half the work of differentiating
     through the forward's matmuls."""
 
     @staticmethod
     def forward(ctx, L, rhs, blk):
-        x = _blocked_unit_lower_solve(L, rhs, blk)
-        ctx.save_for_backward(L, x)
-        ctx.blk = blk
+        X = _diagonal_block_inverses(L, blk)
+        x = _blocked_solve(L, X, rhs, transposed=False)
+        ctx.save_for_backward(L, X, x)
         return x
 
     @staticmethod
     def backward(ctx, g_x):
-        L, x = ctx.saved_tensors
-        upper_as_lower = L.transpose(-1, -2).flip(-1, -2)
-        g_rhs = _blocked_unit_lower_solve(upper_as_lower, g_x.flip(-2), ctx.blk).flip(-2)
+        L, X, x = ctx.saved_tensors
+        g_rhs = _blocked_solve(L, X, g_x.contiguous(), transposed=True)
         g_L = -(g_rhs @ x.transpose(-1, -2)).tril(-1)
         return g_L, g_rhs, None
 
@@ -305,7 +312,9 @@ def kda_chunk(
     dtype = v.dtype
     scale = dk ** -0.5 if scale is None else scale
     C = chunk_size
-    q, k, v, g, beta = (x.float() for x in (q, k, v, log_alpha, beta))
+    # contiguous [B, H, T, d] once (callers pass [B, T, H, d] transposed): the elementwise work
+    # below runs several times faster on contiguous memory
+    q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, log_alpha, beta))
     q = q * scale
     reset = _reset_bht(reset, B, H, T)
     pad = (-T) % C
