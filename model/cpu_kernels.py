@@ -26,6 +26,7 @@ CSRC = Path(__file__).resolve().parent / "csrc_cpu"
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
     "lif_forward": [_P] * 4 + [_I] * 3 + [_D] * 2,
+    "lif_backward": [_P] * 6 + [_I] * 3 + [_D] * 3,
     "short_conv_forward": [_P] * 3 + [_I] * 5,
     "short_conv_backward": [_P] * 5 + [_I] * 5,
 }
@@ -103,6 +104,31 @@ def lif_forward(drive: torch.Tensor, membrane: torch.Tensor, keep: Optional[torc
 
     _split(B, work)
     return v_all, m
+
+
+def lif_backward(v_all: torch.Tensor, grad_spikes: Optional[torch.Tensor], grad_m: Optional[torch.Tensor],
+                 keep: Optional[torch.Tensor], decay: float, threshold: float,
+                 slope: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LIF backward (model/lif.py): v_all [B, T, *N] from `lif_forward`, grad_spikes like
+    it (or None), grad_m [B, *N] (or None), keep as in `lif_forward` -> (grad_drive
+    [B, T, *N], grad of the initial membrane [B, *N])."""
+    v = v_all.contiguous()
+    B, T = v.shape[:2]
+    N = v[0, 0].numel() if B and T else 0
+    gs = None if grad_spikes is None else grad_spikes.to(v.dtype).contiguous()
+    gm = None if grad_m is None else grad_m.to(v.dtype).contiguous()
+    k = None if keep is None else keep.to(v.dtype).reshape(B, T).contiguous()
+    grad_drive = torch.empty_like(v)
+    grad_m0 = torch.empty(v.shape[:1] + v.shape[2:], dtype=v.dtype)
+    fn, size = _fn("lif_scan", "lif_backward", v.dtype), v.element_size()
+
+    def work(_, b0, b1):
+        at = lambda t, stride: None if t is None else t.data_ptr() + b0 * stride * size  # noqa: E731
+        fn(at(v, T * N), at(gs, T * N), at(gm, N), at(k, T), at(grad_drive, T * N), at(grad_m0, N),
+           b1 - b0, T, N, decay, threshold, slope)
+
+    _split(B, work)
+    return grad_drive, grad_m0
 
 
 class ShortConvFn(torch.autograd.Function):

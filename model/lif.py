@@ -26,9 +26,10 @@ tokens:
   the slowest neuron has mis-placed spikes (over a hundred at T = 256), each a whole-sequence
   scan. Where no compiler exists (one log line), and on CUDA without the fused kernels,
   the same arithmetic runs as a Python loop.
-- Backward: the membrane's gradient is a *linear* leaky reverse scan, and a linear scan
-  is a matmul with a lower-triangular matrix of decay powers (`_leaky_scan`: inside chunks
-  of 32 tokens, then across the chunk ends the same way), run over the flipped sequence.
+- Backward: the membrane's gradient is a *linear* leaky reverse scan: one compiled
+  reverse pass on CPU; elsewhere a matmul with a lower-triangular matrix of decay powers
+  (`_leaky_scan`: inside chunks of 32 tokens, then across the chunk ends the same way),
+  run over the flipped sequence.
 
 Summed in a different order than the loop, the backward agrees with the reference's to
 float rounding; the forward is the reference's arithmetic, so spikes are identical.
@@ -222,6 +223,9 @@ class _LIFScan(torch.autograd.Function):
         v, keep = ctx.saved_tensors
         decay = ctx.decay
         B, T = v.shape[:2]
+        if cpu_kernels.serves(v):  # the reverse loop, compiled: one pass
+            gv, g0 = cpu_kernels.lif_backward(v, grad_spikes, grad_m, keep, decay, ctx.threshold, ctx.slope)
+            return gv.view(ctx.shape), g0.view(ctx.shape[:1] + ctx.shape[2:]), None, None, None, None
         # dL/dv_t = surrogate(v_t) dL/ds_t + decay keep_{t+1} dL/dv_{t+1}, plus dL/dm_end at t = T-1:
         # a reverse leaky scan, run as a forward one over the flipped sequence
         direct = surrogate_grad(v - ctx.threshold, ctx.slope)

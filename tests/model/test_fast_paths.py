@@ -28,9 +28,16 @@ def test_leaky_scan_matches_loop(T, with_reset):
     torch.testing.assert_close(_leaky_scan(x, 0.9, keep), torch.stack(ref, 1))
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("fn", [lif_scan, lif_scan_sequential])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lif_forms_match_reference_over_many_chunks(fn, dtype):
+def test_lif_forms_match_reference_over_many_chunks(fn, dtype, compiled, monkeypatch):
+    """lif_scan (the compiled loops on CPU, or the Python forward with the matmul leaky scan
+    backward) and lif_scan_sequential against the autograd reference."""
+    if compiled and not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    if not compiled:
+        monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
     g = torch.Generator().manual_seed(0)
     drive = (torch.randn(2, 150, 3, 4, generator=g, dtype=dtype) * 0.5 + 0.3).requires_grad_()
     m0 = torch.randn(2, 3, 4, generator=g, dtype=dtype).requires_grad_()
