@@ -72,7 +72,7 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
     from model import ModelConfig, build_model, detach_state
 
     hatch = ModelConfig(arch="hatchling", d_model=d, n_layers=layers, n_heads=heads,
-                        **{"wm_window": seq, **extra})  # a window of one sequence, as every preset has
+                        **{"wm_window": seq, **extra})  # default: a window of one sequence, as the presets have
     if name == "transformer":
         cfg = ModelConfig(**{**hatch.__dict__, "arch": "transformer"})
     elif name == "transformer-matched":
@@ -227,6 +227,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--wm-window", type=int, default=0,
+                    help="hatchling's working-memory window (default: one sequence; fix it, e.g. 1024, to see "
+                         "the linear-time scaling over --seq-lengths)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (as train.compile)")
     ap.add_argument("--profile", metavar="MODEL", help="print a torch.profiler top-ops table for MODEL and exit")
     ap.add_argument("--top", type=int, default=15, help="rows of the --profile table")
@@ -252,6 +255,8 @@ def main() -> None:
     else:
         dims = SIZES[args.size]
     d, layers, heads, seq, batch, vocab = dims
+    if args.wm_window:
+        extra["wm_window"] = args.wm_window
     if args.profile:
         profile(args.profile, dims, dev, args, extra, args.top)
         return

@@ -32,6 +32,7 @@ class WorkingMemoryAttention(nn.Module):
         super().__init__()
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.window = cfg.wm_window
+        self.query_block: Optional[int] = None  # queries per SDPA call; None: all, or W once T > 2W
         self.dropout = cfg.dropout
         self.qkv_proj = nn.Linear(cfg.d_model, (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim, bias=False)
         self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
@@ -55,6 +56,21 @@ class WorkingMemoryAttention(nn.Module):
     def forward(self, x: torch.Tensor, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None):
         y, new_state, _ = self.attend(*self.project(x), state, reset)
         return y, new_state
+
+    def _windowed(self, q, keys, values, mask, dropout: float) -> torch.Tensor:
+        """Softmax attention of q [B, H, T, D] over keys/values [B, G, W+T, D] (cache first)
+        under mask [B, T, W+T]. A query at t only reaches keys t .. t+W, so when the call is
+        longer than two windows the queries go in blocks of W, each against its own W + W
+        keys: O(T W) work instead of O(T (T + W))."""
+        T, W, G = q.shape[2], self.window, keys.shape[1]
+        block = self.query_block or (T if T <= 2 * W else W)
+        ys = []
+        for s in range(0, T, block):
+            e = min(s + block, T)
+            ys.append(F.scaled_dot_product_attention(
+                q[:, :, s:e], keys[:, :, s:e + W], values[:, :, s:e + W], attn_mask=mask[:, None, s:e, s:e + W],
+                dropout_p=dropout, enable_gqa=G != q.shape[1]))
+        return ys[0] if len(ys) == 1 else torch.cat(ys, 2)
 
     def attend(self, q, k, v, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None, memory=None):
         """q [B, H, T, D], k, v [B, G, T, D] (from `project`) -> (y [B, T, d], new state,
@@ -91,8 +107,7 @@ class WorkingMemoryAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         share = None
         if memory is None:
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], dropout_p=dropout,
-                                               enable_gqa=G != H)
+            y = self._windowed(q, keys, values, mask, dropout)
         else:
             mem_k, mem_v, log_strength, bias, mem_mask = memory
             E, dt = mem_k.shape[2], q.dtype

@@ -114,12 +114,15 @@ def test_incremental_generation_matches_full_forward():
     assert len(new) == 5 and all(0 <= t < V for t in new)
 
 
-def test_wm_attention_is_a_sliding_window_over_the_document():
+@pytest.mark.parametrize("query_block", [None, 3, 14])
+def test_wm_attention_is_a_sliding_window_over_the_document(query_block):
     """Each query sees itself and the W tokens before it, none from an earlier document;
-    checked against an explicit per-query softmax."""
+    checked against an explicit per-query softmax, with the queries in blocks of W (the
+    default once T > 2W, as here), of 3, or all in one call."""
     torch.manual_seed(0)
     cfg = tiny_cfg(wm_window=5, n_heads=2, n_kv_heads=1)
     layer = WorkingMemoryAttention(cfg).eval()
+    layer.query_block = query_block
     x = torch.randn(1, 14, 32)
     reset = torch.zeros(1, 14, dtype=torch.bool)
     reset[0, 9] = True
