@@ -17,7 +17,7 @@ from .registry import (
 )
 from .sources.base import Document, Source, SourceError
 from .sources.builtin import BUILTIN_DATASETS, BUILTIN_TABLE, builtin_spec
-from .streams import Batch, PackedStreams, eval_windows
+from .streams import Batch, PackedStreams, eval_windows, reset_mask
 from .tokenizer import TextTokenizer, TokenizerError, build_tokenizer
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "DataConfig", "Document", "DocumentMixer", "HFSourceSpec", "OFFLINE_HINT", "needs_hub", "PackedStreams", "PdfSourceSpec",
     "PrefetchingStream", "Source", "SourceError", "SourceSpec", "TextSourceSpec", "TextTokenizer",
     "TokenizerConfig", "TokenizerError", "build_tokenizer", "builtin_spec", "check_format", "eval_documents",
-    "eval_windows", "hub_status", "is_heldout", "make_document_stream", "open_sources", "sample_texts",
+    "eval_windows", "hub_status", "is_heldout", "make_document_stream", "open_sources", "reset_mask",
+    "sample_texts",
 ]

@@ -29,6 +29,15 @@ class Batch:
     reset: torch.Tensor  # [B, T] bool, True where input token t starts a new document
 
 
+def reset_mask(inputs: torch.Tensor, eot_id: int, first: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool, True where input token t starts a new document: it follows an
+    end-of-text, or (t = 0) `first` [B] says the stream's previous window ended with one."""
+    reset = torch.zeros_like(inputs, dtype=torch.bool)
+    reset[:, 1:] = inputs[:, :-1] == eot_id
+    reset[:, 0] = first
+    return reset
+
+
 class PackedStreams:
     """B persistent token streams over one document stream.
 
@@ -73,9 +82,7 @@ class PackedStreams:
             sources[b] = torch.tensor(srcs[:need])
             del buf[: self.T], srcs[: self.T]  # keep the last token: next window's first input
         inputs = tokens[:, :-1]
-        reset = torch.zeros(self.B, self.T, dtype=torch.bool)
-        reset[:, 1:] = inputs[:, :-1] == self.eot  # the token after an end-of-text starts a new document
-        reset[:, 0] = torch.tensor(self.starts_doc)
+        reset = reset_mask(inputs, self.eot, torch.tensor(self.starts_doc))
         self.starts_doc = (inputs[:, -1] == self.eot).tolist()
         return Batch(tokens, sources, reset)
 

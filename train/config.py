@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
 from data import DataConfig, TokenizerConfig
@@ -106,6 +105,3 @@ IGNORED_KEYS = {
     "train_tokens": f"the token budget is fixed at {TOKEN_BUDGET:,} tokens per run; train_tokens is ignored",
 }
 
-
-def preset_stem(path: Optional[str]) -> str:
-    return Path(path).stem if path else "?"

@@ -7,15 +7,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from data.streams import reset_mask
 from model import detach_state, generate
-
-
-def reset_mask(inputs: torch.Tensor, eot_id: int, first: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: True where an input token follows an end-of-text; `first` [B] for t=0."""
-    reset = torch.zeros_like(inputs, dtype=torch.bool)
-    reset[:, 1:] = inputs[:, :-1] == eot_id
-    reset[:, 0] = first
-    return reset
 
 
 @torch.no_grad()

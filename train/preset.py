@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from data import HFSourceSpec, PdfSourceSpec
+from data import HFSourceSpec, PdfSourceSpec, check_format
 
 from .config import IGNORED_KEYS, Preset
 from .preset_rules import range_problems, resolve_aliases
@@ -165,10 +165,11 @@ class _Validator:
 
 def _cross_checks(p: Preset) -> list[str]:
     """Rules that involve more than one key, or the filesystem."""
-    if p.train.phase != "A" and p.model.arch != "hatchling":
-        return [f'train.phase: phase {p.train.phase} (memories) needs model.arch "hatchling"']
     p.apply_phase()
-    problems = [f"model.{k}: {msg}" for k, msg in p.model.check()]
+    model_problems = p.model.check()  # model/config.py's rules, the memories-need-hatchling one among them
+    if p.train.phase != "A" and any(key == "arch" for key, _ in model_problems):  # the phase turned them on
+        return [f'train.phase: phase {p.train.phase} (memories) needs model.arch "hatchling"']
+    problems = [f"model.{k}: {msg}" for k, msg in model_problems]
     tok = p.tokenizer
     if tok.type == "hf" and not tok.name:
         problems.append('tokenizer.name: required when tokenizer.type is "hf" (e.g. "gpt2")')
@@ -188,13 +189,9 @@ def _cross_checks(p: Preset) -> list[str]:
             problems.append("data.source_weights: weights must be >= 0 and not all zero")
     if d.mix_strategy == "weighted" and d.source_weights is None:
         problems.append('data.source_weights: required when data.mix_strategy is "weighted"')
-    try:
-        from data.formatting import check_format
-    except ImportError:
-        check_format = None
     for i, s in enumerate(d.sources):
         fmt = s.format if isinstance(s, HFSourceSpec) else None
-        if fmt is not None and check_format is not None:
+        if fmt is not None:
             fields = getattr(s, "fields", None) or []
             problem = check_format(fmt, fields)
             if problem:
