@@ -6,12 +6,18 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
+from tests.presets import CORPUS, ROOT, tiny_preset as project_preset, update_sections
+
 sys.path.insert(0, str(ROOT))
 
 from train.config import Preset  # noqa: E402
 from train.preset import preset_from_dict  # noqa: E402
+
+# the in-process tests' tiny preset: progress every 5 steps, no in-run save or evaluation
+# before the end of their short runs, one generated sample, a larger BPE sample
+IN_PROCESS = {"train": {"log_every_steps": 5, "eval_every_tokens": 1_000_000, "checkpoint_every_tokens": 1_000_000,
+                        "eval_tokens": 4096, "samples": 1, "sample_tokens": 8},
+              "tokenizer": {"train_chars": 300_000}}
 
 
 @pytest.fixture
@@ -22,22 +28,8 @@ def corpus() -> Path:
 
 
 def tiny_preset_dict(books: Path, **overrides) -> dict:
-    """A seconds-scale preset over the books corpus: 2-layer model, 512-token BPE."""
-    raw = {
-        "name": "tiny",
-        "model": {"arch": "transformer", "d_model": 64, "n_layers": 2, "n_heads": 2},
-        "train": {"seq_length": 32, "batch_size": 4, "lr": 3e-3, "warmup_tokens": 1000, "log_every_steps": 5,
-                  "eval_every_tokens": 1_000_000, "checkpoint_every_tokens": 1_000_000, "eval_tokens": 4096,
-                  "samples": 1, "sample_tokens": 8},
-        "data": {"sources": [{"type": "text", "path": str(books), "name": "books"}], "eval_fraction": 0.02},
-        "tokenizer": {"type": "bpe", "vocab_size": 512, "train_chars": 300_000},
-    }
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            raw.setdefault(section, {}).update(values)
-        else:
-            raw[section] = values
-    return raw
+    """The tiny preset (tests/presets.py) as the in-process tests train it; `overrides` update its sections."""
+    return update_sections(project_preset("tiny", books=books, **IN_PROCESS), overrides)
 
 
 @pytest.fixture
@@ -47,3 +39,4 @@ def tiny_preset(corpus):
         return preset
 
     return make
+

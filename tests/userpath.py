@@ -5,7 +5,8 @@ pseudo-terminal or with no terminal at all.
 The one change from a user's machine is the token budget: a child process sets
 `train.TOKEN_BUDGET` before running main.py, so a run finishes in seconds. Nothing else
 is handed in: the preset comes from the picker, resumption from the resume question.
-bench/faults.py uses the same helpers for its kill -9 trials."""
+The fault trials (tests/faults.py) use the same helpers for their kill -9s; the tiny
+preset they all train is tests/presets.py's."""
 from __future__ import annotations
 
 import io
@@ -16,34 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus"
+from tests.presets import ROOT
 
 # main.py run as a user runs it, under a smaller token budget
 MAIN = ("import runpy, sys; sys.path.insert(0, {root!r}); import train; train.TOKEN_BUDGET = {budget}; "
         "sys.argv = ['main.py']; runpy.run_path({main!r}, run_name='__main__')")
-
-
-def tiny_preset(name: str = "00_tiny", arch: str = "transformer", books: Path = CORPUS / "books", **sections) -> dict:
-    """A seconds-scale preset over the books corpus; `sections` update its sections."""
-    model = {"arch": arch, "d_model": 64, "n_layers": 2, "n_heads": 2}
-    if arch == "hatchling":
-        model.update(global_every=2, wm_window=32, chunk_size=16, plasticity_span=8, em_slots=8, pm_slots=4)
-    raw = {
-        "name": name,
-        "description": "test preset",
-        "model": model,
-        "train": {"seq_length": 32, "batch_size": 4, "lr": 3e-3, "warmup_tokens": 1000, "log_every_steps": 1,
-                  "eval_every_tokens": 10**9, "checkpoint_every_tokens": 1024, "eval_tokens": 2048, "samples": 0},
-        "data": {"sources": [{"type": "text", "path": str(books), "name": "books"}], "eval_fraction": 0.02},
-        "tokenizer": {"type": "bpe", "vocab_size": 512, "train_chars": 200_000},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict):
-            raw.setdefault(section, {}).update(values)
-        else:
-            raw[section] = values
-    return raw
 
 
 def make_project(folder: Path, presets: list[dict] | dict[str, object]) -> Path:

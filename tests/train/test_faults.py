@@ -1,15 +1,10 @@
-"""Fault injection (the trials of bench/faults.py at a smaller count): crashes, signals, a
-full disk, NaNs, out-of-memory and a dying rank never lose more than the work since the
-last save."""
-import importlib.util
-
+"""Fault injection (the trials of tests/faults.py, which bench/faults.py runs at a larger
+count): crashes, signals, a full disk, NaNs, out-of-memory and a dying rank never lose
+more than the work since the last save."""
 import pytest
 
-from tests.conftest import CORPUS, ROOT
-
-spec = importlib.util.spec_from_file_location("faults", ROOT / "bench" / "faults.py")
-faults = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(faults)
+from tests import faults
+from tests.presets import CORPUS
 
 pytestmark = pytest.mark.skipif(not (CORPUS / "books").is_dir(), reason=f"real-text corpus not found at {CORPUS}")
 

@@ -9,7 +9,8 @@ import sys
 import time
 
 from tests.conftest import ROOT
-from tests.userpath import make_project, tiny_preset
+from tests.presets import tiny_preset
+from tests.userpath import make_project
 
 PICK = ("import sys; sys.path.insert(0, {root!r}); from pathlib import Path; from train.ui import choose_preset; "
         "from rich.console import Console; p = choose_preset(Path({root!r}) / 'configs', Console(width=200)); "

@@ -11,7 +11,8 @@ import pexpect
 import pytest
 import torch
 
-from tests.userpath import CORPUS, make_project, run_main, spawn_main, start_main, tiny_preset
+from tests.presets import CORPUS, tiny_preset
+from tests.userpath import make_project, run_main, spawn_main, start_main
 from train.checkpoint import CURRENT, RUN_STATE, atomic_save, load_checkpoint
 
 pytestmark = pytest.mark.skipif(not (CORPUS / "books").is_dir(), reason=f"real-text corpus not found at {CORPUS}")
