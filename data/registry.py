@@ -247,15 +247,17 @@ class DocumentMixer:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = list(state["epoch"]), list(state["consumed"])
         self.turn, self.weights = state["turn"], list(state["weights"])
-        self.rng.setstate(_as_rng_state(state["rng"]))
+        self.rng.setstate(as_rng_state(state["rng"]))
         self.strategy = state.get("strategy", self.strategy)
         self.dead = {int(i): r for i, r in state.get("dead", [])}
         self._failures = [0] * len(self.sources)
         self._iters = [None] * len(self.sources)
 
 
-def _as_rng_state(state):
-    """random.Random state survives torch.save(weights_only) as nested lists: retuple it."""
+def as_rng_state(state):
+    """A Python RNG state (random.getstate(), random.Random.getstate()) as saved by
+    torch.save and read back with weights_only=True, where its tuples may come back as
+    lists: retupled, ready for setstate."""
     version, internal, gauss = state
     return (version, tuple(internal), gauss)
 

@@ -1,6 +1,9 @@
-"""Shared fixtures: the real-text corpus beside the project, and tiny presets over it."""
+"""Shared fixtures: the real-text corpus beside the project, tiny presets over it, and a
+reporter that interrupts a run in this process."""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 from train.config import Preset  # noqa: E402
 from train.preset import preset_from_dict  # noqa: E402
+from train.progress import Reporter  # noqa: E402
 
 # the in-process tests' tiny preset: progress every 5 steps, no in-run save or evaluation
 # before the end of their short runs, one generated sample, a larger BPE sample
@@ -40,3 +44,15 @@ def tiny_preset(corpus):
 
     return make
 
+
+class InterruptAt(Reporter):
+    """Delivers a real SIGINT to this process once training passes `tokens`."""
+
+    def __init__(self, tokens):
+        super().__init__(enabled=False)
+        self.at, self.sent = tokens, False
+
+    def update(self, tokens, *args, **kwargs):
+        if tokens >= self.at and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)

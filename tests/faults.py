@@ -44,6 +44,7 @@ from tests.presets import ROOT, tiny_preset
 from tests.userpath import main_command, make_project, run_main
 from train import preset_from_dict
 from train.checkpoint import CURRENT, PREV, PREV2, RUN_STATE, CheckpointError, load_checkpoint, recover_rotation
+from train.checkpointer import load_run_state
 from train.loop import Trainer
 from train.progress import Reporter
 
@@ -111,7 +112,7 @@ def trained_tokens(folder: Path) -> int:
 
 def saved_tokens(folder: Path) -> int:
     path = folder / RUN_STATE
-    return load_checkpoint(path)["tokens"] if path.exists() else 0
+    return load_run_state(path)["counters"]["tokens"] if path.exists() else 0
 
 
 def fault_kill9(kills: int, seed: int = 0, budget: int = 12_288) -> dict:
@@ -296,20 +297,21 @@ def fault_nan() -> dict:
             real_roll_back = t._roll_back
 
             def roll_back():  # the roll-back must restore the saved token count and weights exactly
-                saved = load_checkpoint(out / RUN_STATE) if (out / RUN_STATE).exists() else None
+                saved = load_run_state(out / RUN_STATE) if (out / RUN_STATE).exists() else None
                 real_roll_back()
                 if saved is not None:
-                    holder["rolled_back_exactly"] = t.tokens == saved["tokens"] and all(
-                        torch.equal(v, saved["model"][k]) for k, v in t._model_cpu_state().items())
+                    holder["rolled_back_exactly"] = t.counters.tokens == saved["counters"]["tokens"] and all(
+                        torch.equal(v, saved["model"][k]) for k, v in t.weights.state_dict().items())
             t._roll_back = roll_back
 
         trainer, result = _train_in_process(tiny_preset("faults"), 4096, out, setup, Reporter(enabled=False))
         finite = all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
         exact = holder.get("rolled_back_exactly", False)
-        ok = (result.finished and finite and trainer.skipped_steps >= 5 and trainer.lr_scale == 0.5
+        faults = trainer.faults
+        ok = (result.finished and finite and faults.skipped_steps >= 5 and faults.lr_scale == 0.5
               and result.tokens == 4096 and exact)
         return {"fault": "nan", "trials": 5, "survived": 5 if ok else 0, "data_lost_tokens": 0,
-                "skipped_steps": trainer.skipped_steps, "lr_scale": trainer.lr_scale, "rolled_back_exactly": exact,
+                "skipped_steps": faults.skipped_steps, "lr_scale": faults.lr_scale, "rolled_back_exactly": exact,
                 "problems": [] if ok else [f"finished={result.finished} finite={finite}"]}
 
 
@@ -329,10 +331,10 @@ def fault_oom(arch: str = "transformer") -> dict:
         trainer, result = _train_in_process(preset, 2048, Path(tmp) / "b", setup, Reporter(enabled=False))
         same = all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in
                    zip(base.model.state_dict().values(), trainer.model.state_dict().values()))
-        ok = result.finished and trainer.splits == 4 and same
-        return {"fault": "oom", "arch": arch, "trials": 1, "survived": int(ok), "data_lost_tokens": 0,
-                "splits": trainer.splits, "same_result": same,
-                "problems": [] if ok else [f"splits={trainer.splits} same={same}"]}
+        splits = trainer.faults.splits
+        ok = result.finished and splits == 4 and same
+        return {"fault": "oom", "arch": arch, "trials": 1, "survived": int(ok), "data_lost_tokens": 0, "splits": splits,
+                "same_result": same, "problems": [] if ok else [f"splits={splits} same={same}"]}
 
 
 DDP_CHILD = textwrap.dedent("""
@@ -346,7 +348,7 @@ DDP_CHILD = textwrap.dedent("""
     if t.d.rank == 1:
         real = t.train_step
         def dying():
-            if t.step == 5:
+            if t.counters.step == 5:
                 os._exit(3)  # this rank dies mid-run
             return real()
         t.train_step = dying

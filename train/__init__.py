@@ -9,7 +9,8 @@ import signal
 from pathlib import Path
 
 from .config import TOKEN_BUDGET, AuxiliaryConfig, Preset, TrainConfig
-from .loop import RunResult, TrainError, train
+from .errors import TrainError
+from .loop import RunResult, train
 from .preset import PresetError, load_preset, preset_from_dict
 
 __all__ = ["TOKEN_BUDGET", "AuxiliaryConfig", "Preset", "PresetError", "RunResult", "TrainConfig", "TrainError",
@@ -41,6 +42,9 @@ def run(root: str | Path = ".") -> int:
                     plan = choose_run(root / "configs", root / "checkpoints", console)
             except PresetError as e:
                 console.print(str(e), style="red", markup=False, highlight=False)
+                plan = "error"
+            except CheckpointError as e:  # an interrupted run this version cannot resume: kept as it is
+                console.print(f"error: {e}", style="red", markup=False, highlight=False)
                 plan = "error"
         plan = broadcast_object(plan, d)
         if plan is None:

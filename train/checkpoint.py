@@ -9,7 +9,8 @@ Files in the checkpoint folder:
 Every write goes to a temporary file that is fsync'ed and then renamed over its target,
 so a file is always either the old complete version or the new complete version. The
 rotation is a fixed sequence of renames keyed on lm_next.pth, so a rotation cut short at
-any point is finished by `recover_rotation` on the next start."""
+any point is finished by `recover_rotation` on the next start. What the files hold is
+train/checkpointer.py's business."""
 from __future__ import annotations
 
 import os
@@ -90,20 +91,6 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     if not isinstance(obj, dict) or "model" not in obj:
         raise CheckpointError(f"{path} is not a checkpoint of this trainer")
     return obj
-
-
-RUN_STATE_KEYS = ("model", "model_config", "optimizer", "scheduler", "step", "tokens", "budget", "world_size",
-                  "preset", "tokenizer", "ranks")
-
-
-def load_run_state(path: Path) -> dict:
-    """An interrupted run's save, checked to hold everything a resume reads."""
-    state = load_checkpoint(path)
-    missing = [k for k in RUN_STATE_KEYS if k not in state]
-    if state.get("kind") != "run_state" or missing:
-        raise CheckpointError(f"{path} is not an interrupted run of this trainer"
-                              + (f" (it lacks {', '.join(missing)})" if missing else ""))
-    return state
 
 
 def recover_rotation(folder: Path) -> bool:

@@ -35,7 +35,7 @@ def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=n
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
-def sample_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
+def generate_samples(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> list[tuple[str, str]]:
     """(prompt text, continuation text) for each prompt, by nucleus sampling."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []

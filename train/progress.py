@@ -1,11 +1,13 @@
 """What a run shows while it trains: a rich progress bar on a terminal, plain log lines
-elsewhere (CI, a pipe, a log file), and the metrics log `metrics.jsonl`."""
+elsewhere (CI, a pipe, a log file), the metrics log `metrics.jsonl`, and what goes into
+them at each progress update (the `train` row and the progress line's detail text)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 
@@ -98,3 +100,64 @@ class MetricsLog:
             row = {"run": self.run, **row}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=float) + "\n")
+
+
+class Window:
+    """This rank's training loss and per-source loss and token sums since the last
+    progress update, and when that was."""
+
+    def __init__(self, n_sources: int, device: torch.device, tokens: int):
+        self.n_sources, self.device = n_sources, device
+        self.restart(tokens)
+
+    def restart(self, tokens: int) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.src_loss = torch.zeros(self.n_sources, device=self.device)
+        self.src_count = torch.zeros(self.n_sources, device=self.device)
+        self.t, self.tokens = time.perf_counter(), tokens
+
+    def add(self, step: dict) -> None:
+        self.loss += step["loss_sum"]
+        self.src_loss += step["src_loss"]
+        self.src_count += step["src_count"]
+
+    def packed(self) -> torch.Tensor:
+        """[loss, per-source loss..., per-source tokens...]: one tensor to sum over ranks."""
+        return torch.cat([self.loss.view(1), self.src_loss, self.src_count])
+
+
+# per-block metrics shown (averaged over blocks) on the progress detail line
+DETAIL_METRICS = (("spike_rate", "spike rate"), ("pm_commit_rate", "PM commits"), ("pm_strength", "PM strength"),
+                  ("em_write_rate", "EM writes"), ("em_strength", "EM strength"), ("em_read_share", "EM share"))
+
+
+def block_summary(metrics: dict) -> str:
+    """'  spike rate 0.12  PM commits 0.50 ...' from "metric/<name>/layer<i>" values, each
+    averaged over the blocks that report it ('' when none do)."""
+    parts = []
+    for name, label in DETAIL_METRICS:
+        vals = [float(v) for k, v in metrics.items() if k.startswith(f"metric/{name}/")]
+        if vals:
+            parts.append(f"{label} {sum(vals) / len(vals):.2f}")
+    return "".join(f"  {p}" for p in parts)
+
+
+def train_row(figures: dict, source_loss: dict, aux: dict, metrics: dict) -> tuple[dict, str]:
+    """The metrics.jsonl row of a progress update and the progress line's detail text.
+    `figures` holds the update's own (step, tokens, the cross-entropy "loss", lr, ...);
+    added are the per-source losses when there are several sources (None: no tokens),
+    the weighted auxiliary loss terms with their share of the total loss, and the
+    model's metrics."""
+    row, loss = {"kind": "train", **figures}, figures["loss"]
+    if len(source_loss) > 1:
+        row["source_loss"] = {name: value for name, value in source_loss.items() if value is not None}
+    for key, value in {**aux, **metrics}.items():
+        row[key] = float(value)
+    total = loss + sum(float(v) for v in aux.values())  # CE + the weighted auxiliary terms
+    if aux:
+        row["loss_total"] = total
+    for key, value in aux.items():
+        row[f"share/{key.split('/', 1)[1]}"] = float(value) / max(total, 1e-12)
+    detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g} ({100 * float(v) / max(total, 1e-12):.1f}%)"
+                       for k, v in aux.items())
+    return row, detail + block_summary(metrics)

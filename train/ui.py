@@ -15,6 +15,7 @@ from rich.text import Text
 from data import hub_status, needs_hub
 
 from .checkpoint import RUN_STATE, CheckpointError, load_checkpoint
+from .checkpointer import run_summary
 from .config import TOKEN_BUDGET, Preset
 from .estimate import STEP_TIMES, human_duration, measured_tokens_per_s, memory_problem, param_count, vocab_size_guess
 from .preset import PresetError, load_preset
@@ -115,7 +116,9 @@ def choose_preset(configs: Path, console: Console, cache: Optional[Path] = STEP_
 
 
 def ask_resume(checkpoints: Path, console: Console) -> Optional[bool]:
-    """True to resume an interrupted run, False for a new run, None on Ctrl-C."""
+    """True to resume an interrupted run, False for a new run (none there, or one that
+    cannot be read at all), None on Ctrl-C. A run saved in a format this version cannot
+    read raises CheckpointError: the file is left for the version that wrote it."""
     path = Path(checkpoints) / RUN_STATE
     if not path.exists():
         return False
@@ -124,8 +127,8 @@ def ask_resume(checkpoints: Path, console: Console) -> Optional[bool]:
     except CheckpointError as e:
         console.print(f"[yellow]warning: an interrupted run cannot be resumed: {e}[/]")
         return False
-    name = state.get("preset", {}).get("name", "?")
-    what = f"interrupted run of '{name}' at {human(state['tokens'])}/{human(state['budget'])} tokens"
+    name, tokens, budget = run_summary(state, path)  # a format this version cannot read: CheckpointError
+    what = f"interrupted run of '{name}' at {human(tokens or 0)}/{human(budget or 0)} tokens"
     if not interactive():
         console.print(f"no terminal on stdin: resuming the {what}")
         return True

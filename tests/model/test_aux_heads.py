@@ -298,7 +298,7 @@ def test_checkpoint_without_heads_loads_with_heads_missing():
 
 
 def test_trainer_tolerant_load_reports_the_head_keys_as_missing():
-    from train.loop import tolerant_load
+    from train.setup import tolerant_load
 
     class Rep:
         def __init__(self):

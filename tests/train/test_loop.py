@@ -3,12 +3,11 @@ end-of-run rotation keeps the order, a damaged checkpoint falls back, the tokeni
 stored and reused."""
 import json
 import math
-import os
-import signal
 
 import pytest
 import torch
 
+from tests.conftest import InterruptAt
 from tests.model.helpers import tensors
 from train import train
 from train.checkpoint import CURRENT, LEGACY_MIRROR, PREV, PREV2, RUN_STATE, load_checkpoint
@@ -17,19 +16,6 @@ from train.progress import Reporter
 
 def rows(out, kind):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
-class InterruptAt(Reporter):
-    """Delivers a real SIGINT to this process once training passes `tokens`."""
-
-    def __init__(self, tokens):
-        super().__init__(enabled=False)
-        self.at, self.sent = tokens, False
-
-    def update(self, tokens, *args, **kwargs):
-        if tokens >= self.at and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 class DetailRecorder(Reporter):
@@ -74,8 +60,8 @@ def test_interrupted_run_resumes_exactly(tiny_preset, tmp_path, arch):
     stopped = train(preset, budget=budget, out_dir=tmp_path / "b", reporter=InterruptAt(2_560))
     assert not stopped.finished and (tmp_path / "b" / RUN_STATE).exists()
     saved = load_checkpoint(tmp_path / "b" / RUN_STATE)
-    assert saved["tokens"] == stopped.tokens == 2_560
-    carried = saved["ranks"][0]["model_state"]
+    assert saved["counters"]["tokens"] == stopped.tokens == 2_560
+    carried = saved["ranks"][0]["carried"]["value"]
     assert (carried is not None) == (arch == "hatchling")  # recurrent state is part of the save
     resumed = train(preset, budget=budget, out_dir=tmp_path / "b", resume=True)
     assert resumed.finished and resumed.tokens == budget and resumed.steps == straight.steps
@@ -147,8 +133,12 @@ def test_adaptive_source_weights_follow_the_loss(corpus, tmp_path):
     assert last["weights"][harder] > last["weights"][easier]
 
 
-def test_resume_is_exact_with_background_data_workers(tiny_preset, tmp_path):
-    preset = tiny_preset(data={"num_workers": 1})
+@pytest.mark.parametrize("change", [{"data": {"num_workers": 1}}, {"model": {"dropout": 0.1}}],
+                         ids=["background_data_workers", "dropout"])
+def test_resume_is_exact_with(tiny_preset, tmp_path, change):
+    """Background data workers replay their position; dropout's draws continue the saved
+    random generators."""
+    preset = tiny_preset(**change)
     straight = train(preset, budget=2048, out_dir=tmp_path / "a")
     stopped = train(preset, budget=2048, out_dir=tmp_path / "b", reporter=InterruptAt(1024))
     assert not stopped.finished
@@ -181,7 +171,7 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
 
         nxt = Trainer(preset, 512, tmp_path, resume=False, reporter=None)
         nxt.setup()
-        restored = tensors(nxt.model.memory_state(nxt.state))
+        restored = tensors(nxt.model.memory_state(nxt.carried.value))
         stored = tensors(memory)
         assert restored and len(restored) == len(stored)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, stored))
