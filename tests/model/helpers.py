@@ -2,16 +2,14 @@
 import torch
 import torch.nn.functional as F
 
+from model import map_state
+
 
 def tensors(state) -> list[torch.Tensor]:
-    """Every tensor in a nested state (dicts in sorted key order, lists, tuples)."""
-    if isinstance(state, torch.Tensor):
-        return [state]
-    if isinstance(state, dict):
-        return [t for k in sorted(state) for t in tensors(state[k])]
-    if isinstance(state, (list, tuple)):
-        return [t for v in state for t in tensors(v)]
-    return []
+    """Every tensor in a nested state, in the order model.map_state walks it."""
+    found: list[torch.Tensor] = []
+    map_state(state, lambda t: found.append(t) or t)
+    return found
 
 
 def kda_inputs(B=1, H=2, T=7, dk=8, dv=8, device="cpu", dtype=torch.float32, seed=0):
