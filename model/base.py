@@ -31,15 +31,7 @@ class ModelOutput(NamedTuple):
 
 def detach_state(state):
     """Detach every tensor in a nested state (dicts, lists, tuples) from the graph."""
-    if state is None:
-        return None
-    if isinstance(state, torch.Tensor):
-        return state.detach()
-    if isinstance(state, dict):
-        return {k: detach_state(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(detach_state(v) for v in state)
-    return state
+    return map_state(state, torch.Tensor.detach)
 
 
 def map_state(state, fn):

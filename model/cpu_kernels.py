@@ -35,8 +35,11 @@ _state = {"tried": False, "ok": False}
 _pool: Optional[ThreadPoolExecutor] = None
 
 
+@torch.compiler.disable
 def available() -> bool:
-    """Whether the compiled loops serve CPU tensors in this process (built on first call)."""
+    """Whether the compiled loops serve CPU tensors in this process (built on first call).
+    Under torch.compile every entry point here is a graph break (ctypes calls cannot be
+    traced), said once by Dynamo's own counters, not by a warning per call."""
     if not _state["tried"]:
         _state["tried"] = True
         if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
@@ -85,6 +88,7 @@ def _split(rows: int, work: Callable[[int, int, int], None]) -> None:
         f.result()
 
 
+@torch.compiler.disable
 def lif_forward(drive: torch.Tensor, membrane: torch.Tensor, keep: Optional[torch.Tensor], decay: float,
                 threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The LIF membrane loop (model/lif.py `_lif_forward_loop`, same arithmetic): drive
@@ -106,6 +110,7 @@ def lif_forward(drive: torch.Tensor, membrane: torch.Tensor, keep: Optional[torc
     return v_all, m
 
 
+@torch.compiler.disable
 def lif_backward(v_all: torch.Tensor, grad_spikes: Optional[torch.Tensor], grad_m: Optional[torch.Tensor],
                  keep: Optional[torch.Tensor], decay: float, threshold: float,
                  slope: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,6 +134,12 @@ def lif_backward(v_all: torch.Tensor, grad_spikes: Optional[torch.Tensor], grad_
 
     _split(B, work)
     return grad_drive, grad_m0
+
+
+@torch.compiler.disable
+def short_conv(xx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """ShortConvFn.apply, kept out of torch.compile's graphs."""
+    return ShortConvFn.apply(xx, weight)
 
 
 class ShortConvFn(torch.autograd.Function):

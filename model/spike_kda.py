@@ -78,7 +78,7 @@ class ShortConv(nn.Module):
         xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
         # y_t = sum_j w[j] xx[t + j] (j = K-1 is x_t itself)
         if cpu_kernels.serves(xx):
-            y = cpu_kernels.ShortConvFn.apply(xx, self.weight)
+            y = cpu_kernels.short_conv(xx, self.weight)
         else:
             y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=D).transpose(1, 2)
         new_tail = xx[:, xx.shape[1] - (K - 1):]
