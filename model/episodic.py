@@ -6,9 +6,9 @@ that scrolled out: their attention keys and values exactly as the block computed
 (all kv heads), with a strength. Because WM attention has no positional encoding, a key
 remembered from 10k tokens ago is scored exactly like one in the window, so whatever the
 block learnt to look up in its window (a name -> the number that followed it) it can look
-up in its memory without learning anything new. Earlier designs stored a pooled summary
-of each span under separate projections; the model never learnt to bind a fact in it,
-and recall beyond the window stayed at chance (issue 5's note, runs A-E).
+up in its memory without learning anything new (a pooled summary of each span under
+separate projections, the alternative, gives the model nothing it already knows how to
+look up).
 
 Per stream: keys, values [B, M, G*D] (the WM layer's keys/values, G kv heads of D),
 strength [B, M] in [0, s_max] (0 = empty), age [B, M] (tokens since the slot's token,
@@ -17,9 +17,8 @@ counted at the end of the call), float32.
 Write, at every span end (P tokens, `memory.py`). Candidates: the `c` tokens of the span
 (of the stream's current document) with the highest salience z_t = w . h_t (h the
 block's normalised input) plus novelty (below, against the memory as the span found it):
-salience alone picks one kind of token over and over, whose copies the gate then refuses
-(measured: write rate 0.000-0.006 through a whole run), and a salience that writes
-nothing gets no gradient. A span cut by a call boundary carries its best c so far in the
+salience alone picks one kind of token over and over, whose copies the gate then refuses,
+and a salience that writes nothing gets no gradient. A span cut by a call boundary carries its best c so far in the
 state. For each candidate, in order:
   S        <- decay * S                                  (once per span)
   novelty  = 1 - max_j cos(k - mu, K_j - mu) over the filled slots (1 when none), mu
@@ -28,10 +27,9 @@ state. For each candidate, in order:
   write    = novelty + delta > threshold                 (hard gate: a near-copy of a
                                                           stored key is not stored again)
   the weakest slot j* = argmin S takes (k, v) with S_j* = s_max * strength * sigmoid(z).
-Unlike the strength, the salience factor is not floored: the LM loss may silence the
-memory through it, and at the bench's scale it does (sigmoid(z) -> 0.000 in the WM block
-whose remembered tokens distract). Floored at half, the forced reads cost the backbone
-its in-window copying (control 53% -> 20%, and 19% with the memory switched off again).
+Unlike the strength, the salience factor is not floored: the LM loss may silence a
+memory whose remembered tokens distract, and forced reads of such a memory would cost the
+backbone its in-window copying.
 The written key/value keep their graph inside the call, so reads later in the same call
 train the WM projections, the salience and the neuromodulator's strength; delta only
 enters the hard gate (it is left for phase D's reinforcement training, like PM's gate).
@@ -83,8 +81,8 @@ class EMNeuromodulator(nn.Module):
 
     The strength is floored at half: a memory whose strength the LM loss can drive to 0
     while its reads are still noise goes silent for good, and so does the gradient that
-    could have made it useful (measured with the earlier design: read norm 0.01 after
-    1.4k steps). The salience and the per-head gate are where the model may turn it down."""
+    could have made it useful. The salience and the per-head gate are where the model may
+    turn it down."""
 
     def __init__(self, hidden: int = 32):
         super().__init__()

@@ -100,6 +100,7 @@ def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, ch
             try:
                 out = chunked.kda_varlen(q, k, v, log_alpha, beta, initial_state, scale, reset)
                 build.say("KDA training kernel: flash-linear-attention's chunk_kda (chunked, tensor cores)")
+                _say_chunking_is_the_kernels(chunk_size, 64, "chunk_kda")
                 return out
             except Exception as e:  # noqa: BLE001 - a first call that fails (Triton/fla mismatch) must not stop training
                 if mode == "fla" or chunked.proven():
@@ -113,7 +114,16 @@ def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, ch
     be = _backend(mode, q, _kda_unsupported(q, q.shape[2]))
     if be is None:
         return kda_reference(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size, impl)
+    _say_chunking_is_the_kernels(chunk_size, ops.KDA_CHUNK, "the fused KDA kernel")
     return ops.kda_fused(q, k, v, log_alpha, beta, initial_state, scale, reset)
+
+
+def _say_chunking_is_the_kernels(chunk_size: int, kernel_chunk: int, kernel: str) -> None:
+    """model.chunk_size shapes the PyTorch chunked form only: say so (once) when it differs
+    from what the kernel in use chunks by, rather than ignore it silently."""
+    if chunk_size != kernel_chunk:
+        build.say(f"model.chunk_size = {chunk_size} applies to the PyTorch reference; {kernel} uses chunks of "
+                  f"{kernel_chunk}", logging.INFO)
 
 
 def kda_step(q, k, v, log_alpha, beta, state=None, scale=None, reset=None, mode: str = "auto"):

@@ -508,3 +508,22 @@ def test_nvrtc_backend_launch_glue_with_a_fake_driver(monkeypatch, tmp_path):
         be.run("kda_fwd", _kda_params(1, 1, 5, 300, 8), torch.device("cuda", 0))
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         be.run("kda_fwd", p, torch.device("cpu"))
+
+
+def test_chunk_size_the_kernel_ignores_is_said_not_ignored(monkeypatch, caplog):
+    """model.chunk_size shapes only the PyTorch chunked form: with chunk_kda (its glue run
+    on CPU with the reference kernel in its place) and a chunk_size other than its 64, one
+    line says so; at 64 nothing is said."""
+    build._reset_for_tests()
+    monkeypatch.setattr(chunked, "available", lambda: None)
+    monkeypatch.setattr(chunked, "unsupported", lambda *a: None)
+    real = chunked.kda_varlen
+    monkeypatch.setattr(chunked, "kda_varlen", lambda *a: real(*a, kernel=chunked.reference_chunk_kda))
+    q, k, v, la, beta, s0 = _kda_in(grad=False)
+    with caplog.at_level(logging.INFO, logger="model.kernels"):
+        kernels.kda(q, k, v, la, beta, s0, chunk_size=64, mode="fla")
+        assert not [m for m in _lines(caplog) if "chunk_size" in m]
+        for _ in range(2):
+            kernels.kda(q, k, v, la, beta, s0, chunk_size=32, mode="fla")
+    said = [m for m in _lines(caplog) if "chunk_size" in m]
+    assert said == ["model.kernels: model.chunk_size = 32 applies to the PyTorch reference; chunk_kda uses chunks of 64"]
