@@ -166,8 +166,10 @@ def _reset_bht(reset: Optional[torch.Tensor], B: int, H: int, T: int) -> Optiona
 _FACTOR_MAX = 80.0  # largest log-decay across one sub-chunk that its factored form takes
 
 
+@torch.compiler.disable
 def _span_at_most(span: torch.Tensor, limit: float) -> bool:
-    """Whether every log-decay in `span` (>= 0) is at most `limit` (True when empty)."""
+    """Whether every log-decay in `span` (>= 0) is at most `limit` (True when empty). A
+    data-dependent choice: under torch.compile, a graph break here rather than a traced .item()."""
     return bool(span.amax() <= limit) if span.numel() else True
 
 
