@@ -1,6 +1,7 @@
 """Small compiled loops for CPU tensors, where PyTorch would take many passes or a Python
-loop: the LIF membrane recurrence (csrc_cpu/lif_scan.c) and ShortConv's causal depthwise
-convolution, forward and backward (csrc_cpu/short_conv.c).
+loop, each with its backward: the LIF membrane recurrence (csrc_cpu/lif_scan.c),
+ShortConv's causal depthwise convolution (csrc_cpu/short_conv.c), and Spike-KDA's split
+of q/k/v into head-major tensors with q and k L2-normalised (csrc_cpu/split_heads.c).
 
 Built once per process with the system C compiler (model/native.py caches the library by
 source hash) and called through ctypes, which releases the GIL: a batch is split into
@@ -29,6 +30,8 @@ _SIGNATURES = {
     "lif_backward": [_P] * 6 + [_I] * 3 + [_D] * 3,
     "short_conv_forward": [_P] * 3 + [_I] * 5,
     "short_conv_backward": [_P] * 5 + [_I] * 5,
+    "split_heads_forward": [_P] * 5 + [_I] * 4 + [_D],
+    "split_heads_backward": [_P] * 7 + [_I] * 4 + [_D],
 }
 _libs: dict[str, ctypes.CDLL] = {}
 _state = {"tried": False, "ok": False}
@@ -45,7 +48,7 @@ def available() -> bool:
         if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
             return False
         try:
-            for name in ("lif_scan", "short_conv"):
+            for name in ("lif_scan", "short_conv", "split_heads"):
                 lib = native.shared_library(CSRC / f"{name}.c", [os.environ.get("CC"), "cc", "gcc", "clang"],
                                             ["-O3", "-ffp-contract=off"])
                 for fn_name, argtypes in _SIGNATURES.items():
@@ -176,3 +179,42 @@ class ShortConvFn(torch.autograd.Function):
                                           gy.data_ptr() + b0 * T * D * size, gxx.data_ptr() + b0 * TK * D * size,
                                           gw[part].data_ptr(), 0, b1 - b0, T, D, K))
         return gxx, gw.sum(0).t().to(ctx.weight_dtype)
+
+
+NORM_EPS = 1e-12  # F.normalize's default
+
+
+@torch.compiler.disable
+def split_heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, T, 3 * H * D] -> q, k, v [B, H, T, D] contiguous, q and k L2-normalised over D:
+    `F.normalize(x, dim=-1)` of qkv.view(B, T, 3, H, D).unbind(2), transposed to head-major."""
+    return SplitHeadsFn.apply(qkv, heads)
+
+
+class SplitHeadsFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int):
+        x = qkv.contiguous()
+        B, T, F3 = x.shape
+        H, D = heads, F3 // (3 * heads)
+        q, k, v = (torch.empty(B, H, T, D, dtype=x.dtype) for _ in range(3))
+        inv = torch.empty(B, 2, H, T, dtype=x.dtype)
+        fn, size = _fn("split_heads", "split_heads_forward", x.dtype), x.element_size()
+        _split(B, lambda _, b0, b1: fn(x.data_ptr() + b0 * T * F3 * size, *(t.data_ptr() + b0 * H * T * D * size
+                                                                          for t in (q, k, v)),
+                                       inv.data_ptr() + b0 * 2 * H * T * size, b1 - b0, T, H, D, NORM_EPS))
+        ctx.save_for_backward(q, k, inv)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        q, k, inv = ctx.saved_tensors
+        B, H, T, D = q.shape
+        grads = [None if g is None else g.to(q.dtype).contiguous() for g in (dq, dk, dv)]
+        dqkv = torch.empty(B, T, 3 * H * D, dtype=q.dtype)
+        fn, size = _fn("split_heads", "split_heads_backward", q.dtype), q.element_size()
+        at = lambda t, b0: None if t is None else t.data_ptr() + b0 * H * T * D * size  # noqa: E731
+        _split(B, lambda _, b0, b1: fn(at(q, b0), at(k, b0), inv.data_ptr() + b0 * 2 * H * T * size,
+                                       *(at(g, b0) for g in grads), dqkv.data_ptr() + b0 * T * 3 * H * D * size,
+                                       b1 - b0, T, H, D, NORM_EPS))
+        return dqkv, None

@@ -165,8 +165,12 @@ class SpikeKDA(nn.Module):
         H, dk = self.n_heads, self.head_dim
         state = state or {}
         qkv, conv_tail = self.conv(self.qkv_proj(x), state.get("conv"), reset)
-        q, k, v = qkv.view(B, T, 3, H, dk).unbind(2)  # each [B, T, H, dk]
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        if cpu_kernels.serves(qkv):  # one compiled pass: head-major q, k, v, with q and k normalised
+            q, k, v = cpu_kernels.split_heads(qkv, H)  # each [B, H, T, dk]
+        else:
+            q, k, v = qkv.view(B, T, 3, H, dk).unbind(2)  # each [B, T, H, dk]
+            q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, dk]
 
         # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift), fused on CUDA with
         # log_alpha = -a * spikes (silent channel: alpha = 1) and beta = sigmoid(w x) * mean(spikes)
@@ -183,8 +187,7 @@ class SpikeKDA(nn.Module):
             if membrane is None:
                 membrane = x.new_zeros(B, H, dk, dtype=torch.float32)
 
-        q, k, v, log_alpha = (t.transpose(1, 2) for t in (q, k, v, log_alpha))  # [B, H, T, d]
-        beta = beta.transpose(1, 2)  # [B, H, T]
+        log_alpha, beta = log_alpha.transpose(1, 2), beta.transpose(1, 2)  # [B, H, T, dk], [B, H, T]
         S0 = state.get("S")
         if T == 1:  # decoding: O(1) per token
             o, S = K.kda_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_alpha[:, :, 0], beta[:, :, 0], S0,

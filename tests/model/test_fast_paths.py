@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model.kda as kda_mod
 import model.lif as lif_mod
@@ -137,3 +138,29 @@ def test_lif_without_a_compiler_runs_the_loop_and_says_so_once(monkeypatch, tmp_
     assert sum("PyTorch paths" in r.getMessage() for r in caplog.records) == 1
     s2, m2 = lif_scan_reference(drive, 0.9, 1.0)
     assert torch.equal(s1, s2) and torch.equal(m1, m2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_split_heads_is_normalize_and_transpose_with_gradients(dtype):
+    """The compiled q/k/v split equals F.normalize on q and k and a head-major transpose,
+    values and gradients, a row below F.normalize's eps included."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 7, 3 * 2 * 5, generator=g, dtype=dtype)
+    x[0, 0, :5] = 1e-14  # a q row below eps: y = x / eps, linear
+    x.requires_grad_()
+    got = cpu_kernels.split_heads(x, 2)
+    q, k, v = x.view(3, 7, 3, 2, 5).unbind(2)
+    want = [F.normalize(q, dim=-1).transpose(1, 2), F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2)]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        assert a.is_contiguous()
+        torch.testing.assert_close(a, b, **tol)
+    w = [torch.randn(t.shape, generator=g, dtype=dtype) for t in want]
+    ga, = torch.autograd.grad(sum((a * u).sum() for a, u in zip(got, w)), x)
+    gb, = torch.autograd.grad(sum((b * u).sum() for b, u in zip(want, w)), x)
+    tiny = torch.zeros_like(ga, dtype=torch.bool)
+    tiny[0, 0, :5] = True  # its gradient is dy / eps, ~1e12: compared relatively
+    torch.testing.assert_close(ga[~tiny], gb[~tiny], **tol)
+    torch.testing.assert_close(ga[tiny], gb[tiny], rtol=tol["rtol"], atol=0.0)

@@ -289,3 +289,28 @@ def test_spiking_off_is_plain_kda():
     assert_same(y, layer.out_proj(o.reshape(2, 20, H * dk)))
     y.square().mean().backward()
     assert layer.A_log.grad.abs().sum() > 0 and layer.beta_proj.weight.grad.abs().sum() > 0
+
+
+def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths(monkeypatch):
+    """A Spike-KDA layer (ShortConv, q/k/v split and normalisation, LIF) on the compiled CPU
+    loops gives the outputs, state and gradients of the same layer on the PyTorch paths,
+    resets and a carried state included."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here: the PyTorch paths are all there is")
+    torch.manual_seed(0)
+    layer = SpikeKDA(tiny_cfg(d_model=32, n_heads=2))
+    x = torch.randn(3, 24, 32)
+    reset = torch.zeros(3, 24, dtype=torch.bool)
+    reset[0, 5] = reset[2, 0] = True
+    state = {k: v.detach() for k, v in layer(torch.randn(3, 9, 32))[1].items()}
+
+    def run():
+        layer.zero_grad()
+        y, new_state, spikes = layer(x, state, reset)
+        (y.square().mean() + new_state["S"].square().mean()).backward()
+        return [y, new_state["S"], new_state["membrane"], spikes] + [p.grad.clone() for p in layer.parameters()]
+
+    compiled = run()
+    monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+    for a, b in zip(compiled, run()):
+        assert_same(a, b)
