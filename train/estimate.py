@@ -1,9 +1,10 @@
 """Size, memory and duration estimates: parameters from a model built on the meta device
 (no memory); the memory a run needs, checked against the machine before anything is
 built; time from a short timing of the preset's real training step on this machine
-(cached per model and machine in ~/.cache/hatchling/step_times.json)."""
+(cached per model, machine and version of model/'s code in ~/.cache/hatchling/step_times.json)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+import model as model_package
 from model import ModelConfig, build_model, count_params
+from model.native import source_hash
 
 KNOWN_VOCAB = {"gpt2": 50257, "EleutherAI/gpt-neox-20b": 50277}
 
@@ -87,9 +90,16 @@ def memory_problem(model_cfg: ModelConfig, n_params: int, vocab_size: int, batch
 STEP_TIMES = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hatchling" / "step_times.json"
 
 
+@functools.lru_cache(maxsize=1)
+def _model_code() -> str:
+    """A hash of model/'s sources: a timing taken with other model code is not reused."""
+    root = Path(model_package.__file__).resolve().parent
+    return source_hash(sorted(p for p in root.rglob("*") if p.suffix in (".py", ".c", ".cu", ".cuh", ".h")), length=12)
+
+
 def _timing_key(model_cfg: ModelConfig, vocab_size: int, seq_length: int, device: str) -> str:
-    return json.dumps({"model": asdict(model_cfg), "vocab": vocab_size, "seq": seq_length, "device": device},
-                      sort_keys=True)
+    return json.dumps({"model": asdict(model_cfg), "vocab": vocab_size, "seq": seq_length, "device": device,
+                       "code": _model_code()}, sort_keys=True)
 
 
 def measured_tokens_per_s(model_cfg: ModelConfig, vocab_size: int, seq_length: int, batch: int,
