@@ -1,5 +1,6 @@
 """Small compiled loops for CPU tensors, where PyTorch would take many passes or a Python
-loop, each with its backward: the LIF membrane recurrence (csrc_cpu/lif_scan.c),
+loop, each with its backward: the LIF membrane recurrence, alone and with Spike-KDA's
+modulation folded in (csrc_cpu/lif_scan.c),
 ShortConv's causal depthwise convolution (csrc_cpu/short_conv.c), and Spike-KDA's split
 of q/k/v into head-major tensors with q and k L2-normalised (csrc_cpu/split_heads.c).
 
@@ -28,6 +29,8 @@ _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
     "lif_forward": [_P] * 4 + [_I] * 3 + [_D] * 2,
     "lif_backward": [_P] * 6 + [_I] * 3 + [_D] * 3,
+    "lif_modulate_forward": [_P] * 9 + [_I] * 4 + [_D] * 2,
+    "lif_modulate_backward": [_P] * 12 + [_I] * 4 + [_D] * 3,
     "short_conv_forward": [_P] * 3 + [_I] * 5,
     "short_conv_backward": [_P] * 5 + [_I] * 5,
     "split_heads_forward": [_P] * 5 + [_I] * 4 + [_D],
@@ -137,6 +140,56 @@ def lif_backward(v_all: torch.Tensor, grad_spikes: Optional[torch.Tensor], grad_
 
     _split(B, work)
     return grad_drive, grad_m0
+
+
+@torch.compiler.disable
+def lif_modulate(drive, a, beta_logit, decay: float, threshold: float, membrane=None, reset=None, slope: float = 5.0):
+    """model/kernels/reference.py's lif_modulate_reference as one compiled pass each way:
+    drive, a [B, T, H, D]; beta_logit [B, T, H]; membrane [B, H, D] or None; reset [B, T]
+    or None -> (spikes, final membrane, log_alpha, beta [B, T, H])."""
+    B, T, H, D = drive.shape
+    m = drive.new_zeros(B, H, D) if membrane is None else membrane.to(drive.dtype)
+    keep = None if reset is None else (~reset.bool()).to(drive.dtype)
+    return LIFModulateFn.apply(drive, a.to(drive.dtype), beta_logit.to(drive.dtype), m, keep, float(decay),
+                               float(threshold), float(slope))
+
+
+class LIFModulateFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, drive, a, beta_logit, membrane, keep, decay, threshold, slope):
+        x, a, bl = drive.contiguous(), a.contiguous(), beta_logit.contiguous()
+        B, T, H, D = x.shape
+        N, size = H * D, x.element_size()
+        v_all, spikes, log_alpha = (torch.empty_like(x) for _ in range(3))
+        beta = torch.empty(B, T, H, dtype=x.dtype)
+        m = torch.empty(B, H, D, dtype=x.dtype).copy_(membrane)
+        k = None if keep is None else keep.contiguous()
+        fn = _fn("lif_scan", "lif_modulate_forward", x.dtype)
+        at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
+        _split(B, lambda _, b0, b1: fn(at(x, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
+                                       at(v_all, b0, T * N), at(spikes, b0, T * N), at(log_alpha, b0, T * N),
+                                       at(beta, b0, T * H), at(m, b0, N), b1 - b0, T, H, D, decay, threshold))
+        ctx.save_for_backward(v_all, a, bl, k)
+        ctx.decay, ctx.threshold, ctx.slope = decay, threshold, slope
+        return spikes, m, log_alpha, beta
+
+    @staticmethod
+    def backward(ctx, g_spikes, g_m, g_log_alpha, g_beta):
+        v_all, a, bl, k = ctx.saved_tensors
+        B, T, H, D = v_all.shape
+        N, size = H * D, v_all.element_size()
+        g_spikes, g_m, g_log_alpha, g_beta = (None if g is None else g.to(v_all.dtype).contiguous()
+                                              for g in (g_spikes, g_m, g_log_alpha, g_beta))
+        grad_drive, grad_a = torch.empty_like(v_all), torch.empty_like(v_all)
+        grad_bl, grad_m0 = torch.empty(B, T, H, dtype=v_all.dtype), torch.empty(B, H, D, dtype=v_all.dtype)
+        fn = _fn("lif_scan", "lif_modulate_backward", v_all.dtype)
+        at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
+        _split(B, lambda _, b0, b1: fn(at(v_all, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
+                                       at(g_spikes, b0, T * N), at(g_m, b0, N), at(g_log_alpha, b0, T * N),
+                                       at(g_beta, b0, T * H), at(grad_drive, b0, T * N), at(grad_a, b0, T * N),
+                                       at(grad_bl, b0, T * H), at(grad_m0, b0, N), b1 - b0, T, H, D, ctx.decay,
+                                       ctx.threshold, ctx.slope))
+        return grad_drive, grad_a, grad_bl, grad_m0, None, None, None, None
 
 
 @torch.compiler.disable

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .. import cpu_kernels
 from . import build, chunked, ops
 from .reference import gated_rmsnorm_reference, kda_reference, kda_step_reference, lif_modulate_reference
 
@@ -70,6 +71,8 @@ def lif_modulate(drive, a, beta_logit, decay, threshold, membrane=None, reset=No
         bad = f"lif: more than {ops.LIF_MAX_CHANNELS} channels per head"
     be = _backend(mode, drive, bad)
     if be is None:
+        if bad is None and cpu_kernels.serves(drive, a, beta_logit):  # the same function, one compiled pass
+            return cpu_kernels.lif_modulate(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
         return lif_modulate_reference(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
     return ops.lif_modulate_fused(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
 

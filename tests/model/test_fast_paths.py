@@ -164,3 +164,34 @@ def test_split_heads_is_normalize_and_transpose_with_gradients(dtype):
     tiny[0, 0, :5] = True  # its gradient is dy / eps, ~1e12: compared relatively
     torch.testing.assert_close(ga[~tiny], gb[~tiny], **tol)
     torch.testing.assert_close(ga[tiny], gb[tiny], rtol=tol["rtol"], atol=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lif_modulate_compiled_matches_its_reference_with_gradients(dtype):
+    """The LIF scan with the Spike-KDA modulation in one compiled pass each way equals
+    lif_modulate_reference: identical spikes, and the other outputs and all gradients
+    (drive, a, beta_logit, membrane) to rounding, resets included."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    from model import kernels
+    from model.kernels.reference import lif_modulate_reference
+
+    g = torch.Generator().manual_seed(5)
+    drive = (torch.randn(3, 40, 2, 6, generator=g, dtype=dtype) * 0.6 + 0.3).requires_grad_()
+    a = torch.rand(3, 40, 2, 6, generator=g, dtype=dtype).requires_grad_()
+    beta_logit = torch.randn(3, 40, 2, generator=g, dtype=dtype).requires_grad_()
+    m0 = torch.randn(3, 2, 6, generator=g, dtype=dtype).requires_grad_()
+    reset = torch.rand(3, 40, generator=g) < 0.1
+    got = kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, m0, reset, 5.0, mode="reference")
+    want = lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0, m0, reset, 5.0)
+    assert torch.equal(got[0], want[0])
+    # the reference takes sigmoid(beta_logit) in float32 whatever the dtype
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for x, y in zip(got[1:], want[1:]):
+        torch.testing.assert_close(x, y, **tol)
+    w = [torch.randn(t.shape, generator=g, dtype=dtype) for t in want]
+    inputs = [drive, a, beta_logit, m0]
+    g1 = torch.autograd.grad(sum((t * u).sum() for t, u in zip(got, w)), inputs)
+    g2 = torch.autograd.grad(sum((t * u).sum() for t, u in zip(want, w)), inputs)
+    for x, y in zip(g1, g2):
+        torch.testing.assert_close(x, y, **tol)
