@@ -1,8 +1,8 @@
 """Small compiled loops for CPU tensors, where PyTorch would take many passes or a Python
 loop, each with its backward: the LIF membrane recurrence, alone and with Spike-KDA's
-modulation folded in (csrc_cpu/lif_scan.c),
-ShortConv's causal depthwise convolution (csrc_cpu/short_conv.c), and Spike-KDA's split
-of q/k/v into head-major tensors with q and k L2-normalised (csrc_cpu/split_heads.c).
+modulation folded in (csrc_cpu/lif_scan.c); ShortConv's causal depthwise convolution
+(csrc_cpu/short_conv.c); Spike-KDA's split of q/k/v into head-major tensors with q and k
+L2-normalised (csrc_cpu/split_heads.c).
 
 Built once per process with the system C compiler (model/native.py caches the library by
 source hash) and called through ctypes, which releases the GIL: a batch is split into
@@ -44,8 +44,8 @@ _pool: Optional[ThreadPoolExecutor] = None
 @torch.compiler.disable
 def available() -> bool:
     """Whether the compiled loops serve CPU tensors in this process (built on first call).
-    Under torch.compile every entry point here is a graph break (ctypes calls cannot be
-    traced), said once by Dynamo's own counters, not by a warning per call."""
+    Every entry point here is kept out of torch.compile's graphs (a ctypes call cannot be
+    traced): a graph break, not a warning."""
     if not _state["tried"]:
         _state["tried"] = True
         if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
