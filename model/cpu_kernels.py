@@ -1,6 +1,6 @@
 """Small compiled loops for CPU tensors, where PyTorch would take many passes or a Python
-loop, each with its backward: the LIF membrane recurrence, alone and with Spike-KDA's
-modulation folded in (csrc_cpu/lif_scan.c); ShortConv's causal depthwise convolution
+loop, each with its backward: the LIF membrane recurrence with Spike-KDA's modulation
+folded in (csrc_cpu/lif_scan.c); ShortConv's causal depthwise convolution
 (csrc_cpu/short_conv.c); Spike-KDA's split of q/k/v into head-major tensors with q and k
 L2-normalised (csrc_cpu/split_heads.c).
 
@@ -27,8 +27,6 @@ from . import native
 CSRC = Path(__file__).resolve().parent / "csrc_cpu"
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 _SIGNATURES = {
-    "lif_forward": [_P] * 4 + [_I] * 3 + [_D] * 2,
-    "lif_backward": [_P] * 6 + [_I] * 3 + [_D] * 3,
     "lif_modulate_forward": [_P] * 9 + [_I] * 4 + [_D] * 2,
     "lif_modulate_backward": [_P] * 12 + [_I] * 4 + [_D] * 3,
     "short_conv_forward": [_P] * 3 + [_I] * 5,
@@ -92,54 +90,6 @@ def _split(rows: int, work: Callable[[int, int, int], None]) -> None:
     bounds = [rows * i // parts for i in range(parts + 1)]
     for f in [_pool.submit(work, i, bounds[i], bounds[i + 1]) for i in range(parts)]:
         f.result()
-
-
-@torch.compiler.disable
-def lif_forward(drive: torch.Tensor, membrane: torch.Tensor, keep: Optional[torch.Tensor], decay: float,
-                threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LIF membrane loop (model/lif.py `_lif_forward_loop`, same arithmetic): drive
-    [B, T, *N], membrane [B, *N], keep [B, T, 1...] or None -> (v_all [B, T, *N] pre-reset
-    potentials, final membrane [B, *N])."""
-    x = drive.contiguous()
-    B, T = x.shape[:2]
-    N = x[0, 0].numel() if B and T else 0
-    v_all = torch.empty_like(x)
-    m = torch.empty(membrane.shape, dtype=x.dtype).copy_(membrane)
-    k = None if keep is None else keep.to(x.dtype).reshape(B, T).contiguous()
-    fn, size = _fn("lif_scan", "lif_forward", x.dtype), x.element_size()
-
-    def work(_, b0, b1):
-        fn(x.data_ptr() + b0 * T * N * size, None if k is None else k.data_ptr() + b0 * T * size,
-           v_all.data_ptr() + b0 * T * N * size, m.data_ptr() + b0 * N * size, b1 - b0, T, N, decay, threshold)
-
-    _split(B, work)
-    return v_all, m
-
-
-@torch.compiler.disable
-def lif_backward(v_all: torch.Tensor, grad_spikes: Optional[torch.Tensor], grad_m: Optional[torch.Tensor],
-                 keep: Optional[torch.Tensor], decay: float, threshold: float,
-                 slope: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LIF backward (model/lif.py): v_all [B, T, *N] from `lif_forward`, grad_spikes like
-    it (or None), grad_m [B, *N] (or None), keep as in `lif_forward` -> (grad_drive
-    [B, T, *N], grad of the initial membrane [B, *N])."""
-    v = v_all.contiguous()
-    B, T = v.shape[:2]
-    N = v[0, 0].numel() if B and T else 0
-    gs = None if grad_spikes is None else grad_spikes.to(v.dtype).contiguous()
-    gm = None if grad_m is None else grad_m.to(v.dtype).contiguous()
-    k = None if keep is None else keep.to(v.dtype).reshape(B, T).contiguous()
-    grad_drive = torch.empty_like(v)
-    grad_m0 = torch.empty(v.shape[:1] + v.shape[2:], dtype=v.dtype)
-    fn, size = _fn("lif_scan", "lif_backward", v.dtype), v.element_size()
-
-    def work(_, b0, b1):
-        at = lambda t, stride: None if t is None else t.data_ptr() + b0 * stride * size  # noqa: E731
-        fn(at(v, T * N), at(gs, T * N), at(gm, N), at(k, T), at(grad_drive, T * N), at(grad_m0, N),
-           b1 - b0, T, N, decay, threshold, slope)
-
-    _split(B, work)
-    return grad_drive, grad_m0
 
 
 @torch.compiler.disable

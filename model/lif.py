@@ -17,19 +17,17 @@ A document reset zeroes the membrane before that token: v_t = drive_t.
 
 `lif_scan_reference` is the specification, written with autograd, one token at a time;
 tests compare the others to it. `lif_scan_sequential` is the same loop with a hand-written
-backward (a second loop). `lif_scan`, the one the model uses, has no Python loop over
-tokens:
+backward (a second loop). `lif_scan` keeps the loop over tokens in its forward (the spike
+decision is not linear in the drive; iterating a linear scan to a fixed point of the spike
+pattern is exact but needs as many whole-sequence rounds as the slowest neuron has
+mis-placed spikes, over a hundred at T = 256), and has none in its backward: the
+membrane's gradient is a *linear* leaky reverse scan, a matmul with a lower-triangular
+matrix of decay powers (`_leaky_scan`: inside chunks of 32 tokens, then across the chunk
+ends the same way), run over the flipped sequence.
 
-- Forward: the spike decision is not linear in the drive, so the membrane is run in time
-  order, but as a small compiled C loop (model/cpu_kernels.py) for CPU tensors. A parallel alternative, iterating a
-  linear scan to a fixed point of the spike pattern, is exact but needs as many rounds as
-  the slowest neuron has mis-placed spikes (over a hundred at T = 256), each a whole-sequence
-  scan. Where no compiler exists (one log line), and on CUDA without the fused kernels,
-  the same arithmetic runs as a Python loop.
-- Backward: the membrane's gradient is a *linear* leaky reverse scan: one compiled
-  reverse pass on CPU; elsewhere a matmul with a lower-triangular matrix of decay powers
-  (`_leaky_scan`: inside chunks of 32 tokens, then across the chunk ends the same way),
-  run over the flipped sequence.
+Training does not run these on CPU: Spike-KDA's `kernels.lif_modulate` runs the scan with
+its modulation as one compiled pass each way there (model/cpu_kernels.py), and as the
+fused kernel on CUDA. `lif_scan` is what runs on CUDA without a kernel build.
 
 Summed in a different order than the loop, the backward agrees with the reference's to
 float rounding; the forward is the reference's arithmetic, so spikes are identical.
@@ -39,8 +37,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from . import cpu_kernels
 
 
 def surrogate_grad(x: torch.Tensor, slope: float) -> torch.Tensor:
@@ -95,23 +91,15 @@ def lif_scan_reference(
 
 
 def _lif_forward(drive, membrane, keep, decay, threshold):
-    """The membrane recurrence of both scans' forward: (v_all, spikes, final membrane), v_all
-    the pre-reset potentials [B, T, ...] the backward needs. On CPU (float32/64) the compiled
-    loop, else `_lif_forward_loop`; the two do the same arithmetic in the same order."""
-    if cpu_kernels.serves(drive):
-        v_all, m = cpu_kernels.lif_forward(drive, membrane, keep, float(decay), float(threshold))
-        return v_all, (v_all >= threshold).to(drive.dtype), m
-    return _lif_forward_loop(drive, membrane, keep, decay, threshold)
-
-
-def _lif_forward_loop(drive, membrane, keep, decay, threshold):
-    """`_lif_forward` as a Python loop over tokens (CUDA without the fused kernels, no C compiler)."""
+    """The membrane loop of both scans' forward: (v_all, spikes, final membrane), v_all the
+    pre-reset potentials [B, T, ...] the backward needs. `decay * m` is rounded before the
+    add, as in the reference (and in model/csrc_cpu/lif_scan.c)."""
     v_all = torch.empty_like(drive)
     m = membrane
     for t, (drive_t, v) in enumerate(zip(drive.unbind(1), v_all.unbind(1))):
         if keep is not None:
             m = m * keep[:, t]
-        torch.add(drive_t, m * decay, out=v)  # v_t, written straight into v_all (decay * m rounded first)
+        torch.add(drive_t, m * decay, out=v)  # v_t, written straight into v_all
         m = torch.where(v >= threshold, v - threshold, v)
     return v_all, (v_all >= threshold).to(drive.dtype), m
 
@@ -223,9 +211,6 @@ class _LIFScan(torch.autograd.Function):
         v, keep = ctx.saved_tensors
         decay = ctx.decay
         B, T = v.shape[:2]
-        if cpu_kernels.serves(v):  # the reverse loop, compiled: one pass
-            gv, g0 = cpu_kernels.lif_backward(v, grad_spikes, grad_m, keep, decay, ctx.threshold, ctx.slope)
-            return gv.view(ctx.shape), g0.view(ctx.shape[:1] + ctx.shape[2:]), None, None, None, None
         # dL/dv_t = surrogate(v_t) dL/ds_t + decay keep_{t+1} dL/dv_{t+1}, plus dL/dm_end at t = T-1:
         # a reverse leaky scan, run as a forward one over the flipped sequence
         direct = surrogate_grad(v - ctx.threshold, ctx.slope)

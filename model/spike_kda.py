@@ -59,9 +59,9 @@ class ShortConv(nn.Module):
     treated as zeros for the positions after it, so the conv never mixes documents.
 
     One pass over the whole call (model/cpu_kernels.py's compiled loop on CPU, a grouped
-    `conv1d` elsewhere); the few positions whose window reaches back
-    across a reset (at most K-1 per reset) then have the earlier document's terms taken
-    out again, gathered by index, so resets cost nothing where there are none.
+    `conv1d` elsewhere); the few positions whose window reaches back across a reset (at
+    most K-1 per reset) then have the earlier document's terms taken out again, gathered
+    by index, so resets cost nothing where there are none.
     """
 
     def __init__(self, dim: int, size: int):

@@ -1,6 +1,6 @@
-"""The fast paths against their specifications: the LIF's compiled forward and parallel
-backward (leaky scan over chunks, with resets), the KDA's factored and pairwise sub-chunk scores, and the
-blocked unit-triangular solve. Never timed."""
+"""The fast paths against their specifications: the LIF's parallel backward (leaky scan
+over chunks, with resets), the compiled CPU loops, the KDA's factored and pairwise
+sub-chunk scores, and the blocked unit-triangular solve. Never timed."""
 import logging
 
 import pytest
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 import model.kda as kda_mod
-import model.lif as lif_mod
 from model import cpu_kernels, native
 from model.kda import _unit_lower_solve, kda_chunk, kda_recurrent
 from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
@@ -29,16 +28,11 @@ def test_leaky_scan_matches_loop(T, with_reset):
     torch.testing.assert_close(_leaky_scan(x, 0.9, keep), torch.stack(ref, 1))
 
 
-@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("fn", [lif_scan, lif_scan_sequential])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lif_forms_match_reference_over_many_chunks(fn, dtype, compiled, monkeypatch):
-    """lif_scan (the compiled loops on CPU, or the Python forward with the matmul leaky scan
-    backward) and lif_scan_sequential against the autograd reference."""
-    if compiled and not cpu_kernels.available():
-        pytest.skip("no C compiler here")
-    if not compiled:
-        monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+def test_lif_forms_match_reference_over_many_chunks(fn, dtype):
+    """lif_scan (the matmul leaky-scan backward) and lif_scan_sequential against the
+    autograd reference."""
     g = torch.Generator().manual_seed(0)
     drive = (torch.randn(2, 150, 3, 4, generator=g, dtype=dtype) * 0.5 + 0.3).requires_grad_()
     m0 = torch.randn(2, 3, 4, generator=g, dtype=dtype).requires_grad_()
@@ -109,35 +103,25 @@ def test_unit_lower_solve_matches_solve_triangular(C, blk):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_lif_native_forward_equals_the_loop_bit_for_bit(dtype):
-    """The compiled membrane loop (csrc_cpu/lif_scan.c) and the Python loop do the same
-    arithmetic: potentials, spikes and the final membrane are identical, resets included."""
-    if not cpu_kernels.available():
-        pytest.skip("no C compiler here: the LIF forward runs as the Python loop")
-    g = torch.Generator().manual_seed(1)
-    drive = torch.randn(3, 200, 4, 5, generator=g, dtype=dtype) * 0.7 + 0.3
-    m0, keep = lif_mod._prepare(drive, torch.randn(3, 4, 5, generator=g, dtype=dtype),
-                                torch.rand(3, 200, generator=g) < 0.05)
-    for a, b in zip(lif_mod._lif_forward(drive, m0, keep, 0.85, 1.0),
-                    lif_mod._lif_forward_loop(drive, m0, keep, 0.85, 1.0)):
-        assert torch.equal(a, b)
+def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, tmp_path, caplog):
+    """No C compiler: one log line, and lif_modulate (what Spike-KDA calls) is the reference."""
+    from model import kernels
+    from model.kernels.reference import lif_modulate_reference
 
-
-def test_lif_without_a_compiler_runs_the_loop_and_says_so_once(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ok": False})
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
     g = torch.Generator().manual_seed(2)
-    drive = (torch.randn(2, 40, 3, generator=g) * 0.5 + 0.3).requires_grad_()
+    drive = torch.randn(2, 40, 2, 3, generator=g) * 0.5 + 0.3
+    a, beta_logit = torch.rand(2, 40, 2, 3, generator=g), torch.randn(2, 40, 2, generator=g)
     with caplog.at_level(logging.WARNING, logger="model.cpu_kernels"):
         for _ in range(2):
-            s1, m1 = lif_scan(drive, 0.9, 1.0)
+            got = kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, mode="reference")
     assert not cpu_kernels.available()
     assert sum("PyTorch paths" in r.getMessage() for r in caplog.records) == 1
-    s2, m2 = lif_scan_reference(drive, 0.9, 1.0)
-    assert torch.equal(s1, s2) and torch.equal(m1, m2)
+    for x, y in zip(got, lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0)):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
