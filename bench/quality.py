@@ -15,7 +15,10 @@ Method
     cached beside the results file; every run loads it as `tokenizer.type: "file"`.
   - Models: hatchling = d_model x layers x heads, working-memory attention every 4th
     layer (window 2 x seq); hatchling_nospike = the same with `model.spiking: false`
-    (plain KDA: no LIF neurons, and one projection fewer per KDA layer); transformer =
+    (plain KDA: no LIF neurons, and one projection fewer per KDA layer);
+    hatchling_floor50 / hatchling_alphaonly = the hatchling with `model.beta_spike_floor`
+    0.5 / 1.0 (half of a head's write strength, or all of it, not gated by its spike
+    rate; the spikes still gate forgetting); transformer =
     the same width and depth with its MLP widened until its parameter count matches the
     hatchling's (up to the MLP's 64-wide rounding).
   - Training: `train.train` (the real loop) on a preset built here, in a fresh temporary
@@ -48,7 +51,7 @@ batch, vocab, lr and the held-out files. A rerun skips every cell already in --r
 and trains only the missing ones, so a long table can be finished in parts (Ctrl-C
 stops the current run; nothing is recorded for it).
 
-    python bench/quality.py                                  # the full table (3 models x seeds 0,1), ~1 hour
+    python bench/quality.py --models transformer,hatchling,hatchling_nospike   # 3 models x seeds 0,1, ~1 hour
     python bench/quality.py 20000 --seeds 0                  # a quick check that everything runs
     python bench/quality.py --models hatchling,transformer --seeds 0,1,2
     python bench/quality.py --results /tmp/q.jsonl --d-model 192 --lr 3e-3
@@ -94,7 +97,7 @@ from train.estimate import param_count  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
-MODELS = ("transformer", "hatchling", "hatchling_nospike")
+MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly")
 CORPUS = ROOT.parent / "shared" / "corpus"
 DEFAULT_HELDOUT = "library/news_from_nowhere.txt,library/log_school_house.txt"
 DEFAULT_BUDGET = 1_200_000  # ~11 minutes a run on a shared 2-core CPU (see Budget above)
@@ -126,7 +129,9 @@ def model_configs(args) -> dict[str, ModelConfig]:
     hatch = ModelConfig(arch="hatchling", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                         global_every=4, wm_window=2 * args.seq, chunk_size=64)
     return {"transformer": matched_transformer(hatch, args.vocab), "hatchling": hatch,
-            "hatchling_nospike": replace(hatch, spiking=False)}
+            "hatchling_nospike": replace(hatch, spiking=False),
+            "hatchling_floor50": replace(hatch, beta_spike_floor=0.5),
+            "hatchling_alphaonly": replace(hatch, beta_spike_floor=1.0)}
 
 
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
@@ -251,7 +256,7 @@ def run_cell(model: str, cfg: ModelConfig, seed: int, setup: dict, args) -> dict
     return {"kind": "run", "key": cell_key(model, seed, args), "model": model, "seed": seed,
             "params": param_count(cfg, args.vocab), "tokens": result.tokens, "budget": args.budget,
             "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "mlp_mult": round(cfg.mlp_mult, 3),
-            "spiking": cfg.spiking, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "lr": args.lr,
+            "spiking": cfg.spiking, "beta_spike_floor": cfg.beta_spike_floor, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "lr": args.lr,
             "heldout": sorted(args.heldout), "heldout_loss": round(loss, 4),
             "heldout_bpb": round(loss * held["eval_tokens"] / setup["bytes"] / math.log(2), 4),
             "heldout_tokens": held["eval_tokens"], "heldout_bytes": setup["bytes"],
@@ -301,7 +306,7 @@ def print_table(summary: list[dict]) -> None:
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("budget", type=int, nargs="?", default=DEFAULT_BUDGET, help="training tokens per run")
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default=",".join(MODELS[:3]), help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--seeds", default="0,1", help="comma list of training seeds")
     ap.add_argument("--corpus", default=f"{CORPUS / 'books'},{CORPUS / 'library'}", help="comma list of folders")
     ap.add_argument("--heldout", default=DEFAULT_HELDOUT, help="comma list of '<corpus folder>/<file>' held out whole")

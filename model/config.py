@@ -38,6 +38,9 @@ class ModelConfig:
     # False: plain KDA, the ablation of the spikes: alpha and beta straight from their projections
     # (every channel decays and every head writes at every token), no LIF neurons
     spiking: bool = True
+    # share of a head's write strength its spikes do not gate: beta = sigmoid(w x) * (f + (1 - f) * mean(s));
+    # 0 = a head writes only in proportion to its spike rate, 1 = spikes gate forgetting only
+    beta_spike_floor: float = 0.0
     # --- memories (hatchling only; model/procedural.py, model/episodic.py) ---
     # The trainer maps train.phase onto these: A off, B pm, C pm+em, E pm+em+lifelong.
     pm_enabled: bool = False  # procedural memory: Hebbian fast-weight slots, one per block

@@ -5,7 +5,9 @@ leaky integrate-and-fire spikes.
     x ──drive──> LIF neurons (one per head and key channel) ──> spikes s_t in {0,1}^{H x dk}
     x ──low-rank──> decay magnitude a_t > 0 per key channel
     log alpha_t = -a_t * s_t          a channel forgets only when it spikes
-    beta_t      = sigmoid(w x_t) * mean_d s_t[d]   a head writes in proportion to its spikes
+    beta_t      = sigmoid(w x_t) * (f + (1 - f) mean_d s_t[d])
+                                      a head writes in proportion to its spikes, above a floor
+                                      f (cfg.beta_spike_floor, default 0: no floor)
     o_t = KDA(q, k, v, alpha, beta) ──> gated RMSNorm (RMSNorm(o) * silu(gate(x))) ──> out_proj
 
 With `spiking` off (cfg.spiking, an ablation) the same layer is plain KDA: log alpha_t = -a_t
@@ -125,7 +127,7 @@ class SpikeKDA(nn.Module):
         self.qkv_proj = nn.Linear(d, 3 * H * dk, bias=False)
         self.conv = ShortConv(3 * H * dk, cfg.conv_size)
         # LIF drive; the bias is set (see init_special) so that spikes start at ~lif_init_rate
-        self.spiking = cfg.spiking
+        self.spiking, self.beta_floor = cfg.spiking, cfg.beta_spike_floor
         self.drive_proj = nn.Linear(d, H * dk, bias=True) if cfg.spiking else None
         # per-channel decay magnitude a = exp(A_log[h]) * softplus(up(down(x)) + dt_bias), as in KDA
         self.decay_down = nn.Linear(d, cfg.decay_rank, bias=False)
@@ -178,9 +180,12 @@ class SpikeKDA(nn.Module):
             self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
         if self.spiking:
             drive = self.drive_proj(x).float().view(B, T, H, dk)
+            beta_logit = self.beta_proj(x).float()
             spikes, membrane, log_alpha, beta = K.lif_modulate(
-                drive, a, self.beta_proj(x).float(), self.lif_decay, self.lif_threshold, state.get("membrane"),
+                drive, a, beta_logit, self.lif_decay, self.lif_threshold, state.get("membrane"),
                 reset, self.slope, mode=self.kernels)
+            if self.beta_floor > 0:  # beta = sig * (f + (1 - f) mean(s)) = f sig + (1 - f) (sig mean(s))
+                beta = self.beta_floor * torch.sigmoid(beta_logit) + (1 - self.beta_floor) * beta
         else:  # plain KDA (cfg.spiking off): the membrane is carried untouched, as zeros
             spikes, log_alpha, beta = None, -a, torch.sigmoid(self.beta_proj(x).float())
             membrane = state.get("membrane")

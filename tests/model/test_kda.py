@@ -291,6 +291,27 @@ def test_spiking_off_is_plain_kda():
     assert layer.A_log.grad.abs().sum() > 0 and layer.beta_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("floor", [0.5, 1.0])
+def test_beta_spike_floor_keeps_that_share_of_the_write_ungated(floor):
+    """cfg.beta_spike_floor = f: beta = sigmoid(w x) (f + (1 - f) mean(s)), spikes and alpha
+    as without a floor; the layer equals KDA fed those (bench/quality.py's variants)."""
+    torch.manual_seed(0)
+    layer = SpikeKDA(tiny_cfg(d_model=32, n_heads=2, beta_spike_floor=floor))
+    x = torch.randn(2, 20, 32)
+    y, state, spikes = layer(x)
+    H, dk = 2, 16
+    qkv, _ = layer.conv(layer.qkv_proj(x))
+    q, k, v = (F.normalize(t.float(), dim=-1) if i < 2 else t for i, t in enumerate(qkv.view(2, 20, 3, H, dk).unbind(2)))
+    a = layer.A_log.exp()[:, None] * F.softplus(layer.decay_up(layer.decay_down(x)).view(2, 20, H, dk)
+                                                + layer.dt_bias.view(H, dk))
+    ref_spikes, _ = lif_scan_reference(layer.drive_proj(x).view(2, 20, H, dk), layer.lif_decay, layer.lif_threshold)
+    assert torch.equal(spikes, ref_spikes)
+    beta = torch.sigmoid(layer.beta_proj(x)) * (floor + (1 - floor) * ref_spikes.mean(-1))
+    o, _ = kda_recurrent(*(t.transpose(1, 2) for t in (q, k, v, -a * ref_spikes, beta)))
+    o = layer.o_norm(o.transpose(1, 2), layer.gate_proj(x).view(2, 20, H, dk))
+    assert_same(y, layer.out_proj(o.reshape(2, 20, H * dk)))
+
+
 def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths(monkeypatch):
     """A Spike-KDA layer (ShortConv, q/k/v split and normalisation, LIF) on the compiled CPU
     loops gives the outputs, state and gradients of the same layer on the PyTorch paths,
