@@ -57,19 +57,28 @@ class WorkingMemoryAttention(nn.Module):
         y, new_state, _ = self.attend(*self.project(x), state, reset)
         return y, new_state
 
-    def _windowed(self, q, keys, values, mask, dropout: float) -> torch.Tensor:
+    def _windowed(self, q, keys, values, mask, dropout: float, memory=None, scale=None) -> torch.Tensor:
         """Softmax attention of q [B, H, T, D] over keys/values [B, G, W+T, D] (cache first)
-        under mask [B, T, W+T]. A query at t only reaches keys t .. t+W, so when the call is
+        under mask(s, e) (the [B, e - s, e - s + W] mask of queries s .. e-1 over keys s .. e+W-1).
+        A query at t only reaches keys t .. t+W, so when the call is
         longer than two windows the queries go in blocks of W, each against its own W + W
-        keys: O(T W) work instead of O(T (T + W))."""
-        T, W, G = q.shape[2], self.window, keys.shape[1]
+        keys: O(T W) work instead of O(T (T + W)).
+
+        memory: None, or (keys, values [B, G, E, D], mask [B, H, T, E] bool): entries every
+        block also sees (after its window keys), each query those its mask allows, in the
+        same softmax; the joint mask is built per block, [B, H, block, 2W + E]."""
+        T, W, G, H = q.shape[2], self.window, keys.shape[1], q.shape[1]
         block = self.query_block or (T if T <= 2 * W else W)
         ys = []
         for s in range(0, T, block):
             e = min(s + block, T)
-            ys.append(F.scaled_dot_product_attention(
-                q[:, :, s:e], keys[:, :, s:e + W], values[:, :, s:e + W], attn_mask=mask[:, None, s:e, s:e + W],
-                dropout_p=dropout, enable_gqa=G != q.shape[1]))
+            k_blk, v_blk, m_blk = keys[:, :, s:e + W], values[:, :, s:e + W], mask(s, e)[:, None]
+            if memory is not None:
+                mem_k, mem_v, mem_mask = memory
+                k_blk, v_blk = torch.cat([k_blk, mem_k], 2), torch.cat([v_blk, mem_v], 2)
+                m_blk = torch.cat([m_blk.expand(-1, H, -1, -1), mem_mask[:, :, s:e]], -1)
+            ys.append(F.scaled_dot_product_attention(q[:, :, s:e], k_blk, v_blk, attn_mask=m_blk,
+                                                     dropout_p=dropout, scale=scale, enable_gqa=G != H))
         return ys[0] if len(ys) == 1 else torch.cat(ys, 2)
 
     def attend(self, q, k, v, state: Optional[dict] = None, reset: Optional[torch.Tensor] = None, memory=None):
@@ -78,7 +87,8 @@ class WorkingMemoryAttention(nn.Module):
 
         memory: None, or remembered keys from the block's episodic memory
         (`episodic.py`): (keys, values [B, G, E, D], log_strength [B, E], bias [H, T],
-        mask [B, H, T, E] bool). Window and memory are one softmax: a remembered key j
+        mask [B, H, T, E] bool). Window and memory are one softmax (per query block, as
+        without memory, so a long call stays O(T (W + E))): a remembered key j
         scores q.k_j / sqrt(D) + log_strength_j + bias[h, t], like a window key plus the
         log of its strength (so it counts strength times as much). The extra terms ride on
         two extra q/k dimensions, so one SDPA call with a boolean mask computes it and
@@ -91,18 +101,22 @@ class WorkingMemoryAttention(nn.Module):
         keys = torch.cat([state["k"].to(k.dtype), k], dim=2)  # [B, G, W+T, D]; cache first
         values = torch.cat([state["v"].to(v.dtype), v], dim=2)
 
-        # positions relative to this call's first token: cache slots are -W .. -1
-        pos_q = torch.arange(T, device=q.device)
-        pos_k = torch.arange(-W, T, device=q.device)
-        delta = pos_q[:, None] - pos_k[None, :]
-        mask = ((delta >= 0) & (delta <= W))[None]  # [1, T, W+T]: causal, within the window
-        valid = torch.cat([state["valid"], torch.ones(B, T, dtype=torch.bool, device=q.device)], dim=1)
-        mask = mask & valid[:, None, :]
+        valid = torch.cat([state["valid"], torch.ones(B, T, dtype=torch.bool, device=q.device)], dim=1)  # [B, W+T]
+        seg_q = seg_k = None
         if reset is not None:  # same document only; cached keys are in this call's segment 0
             seg_q = reset.long().cumsum(1)  # [B, T]
             seg_k = F.pad(seg_q, (W, 0))  # [B, W+T]
-            mask = mask & (seg_q[:, :, None] == seg_k[:, None, :])
-            valid = valid & (seg_k == seg_q[:, -1:])  # what survives into the next call
+
+        def mask(s: int, e: int) -> torch.Tensor:
+            """[B or 1, e - s, e - s + W] bool: which keys s .. e+W-1 (cache first) the queries s .. e-1
+            see: causal, within the window, valid, and of the query's document."""
+            delta = torch.arange(s, e, device=q.device)[:, None] - torch.arange(s - W, e, device=q.device)[None, :]
+            m = ((delta >= 0) & (delta <= W))[None] & valid[:, None, s:e + W]
+            if seg_q is not None:
+                m = m & (seg_q[:, s:e, None] == seg_k[:, None, s:e + W])
+            return m
+
+        survives = valid if seg_q is None else valid & (seg_k == seg_q[:, -1:])  # into the next call
         # every query sees at least itself, so no row of the mask is empty
         dropout = self.dropout if self.training else 0.0
         share = None
@@ -116,15 +130,13 @@ class WorkingMemoryAttention(nn.Module):
             per_query = (bias.to(dt) * D ** 0.5)[None, :, :, None].expand(B, -1, -1, -1)  # [B, H, T, 1]
             per_key = log_strength.to(dt)[:, None, :, None].expand(-1, G, -1, -1)  # [B, G, E, 1]
             q_ext = torch.cat([q, one(B, H, T) * D ** 0.5, per_query], -1)
-            k_ext = torch.cat([torch.cat([keys, zero(B, G, W + T), zero(B, G, W + T)], -1),
-                               torch.cat([mem_k.to(dt), per_key, one(B, G, E)], -1)], 2)
+            k_win = torch.cat([keys, zero(B, G, W + T), zero(B, G, W + T)], -1)
+            k_mem = torch.cat([mem_k.to(dt), per_key, one(B, G, E)], -1)
             # values padded to q/k's width: SDPA's fused CPU kernel wants them equal (2x faster)
-            v_ext = torch.cat([torch.cat([values, zero(B, G, W + T), zero(B, G, W + T)], -1),
-                               torch.cat([mem_v.to(dt), one(B, G, E), zero(B, G, E)], -1)], 2)
-            full_mask = torch.cat([mask[:, None].expand(-1, H, -1, -1), mem_mask], -1)  # [B, H, T, W+T+E]
-            out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=full_mask, dropout_p=dropout,
-                                                 scale=D ** -0.5, enable_gqa=G != H)
+            v_win = torch.cat([values, zero(B, G, W + T), zero(B, G, W + T)], -1)
+            v_mem = torch.cat([mem_v.to(dt), one(B, G, E), zero(B, G, E)], -1)
+            out = self._windowed(q_ext, k_win, v_win, mask, dropout, (k_mem, v_mem, mem_mask), scale=D ** -0.5)
             y, share = out[..., :D], out[..., D]
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
-        new_state = {"k": keys[:, :, T:], "v": values[:, :, T:], "valid": valid[:, T:]}
+        new_state = {"k": keys[:, :, T:], "v": values[:, :, T:], "valid": survives[:, T:]}
         return y, new_state, share
