@@ -3,6 +3,14 @@ state, held-out perplexity, and drift after a lifelong session.
 
     python bench/memory_recall.py        # ~25 min on 2 CPU cores (~10 with --backbone FILE saved)
     python bench/memory_recall.py --global-every 2 --steps 20000 --d-model 256 --layers 4   # on a GPU
+    python bench/memory_recall.py --tokenizer bpe --d-model 128 --layers 4 --global-every 2 --wm-window 128 \
+        --steps 1500 --warm-steps 700 --warm-gap 4,60 --train-gap 8,1500 --phase-steps 400 \
+        --gaps 30,60,1000,4000,16000 --probes 64 --threads 1       # BPE, ~1 h on one CPU core
+
+Tokens: bytes (--tokenizer bytes, the default) or a byte-level BPE of --vocab learned from
+the training text and cached in bench/results (--tokenizer bpe). Under both a code digit
+is one token; under the BPE a name is one to three tokens, so copying "the digits after
+this name" is the induction-head pattern small attention models learn.
 
 Training, like the trainer's phases: one byte-level hatchling backbone is trained in phase
 A (memories off) for --steps; then two copies train --phase-steps more on the same
@@ -61,6 +69,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import random
@@ -77,8 +86,7 @@ sys.path.insert(0, str(ROOT))
 from model import ModelConfig, build_model, detach_state  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-EOT = 256  # bytes are 0..255; one extra token ends a document
-VOCAB = 257
+RESULTS = ROOT / "bench" / "results"
 NAMES = ["Zorvan", "Kelith", "Amrod", "Tesska", "Bruvik", "Ondrel", "Yavine", "Quorra", "Felmar", "Isolde",
          "Praxil", "Undrai", "Velkan", "Mireth", "Corvid", "Halvor", "Sybren", "Dagny", "Rusalk", "Elowen",
          "Torvik", "Nimrah", "Gaspin", "Liora"]
@@ -96,24 +104,61 @@ def emit(row: dict) -> None:
 # Text with planted facts
 # ------------------------------------------------------------------------------------
 
-def fact(name: str, code: str) -> tuple[list[int], list[int]]:
-    """Bytes of ' The code for <name> is <code>. ' and the indices of the code's digits."""
-    head = f" The code for {name} is ".encode()
-    body = head + code.encode() + b". "
-    return list(body), list(range(len(head), len(head) + len(code)))
+class Codec:
+    """Text <-> token ids for the bench: bytes (vocab 257, 256 = end of text) or an 8k-style
+    byte-level BPE (data/tokenizer.py). Either way a fact's code digits are one token each
+    (each digit is its own token in both), so recall is scored per digit with chance 1/10,
+    and a name is one or a few tokens under the BPE (the induction-head pattern that
+    name-keyed copying needs) but 6 under bytes."""
+
+    def __init__(self, tokenizer=None):
+        self.tok = tokenizer
+        if tokenizer is None:
+            self.name, self.vocab, self.eot = "bytes", 257, 256
+            self.digits = [ord(str(i)) for i in range(10)]
+            self.chunk = (32, 97)  # tokens of text between facts: 32-96 bytes
+        else:
+            self.name, self.vocab, self.eot = f"bpe{tokenizer.vocab_size}", tokenizer.vocab_size, tokenizer.eot_id
+            self.digits = [tokenizer.encode(str(i)) for i in range(10)]
+            if any(len(d) != 1 for d in self.digits):
+                sys.exit(f"this BPE splits a digit into several tokens: {self.digits}")
+            self.digits = [d[0] for d in self.digits]
+            self.chunk = (8, 25)  # about the same 32-96 bytes of text, at ~4 bytes a token
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode()) if self.tok is None else self.tok.encode(text)
+
+    def fact(self, name: str, code: str) -> tuple[list[int], list[int]]:
+        """Tokens of ' The code for <name> is <code>. ' and the indices of the code's digits."""
+        head = self.encode(f" The code for {name} is ")
+        return head + [self.digits[int(c)] for c in code] + self.encode(". "), list(range(len(head), len(head) + len(code)))
+
+
+def bpe_codec(train_texts: list[str], vocab: int) -> Codec:
+    """A byte-level BPE learned from the training text, cached in bench/results by its inputs."""
+    from data import TokenizerConfig, build_tokenizer
+
+    digest = hashlib.blake2b(json.dumps([vocab, [len(t) for t in train_texts]]).encode(), digest_size=6).hexdigest()
+    path = RESULTS / f"memory_tokenizer_{vocab}_{digest}.json"
+    if not path.exists():
+        log(f"learning a {vocab}-token BPE from the training text (once; cached as {path.name})")
+        tok = build_tokenizer(TokenizerConfig(type="bpe", vocab_size=vocab), train_texts)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tok.tok.save(str(path))
+    return Codec(build_tokenizer(TokenizerConfig(type="file", path=str(path))))
 
 
 class FactStreams:
-    """B endless byte streams of book text with planted facts and their later probes.
+    """B endless token streams of book text with planted facts and their later probes.
 
     next_batch() -> (x [B, T], y [B, T], weight [B, T], reset [B, T]): inputs, targets,
     per-target loss weights (`probe_weight` on the answer digits of a probe) and document
     starts (only when doc_len is set: an EOT every ~doc_len tokens, no facts across it).
     """
 
-    def __init__(self, texts: list[bytes], B: int, T: int, seed: int, digits: int, fact_every: int,
-                 gap: tuple[int, int], probe_weight: float, doc_len: int = 0):
-        self.texts, self.B, self.T, self.digits = texts, B, T, digits
+    def __init__(self, codec: Codec, texts: list[list[int]], B: int, T: int, seed: int, digits: int,
+                 fact_every: int, gap: tuple[int, int], probe_weight: float, doc_len: int = 0):
+        self.codec, self.texts, self.B, self.T, self.digits = codec, texts, B, T, digits
         self.fact_every, self.gap, self.probe_weight, self.doc_len = fact_every, gap, probe_weight, doc_len
         self.rng = random.Random(seed)
         self.streams = [self._new_stream() for _ in range(B)]
@@ -139,19 +184,19 @@ class FactStreams:
         if due:  # a probe: the fact again, its digits are what the model should recall
             name, code, _ = due[0]
             s["pending"].remove(due[0])
-            toks, answer = fact(name, code)
+            toks, answer = self.codec.fact(name, code)
             self._append(s, toks, answer)
             return
-        if self.fact_every and self.rng.random() < 64 / self.fact_every:
+        if self.fact_every and self.rng.random() < sum(self.codec.chunk) / 2 / self.fact_every:  # a text fill's mean length
             used = {p[0] for p in s["pending"]}
             name = self.rng.choice([n for n in NAMES if n not in used] or NAMES)
             code = self._code()
-            toks, _ = fact(name, code)
+            toks, _ = self.codec.fact(name, code)
             self._append(s, toks)
             lo, hi = self.gap
             s["pending"].append((name, code, s["pos"] + int(math.exp(self.rng.uniform(math.log(lo), math.log(hi))))))
             return
-        n = self.rng.randrange(32, 97)
+        n = self.rng.randrange(*self.codec.chunk)
         if s["pending"]:  # end the chunk where the next probe is due, so gaps are as planned
             n = max(1, min(n, min(p[2] for p in s["pending"]) - s["pos"]))
         text = s["text"]
@@ -161,7 +206,7 @@ class FactStreams:
         if self.doc_len:
             s["doc_left"] -= len(chunk)
             if s["doc_left"] <= 0:  # a new document: nothing pending survives it
-                self._append(s, [EOT])
+                self._append(s, [self.codec.eot])
                 s["pending"], s["doc_left"] = [], self.doc_len
                 s["at"] = self.rng.randrange(len(text))
 
@@ -176,7 +221,7 @@ class FactStreams:
         tok = torch.tensor(rows)
         x, y = tok[:, :-1], tok[:, 1:]
         reset = torch.zeros_like(x, dtype=torch.bool)
-        reset[:, 1:] = x[:, :-1] == EOT
+        reset[:, 1:] = x[:, :-1] == self.codec.eot
         return x.to(DEVICE), y.to(DEVICE), torch.tensor(weights).to(DEVICE), reset.to(DEVICE)
 
 
@@ -265,14 +310,14 @@ def run_stream(model, tokens: torch.Tensor, T: int, reset=None, state=None):
 
 
 @torch.no_grad()
-def gap_recall(model, texts: list[bytes], gap: int, args, seed: int) -> dict:
+def gap_recall(model, codec: Codec, texts: list[list[int]], gap: int, args, seed: int) -> dict:
     """Facts probed exactly `gap` tokens after they end (the digits ~gap + 27 tokens back),
     on held-out text, in the training stream format with state carried between calls.
     Facts come every max(--fact-every, gap / 4) tokens, so a handful are pending at once
     (24 names: a name is never reused while its fact is pending). Streams run until
     --probes probes are answered (or 4x the expected calls)."""
     fact_every = max(args.fact_every, gap // 4)
-    streams = FactStreams(texts, args.eval_batch, args.seq, seed, args.digits, fact_every, (gap, gap + 1), 2.0)
+    streams = FactStreams(codec, texts, args.eval_batch, args.seq, seed, args.digits, fact_every, (gap, gap + 1), 2.0)
     expected = math.ceil((gap + fact_every * args.probes / args.eval_batch) / args.seq) + 1
     model.eval()
     state, per_stream, losses = None, [[] for _ in range(args.eval_batch)], []
@@ -291,7 +336,7 @@ def gap_recall(model, texts: list[bytes], gap: int, args, seed: int) -> dict:
     # a stream's digits come in probe order, digits consecutive: whole probes are runs of `digits`
     probes = [h[i:i + args.digits] for h in per_stream for i in range(0, len(h) - args.digits + 1, args.digits)]
     hits = torch.tensor(probes, dtype=torch.float)
-    distance = gap + len(fact("Zorvan", "0" * args.digits)[0])  # fact's digits to the probe's, about
+    distance = gap + len(codec.fact("Zorvan", "0" * args.digits)[0])  # fact's digits to the probe's, about
     return {"gap": gap, "digit_distance": distance, "inside_window": distance <= args.wm_window,
             "probes": len(probes), "recall_acc": round(hits.all(-1).float().mean().item(), 4),
             "digit_acc": round(hits.mean().item(), 4), "probe_loss": round(torch.cat(losses).mean().item(), 4),
@@ -299,10 +344,11 @@ def gap_recall(model, texts: list[bytes], gap: int, args, seed: int) -> dict:
 
 
 @torch.no_grad()
-def salience_rows(model, texts: list[bytes], args) -> list[dict]:
+def salience_rows(model, codec: Codec, texts: list[list[int]], args) -> list[dict]:
     """What the episodic memory chose to keep: per WM block, the mean salience sigmoid(z)
     of fact digits (the tokens a probe needs) and of all other tokens, on held-out streams."""
-    streams = FactStreams(texts, args.eval_batch, args.seq, args.seed + 9, args.digits, args.fact_every, (4, 300), 2.0)
+    streams = FactStreams(codec, texts, args.eval_batch, args.seq, args.seed + 9, args.digits, args.fact_every,
+                          (4, 300), 2.0)
     seen, hooks = {}, []
     for i, block in enumerate(model.blocks):
         if block.em is not None:
@@ -317,7 +363,7 @@ def salience_rows(model, texts: list[bytes], args) -> list[dict]:
     for h in hooks:
         h.remove()
     x = torch.cat(xs, 1)
-    digit = (x >= ord("0")) & (x <= ord("9"))
+    digit = torch.isin(x, torch.tensor(codec.digits))
     rows = []
     for i, vals in seen.items():
         sal = torch.cat(vals, 1)
@@ -327,7 +373,7 @@ def salience_rows(model, texts: list[bytes], args) -> list[dict]:
     return rows
 
 
-def held_out_ppl(model, text: bytes, B: int, L: int, T: int, seed: int, state=None) -> tuple[float, int]:
+def held_out_ppl(model, text: list[int], B: int, L: int, T: int, seed: int, state=None) -> tuple[float, int]:
     rng = random.Random(seed)
     starts = [rng.randrange(len(text) - L - 1) for _ in range(B)]
     tokens = torch.tensor([list(text[s:s + L + 1]) for s in starts])
@@ -372,27 +418,33 @@ def main() -> None:
     ap.add_argument("--backbone", default="",
                     help="a .pth file: load the phase-A backbone from it if it exists (it must come from the same "
                          "settings), else train it and save it there")
+    ap.add_argument("--tokenizer", default="bytes", choices=["bytes", "bpe"],
+                    help="bytes (vocab 257) or a byte-level BPE of --vocab learned from the training text")
+    ap.add_argument("--vocab", type=int, default=8192, help="BPE vocabulary (with --tokenizer bpe)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     corpus = Path(args.corpus)
-    books = {p.stem: p.read_bytes() for p in sorted(corpus.glob("*.txt"))}
+    books = {p.stem: p.read_text(encoding="utf-8", errors="replace") for p in sorted(corpus.glob("*.txt"))}
     if not books:
         sys.exit(f"no .txt books in {corpus}")
-    train_text = {k: v[:int(len(v) * 0.95)] for k, v in books.items()}
-    held = {k: v[int(len(v) * 0.95):] for k, v in books.items()}
+    train_str = {k: v[:int(len(v) * 0.95)] for k, v in books.items()}
+    codec = Codec() if args.tokenizer == "bytes" else bpe_codec(list(train_str.values()), args.vocab)
+    train_text = {k: codec.encode(v) for k, v in train_str.items()}
+    held = {k: codec.encode(v[int(len(v) * 0.95):]) for k, v in books.items()}
     gaps = [int(g) for g in args.gaps.split(",")]
     t_start = time.time()
-    emit({"kind": "config", **{k: v for k, v in vars(args).items()}, "books": list(books)})
+    emit({"kind": "config", **{k: v for k, v in vars(args).items()}, "books": list(books), "codec": codec.name,
+          "train_tokens": sum(len(t) for t in train_text.values())})
 
     # one phase-A backbone, then the same further steps for both models: phase A again
     # (memories_off) or phase C with PM and EM on (memories_on), as the trainer's phases do
     def streams(seed: int, gap: str) -> FactStreams:
-        return FactStreams(list(train_text.values()), args.batch, args.seq, seed, args.digits, args.fact_every,
+        return FactStreams(codec, list(train_text.values()), args.batch, args.seq, seed, args.digits, args.fact_every,
                            tuple(int(g) for g in gap.split(",")), args.probe_weight)
 
     torch.manual_seed(args.seed)
-    backbone = build_model(model_config(args, False), VOCAB).to(DEVICE)
+    backbone = build_model(model_config(args, False), codec.vocab).to(DEVICE)
     warm = (args.warm_steps, tuple(int(g) for g in args.warm_gap.split(",")))
     if args.backbone and Path(args.backbone).exists():
         backbone.load_state_dict(torch.load(args.backbone, map_location=DEVICE, weights_only=True))
@@ -405,7 +457,7 @@ def main() -> None:
     models = {}
     for label, memories in (("memories_off", False), ("memories_on", True)):
         torch.manual_seed(args.seed + 1)
-        model = build_model(model_config(args, memories), VOCAB).to(DEVICE)
+        model = build_model(model_config(args, memories), codec.vocab).to(DEVICE)
         missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
         assert not unexpected and all(".pm." in k or ".em." in k for k in missing), (missing, unexpected)
         if memories:  # the zero-shot row: the backbone's weights with fresh memories, before phase C
@@ -415,7 +467,7 @@ def main() -> None:
               "params": sum(p.numel() for p in model.parameters()), **row})
         models[label] = model
         if memories:
-            for row in salience_rows(model, list(held.values()), args):
+            for row in salience_rows(model, codec, list(held.values()), args):
                 emit({"kind": "salience", "model": label, **row})
 
     variants = {"memories_off": models["memories_off"], "memories_on": models["memories_on"],
@@ -430,14 +482,14 @@ def main() -> None:
         t0 = time.time()
         with variant(label) as model:
             for gap in gaps:
-                emit({"kind": "recall", "model": label, **gap_recall(model, list(held.values()), gap, args,
+                emit({"kind": "recall", "model": label, **gap_recall(model, codec, list(held.values()), gap, args,
                                                                      args.seed + 1 + gap)})
         log(f"[recall] {label} ({time.time() - t0:.0f}s)")
 
     general = held.get("war_and_peace", max(held.values(), key=len))
     for label in variants:
         with variant(label) as model:
-            ppl, n = held_out_ppl(model, b"".join(held.values()), args.eval_batch, args.eval_tokens, args.seq, args.seed)
+            ppl, n = held_out_ppl(model, [t for h in held.values() for t in h], args.eval_batch, args.eval_tokens, args.seq, args.seed)
         emit({"kind": "perplexity", "model": label, "held_out_ppl": round(ppl, 4), "tokens": n})
 
     # drift: a lifelong session on one domain
@@ -446,7 +498,7 @@ def main() -> None:
         model = copy.deepcopy(models[label])
         before, _ = held_out_ppl(model, general, args.eval_batch, args.eval_tokens, args.seq, args.seed + 2)
         model.lifelong = True
-        session = FactStreams([train_text[domain]], args.batch, args.seq, args.seed + 3, args.digits, 0, (1, 2), 1.0,
+        session = FactStreams(codec, [train_text[domain]], args.batch, args.seq, args.seed + 3, args.digits, 0, (1, 2), 1.0,
                               doc_len=args.doc_len)
         # the session's runtime state is what a lifelong run would carry: train and keep it
         state, t0 = None, time.time()
