@@ -15,13 +15,16 @@ Models (`--models`, comma list): gpt2 (HF GPT2LMHeadModel), transformer (ours, s
 dimensions), transformer-matched (ours, its MLP widened to the hatchling's parameter
 count, bench/quality.py's rule), hatchling (phase A: backbone + WM, its window one
 sequence long as in every shipped preset, unless --preset says otherwise), hatchling-B (+ procedural memory), hatchling-C
-(+ episodic memory). Hatchling phases also report `ratio_vs_phase_a`.
+(+ episodic memory), baby-hatchling (seed 002's public Spike-KDA code, imported from a
+checkout given by --peer, never copied here; see build_peer). Hatchling phases also
+report `ratio_vs_phase_a`.
 
     python bench/train_throughput.py                                  # the issue-14 shape, T=256
     python bench/train_throughput.py --seq-lengths 256,1024,4096      # batch = tokens-per-step / T
     python bench/train_throughput.py --models transformer,hatchling --compile
     python bench/train_throughput.py --profile hatchling              # torch.profiler top ops of one step
     python bench/train_throughput.py --preset configs/00_best_general.json
+    python bench/train_throughput.py --models transformer,hatchling,baby-hatchling --peer ../baby-hatchling
 """
 from __future__ import annotations
 
@@ -69,6 +72,8 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
             return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
 
         return model, model, step_loss
+    if name == "baby-hatchling":
+        return build_peer(d, layers, heads, seq, vocab)
     from model import ModelConfig, build_model, detach_state
 
     hatch = ModelConfig(arch="hatchling", d_model=d, n_layers=layers, n_heads=heads,
@@ -96,6 +101,36 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
         fwd = torch.compile(model)
 
     step_loss.compile = compiled
+    return model, model, step_loss
+
+
+PEER = {"path": ""}  # --peer: a checkout of DominiqueAndrew/baby-hatchling, imported from there, never copied
+
+
+def build_peer(d: int, layers: int, heads: int, seq: int, vocab: int):
+    """seed 002's public Spike-KDA model (baby-hatchling) at our dimensions: every 4th layer
+    its NoPE attention, the rest its Spike-KDA blocks in its own training mode ("auto": the
+    chunked form when training), FFN 4 d, no episodic store (a SQLite file) and no
+    predictive-coding head, so that the step is the language model's alone; state carried
+    and detached between steps as ours."""
+    import torch
+
+    if not PEER["path"] or not (Path(PEER["path"]) / "src" / "model.py").is_file():
+        sys.exit("baby-hatchling needs --peer DIR, a checkout of github.com/DominiqueAndrew/baby-hatchling")
+    sys.path.insert(0, PEER["path"])
+    from src.model import BabyHatchlingModel, ModelConfig as PeerConfig
+
+    cfg = PeerConfig(name="peer", d_model=d, n_layers=layers, n_heads=heads, dk=d // heads, dv=d // heads, d_ff=4 * d,
+                     rank_gate=64, group_kv=1, gw_tokens=1, max_seq=seq, vocab_size=vocab, use_predictive_head=False,
+                     use_episodic_memory=False, use_curiosity_bonus=False, kda_mode="auto")
+    model = BabyHatchlingModel(cfg)
+    state = {"s": None}
+
+    def step_loss(x, y):
+        out, states = model(x, state["s"], use_memory=False)
+        state["s"] = [type(st)(*(t.detach() for t in vars(st).values())) for st in states]
+        return torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+
     return model, model, step_loss
 
 
@@ -175,7 +210,7 @@ def run_interleaved(names, dims, dev, args, extra) -> list[dict]:
     for r in live:
         sec = statistics.median(times[r.name])
         tps = batch * seq / sec
-        label = r.name if r.name == "gpt2" else f"ours-{r.name}"
+        label = r.name if r.name in ("gpt2", "baby-hatchling") else f"ours-{r.name}"
         row = {"bench": "train_throughput", "model": label, "device": torch.cuda.get_device_name() if dev.type == "cuda"
                else f"cpu x{torch.get_num_threads()} threads", "params": r.params, "d_model": d, "n_layers": layers,
                "n_heads": heads, "seq_length": seq, "batch": batch, "vocab": vocab, "compile": bool(args.compile),
@@ -230,10 +265,12 @@ def main() -> None:
     ap.add_argument("--wm-window", type=int, default=0,
                     help="hatchling's working-memory window (default: one sequence; fix it, e.g. 1024, to see "
                          "the linear-time scaling over --seq-lengths)")
+    ap.add_argument("--peer", default="", help="a checkout of DominiqueAndrew/baby-hatchling: adds model baby-hatchling")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (as train.compile)")
     ap.add_argument("--profile", metavar="MODEL", help="print a torch.profiler top-ops table for MODEL and exit")
     ap.add_argument("--top", type=int, default=15, help="rows of the --profile table")
     args = ap.parse_args()
+    PEER["path"] = args.peer
 
     import torch
 
