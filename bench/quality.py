@@ -18,7 +18,9 @@ Method
     (plain KDA: no LIF neurons, and one projection fewer per KDA layer);
     hatchling_floor50 / hatchling_alphaonly = the hatchling with `model.beta_spike_floor`
     0.5 / 1.0 (half of a head's write strength, or all of it, not gated by its spike
-    rate; the spikes still gate forgetting); transformer =
+    rate; the spikes still gate forgetting); hatchling_betaonly = the hatchling with
+    `model.alpha_spike_floor` 1.0 (every channel forgets at every token; the spikes gate
+    writing only), hatchling_betaonly_floor50 = that with beta_spike_floor 0.5; transformer =
     the same width and depth with its MLP widened until its parameter count matches the
     hatchling's (up to the MLP's 64-wide rounding).
   - Training: `train.train` (the real loop) on a preset built here, in a fresh temporary
@@ -97,7 +99,8 @@ from train.estimate import param_count  # noqa: E402
 from train.evaluate import evaluate  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
-MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly")
+MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
+          "hatchling_betaonly", "hatchling_betaonly_floor50")
 CORPUS = ROOT.parent / "shared" / "corpus"
 DEFAULT_HELDOUT = "library/news_from_nowhere.txt,library/log_school_house.txt"
 DEFAULT_BUDGET = 1_200_000  # ~11 minutes a run on a shared 2-core CPU (see Budget above)
@@ -131,7 +134,9 @@ def model_configs(args) -> dict[str, ModelConfig]:
     return {"transformer": matched_transformer(hatch, args.vocab), "hatchling": hatch,
             "hatchling_nospike": replace(hatch, spiking=False),
             "hatchling_floor50": replace(hatch, beta_spike_floor=0.5),
-            "hatchling_alphaonly": replace(hatch, beta_spike_floor=1.0)}
+            "hatchling_alphaonly": replace(hatch, beta_spike_floor=1.0),
+            "hatchling_betaonly": replace(hatch, alpha_spike_floor=1.0),
+            "hatchling_betaonly_floor50": replace(hatch, alpha_spike_floor=1.0, beta_spike_floor=0.5)}
 
 
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
@@ -256,7 +261,8 @@ def run_cell(model: str, cfg: ModelConfig, seed: int, setup: dict, args) -> dict
     return {"kind": "run", "key": cell_key(model, seed, args), "model": model, "seed": seed,
             "params": param_count(cfg, args.vocab), "tokens": result.tokens, "budget": args.budget,
             "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "mlp_mult": round(cfg.mlp_mult, 3),
-            "spiking": cfg.spiking, "beta_spike_floor": cfg.beta_spike_floor, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "lr": args.lr,
+            "spiking": cfg.spiking, "beta_spike_floor": cfg.beta_spike_floor,
+            "alpha_spike_floor": cfg.alpha_spike_floor, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "lr": args.lr,
             "heldout": sorted(args.heldout), "heldout_loss": round(loss, 4),
             "heldout_bpb": round(loss * held["eval_tokens"] / setup["bytes"] / math.log(2), 4),
             "heldout_tokens": held["eval_tokens"], "heldout_bytes": setup["bytes"],

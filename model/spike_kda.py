@@ -4,7 +4,9 @@ leaky integrate-and-fire spikes.
     x ──qkv──> short causal conv + SiLU ──> q, k (L2-normalised), v
     x ──drive──> LIF neurons (one per head and key channel) ──> spikes s_t in {0,1}^{H x dk}
     x ──low-rank──> decay magnitude a_t > 0 per key channel
-    log alpha_t = -a_t * s_t          a channel forgets only when it spikes
+    log alpha_t = -a_t * (g + (1 - g) s_t)
+                                      a channel forgets only when it spikes, above a floor
+                                      g (cfg.alpha_spike_floor, default 0: no floor)
     beta_t      = sigmoid(w x_t) * (f + (1 - f) mean_d s_t[d])
                                       a head writes in proportion to its spikes, above a floor
                                       f (cfg.beta_spike_floor, default 0: no floor)
@@ -127,7 +129,7 @@ class SpikeKDA(nn.Module):
         self.qkv_proj = nn.Linear(d, 3 * H * dk, bias=False)
         self.conv = ShortConv(3 * H * dk, cfg.conv_size)
         # LIF drive; the bias is set (see init_special) so that spikes start at ~lif_init_rate
-        self.spiking, self.beta_floor = cfg.spiking, cfg.beta_spike_floor
+        self.spiking, self.alpha_floor, self.beta_floor = cfg.spiking, cfg.alpha_spike_floor, cfg.beta_spike_floor
         self.drive_proj = nn.Linear(d, H * dk, bias=True) if cfg.spiking else None
         # per-channel decay magnitude a = exp(A_log[h]) * softplus(up(down(x)) + dt_bias), as in KDA
         self.decay_down = nn.Linear(d, cfg.decay_rank, bias=False)
@@ -184,6 +186,8 @@ class SpikeKDA(nn.Module):
             spikes, membrane, log_alpha, beta = K.lif_modulate(
                 drive, a, beta_logit, self.lif_decay, self.lif_threshold, state.get("membrane"),
                 reset, self.slope, mode=self.kernels)
+            if self.alpha_floor > 0:  # log alpha = -a (f + (1 - f) s) = f (-a) + (1 - f) (-a s)
+                log_alpha = (1 - self.alpha_floor) * log_alpha - self.alpha_floor * a
             if self.beta_floor > 0:  # beta = sig * (f + (1 - f) mean(s)) = f sig + (1 - f) (sig mean(s))
                 beta = self.beta_floor * torch.sigmoid(beta_logit) + (1 - self.beta_floor) * beta
         else:  # plain KDA (cfg.spiking off): the membrane is carried untouched, as zeros

@@ -23,7 +23,7 @@ RANGES: dict[type, dict[str, str]] = {
         "mlp_mult": "(0, 32]", "dropout": "[0, 1)", "rope_theta": "[1, 1e9]", "norm_eps": "(0, 0.1]",
         "init_std": "(0, 1]", "global_every": "[1, 512]", "wm_window": "[0, 1048576]", "chunk_size": "[1, 4096]",
         "conv_size": "[1, 128]", "decay_rank": "[1, 16384]", "lif_decay": "(0, 1]", "lif_threshold": "(0, 1000]",
-        "lif_init_rate": "(0, 1)", "lif_surrogate_slope": "(0, 1000]", "beta_spike_floor": "[0, 1]", "mem_dim": "[0, 16384]",
+        "lif_init_rate": "(0, 1)", "lif_surrogate_slope": "(0, 1000]", "beta_spike_floor": "[0, 1]", "alpha_spike_floor": "[0, 1]", "mem_dim": "[0, 16384]",
         "plasticity_span": "[1, 65536]", "pm_slots": "[1, 65536]", "pm_rho": "(0, 1]",
         "pm_commit_threshold": "[-1000, 1000]", "pm_commit_cap": "(0, 1000]", "pm_strength_max": "(0, 1000]",
         "pm_budget": "(0, 1e6]", "pm_base_decay": "(0, 1]", "em_slots": "[1, 65536]", "em_topk": "[1, 65536]",

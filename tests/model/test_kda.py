@@ -291,12 +291,13 @@ def test_spiking_off_is_plain_kda():
     assert layer.A_log.grad.abs().sum() > 0 and layer.beta_proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("floor", [0.5, 1.0])
-def test_beta_spike_floor_keeps_that_share_of_the_write_ungated(floor):
-    """cfg.beta_spike_floor = f: beta = sigmoid(w x) (f + (1 - f) mean(s)), spikes and alpha
-    as without a floor; the layer equals KDA fed those (bench/quality.py's variants)."""
+@pytest.mark.parametrize("alpha_floor, floor", [(0.0, 0.5), (0.0, 1.0), (1.0, 0.0), (0.3, 0.5)])
+def test_spike_floors_keep_that_share_of_forgetting_and_writing_ungated(alpha_floor, floor):
+    """cfg.alpha_spike_floor = g, cfg.beta_spike_floor = f: log alpha = -a (g + (1 - g) s),
+    beta = sigmoid(w x) (f + (1 - f) mean(s)), spikes as without floors; the layer equals
+    KDA fed those (bench/quality.py's variants)."""
     torch.manual_seed(0)
-    layer = SpikeKDA(tiny_cfg(d_model=32, n_heads=2, beta_spike_floor=floor))
+    layer = SpikeKDA(tiny_cfg(d_model=32, n_heads=2, alpha_spike_floor=alpha_floor, beta_spike_floor=floor))
     x = torch.randn(2, 20, 32)
     y, state, spikes = layer(x)
     H, dk = 2, 16
@@ -307,7 +308,8 @@ def test_beta_spike_floor_keeps_that_share_of_the_write_ungated(floor):
     ref_spikes, _ = lif_scan_reference(layer.drive_proj(x).view(2, 20, H, dk), layer.lif_decay, layer.lif_threshold)
     assert torch.equal(spikes, ref_spikes)
     beta = torch.sigmoid(layer.beta_proj(x)) * (floor + (1 - floor) * ref_spikes.mean(-1))
-    o, _ = kda_recurrent(*(t.transpose(1, 2) for t in (q, k, v, -a * ref_spikes, beta)))
+    log_alpha = -a * (alpha_floor + (1 - alpha_floor) * ref_spikes)
+    o, _ = kda_recurrent(*(t.transpose(1, 2) for t in (q, k, v, log_alpha, beta)))
     o = layer.o_norm(o.transpose(1, 2), layer.gate_proj(x).view(2, 20, H, dk))
     assert_same(y, layer.out_proj(o.reshape(2, 20, H * dk)))
 
