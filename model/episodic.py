@@ -166,6 +166,9 @@ class EpisodicMemory(nn.Module):
         ref = [torch.zeros(M, device=h.device)]  # (slots: span 0, candidates of span s: s + 1)
         ent_k, ent_v, ent_pos = [st["keys"].float()], [st["values"].float()], [-age]
         alive, writes, ended = [], [], 0
+        # unbound once: slicing span s inside the loop would make autograd scatter each slice's
+        # gradient into a zero tensor of the whole grid, n times over (quadratic in T)
+        kg_s, vg_s, z_s = kg.unbind(1), vg.unbind(1), z.unbind(1)
         for s in range(n):
             alive.append(self._alive(ids, S, M + n * c))  # what the queries of span s may read
             keep = grid.keep(s)
@@ -174,8 +177,8 @@ class EpisodicMemory(nn.Module):
             # candidates: the span's most salient tokens, counting novelty against the memory as
             # it stands (constant over the span, so a span cut by a call boundary ranks alike):
             # salience alone would keep picking one kind of token, whose copies the gate refuses
-            score = torch.where(valid[:, s], z[:, s].detach() + self._novelty(K, S, kg[:, s]), MASKED)
-            pool = [kg[:, s], vg[:, s], z[:, s], score, pos[s].expand(B, -1)]
+            score = torch.where(valid[:, s], z_s[s].detach() + self._novelty(K, S, kg_s[s]), MASKED)
+            pool = [kg_s[s], vg_s[s], z_s[s], score, pos[s].expand(B, -1)]
             if s == 0:
                 pool = [torch.cat([a, b], 1) for a, b in zip(pool, carried)]
             idx = pool[3].topk(c, -1).indices  # [B, c]

@@ -152,6 +152,9 @@ class ProceduralMemory(nn.Module):
         Ek, Ev = st["elig_k"].float(), st["elig_v"].float()
         err_sum, count = st["err_sum"].float(), st["count"].float()
         versions, spans = [], []
+        # unbound once: slicing span s inside the loop would make autograd scatter each slice's
+        # gradient into a zero tensor of the whole grid, n times over (quadratic in T)
+        add_k, add_v = add_k.unbind(1), add_v.unbind(1)
         for s in range(grid.n):
             versions.append((K, V, a))  # what the tokens of span s read
             keep = grid.keep(s)
@@ -166,7 +169,7 @@ class ProceduralMemory(nn.Module):
                     K, V, a = (keep_streams(x, keep) for x in (K, V, a))
                 Ek, Ev, err_sum, count = (keep_streams(x, keep) for x in (Ek, Ev, err_sum, count))
             decay = rho ** grid.length[s]
-            Ek, Ev = decay * Ek + add_k[:, s], decay * Ev + add_v[:, s]
+            Ek, Ev = decay * Ek + add_k[s], decay * Ev + add_v[s]
             err_sum, count = err_sum + err_s, count + pairs[:, s]
             if grid.complete[s]:
                 surprise = err_sum / count.clamp(min=1.0)
