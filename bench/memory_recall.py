@@ -254,6 +254,8 @@ def memories_switched_off(model):
 def train(model, streams: FactStreams, steps: int, lr: float, label: str, warm: tuple = (0, None)) -> dict:
     """warm = (steps, gap range): the first steps probe at these gaps (a curriculum: copying
     is learnt where attention sees the fact, then the gaps widen to streams.gap)."""
+    if steps == 0:  # --phase-steps 0: the backbone as it is (memories_on: with fresh memories)
+        return {"steps": 0, "tokens": 0, "seconds": 0.0, "loss_last": None}
     final_gap = streams.gap
     if warm[0]:
         streams.gap = warm[1]

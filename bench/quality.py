@@ -299,12 +299,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def print_table(summary: list[dict]) -> None:
-    head = f"{'model':<18} {'params':>8} {'tokens':>9} {'seeds':>5}  {'held-out loss':<24} {'bits/byte':<24} {'tok/s':>6}"
+    w = max([18] + [len(s["model"]) for s in summary])
+    head = f"{'model':<{w}} {'params':>8} {'tokens':>9} {'seeds':>5}  {'held-out loss':<24} {'bits/byte':<24} {'tok/s':>6}"
     lines = [head, "-" * len(head)]
     for s in summary:
         loss, bpb = (f"{s[m + '_mean']:.4f} [{s[m + '_min']:.4f}, {s[m + '_max']:.4f}]"
                      for m in ("heldout_loss", "heldout_bpb"))
-        lines.append(f"{s['model']:<18} {s['params'] / 1e6:>7.2f}M {s['tokens']:>9,} {len(s['seeds']):>5}  "
+        lines.append(f"{s['model']:<{w}} {s['params'] / 1e6:>7.2f}M {s['tokens']:>9,} {len(s['seeds']):>5}  "
                      f"{loss:<24} {bpb:<24} {s['tokens_per_s']:>6.0f}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 

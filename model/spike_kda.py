@@ -15,9 +15,12 @@ leaky integrate-and-fire spikes.
 With `spiking` off (cfg.spiking, an ablation) the same layer is plain KDA: log alpha_t = -a_t
 and beta_t = sigmoid(w x_t), no LIF neurons and no drive projection.
 
-Event-driven semantics: a head with no spikes at step t has beta_t = 0 and alpha_t = 1,
-so its fast-weight state is left exactly as it was (no write, no decay): it can be
-skipped at inference. It still reads (o_t = S^T q_t), so its memory keeps serving.
+Event-driven semantics: a head with no spikes at step t has beta_t = 0 (with no beta
+floor), so it writes nothing; with no alpha floor alpha_t = 1 as well, so its fast-weight
+state is left exactly as it was and the step can be skipped at inference. With
+alpha_spike_floor 1 (the shipped presets: bench/quality.py found spike-gated forgetting
+costs held-out loss, spike-gated writing does not) a silent head's memory still decays.
+Either way it still reads (o_t = S^T q_t), so its memory keeps serving.
 
 State per layer (batch first): {"S": [B, H, dk, dv] fast weights, "membrane": [B, H, dk]
 LIF membranes, "conv": [B, conv_size - 1, 3 * H * dk] the last inputs of the q/k/v conv}.
