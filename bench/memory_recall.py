@@ -519,7 +519,7 @@ def main() -> None:
         row = {"kind": "drift", "model": label, "domain": domain, "general": "war_and_peace held-out",
                "session_tokens": args.session_steps * args.batch * args.seq, "ppl_before": round(before, 4),
                "ppl_after": round(after, 4)}
-        if model.memories:  # the session's committed memories carried into the general text
+        if model.memories and state is not None:  # the session's committed memories carried into the general text
             kept = model.state_from_memory(model.memory_state(state), args.eval_batch, DEVICE)
             row["ppl_after_memory_kept"] = round(held_out_ppl(model, general, args.eval_batch, args.eval_tokens,
                                                               args.seq, args.seed + 2, state=kept)[0], 4)
