@@ -82,3 +82,19 @@ def test_train_tokens_is_ignored_with_a_notice(tmp_path):
 
 def test_not_an_object(tmp_path):
     assert "expected a JSON object, got a list" in problems(tmp_path, [1, 2])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_hatchling_presets_gate_only_writing_by_spikes(path):
+    """The configuration bench/quality.py found best (README, under the preset table): every
+    shipped hatchling preset builds, as the trainer builds it, Spike-KDA layers whose
+    forgetting is not gated by their spikes (alpha_spike_floor 1) and whose writing is."""
+    from model import build_model
+    from model.spike_kda import SpikeKDA
+
+    preset, _ = load_preset(path)
+    if preset.model.arch != "hatchling":
+        pytest.skip("a transformer preset")
+    model = build_model(preset.model, 256, preset.auxiliary)
+    layers = [m for m in model.modules() if isinstance(m, SpikeKDA)]
+    assert layers and all(m.spiking and m.alpha_floor == 1.0 and m.beta_floor == 0.0 for m in layers)
