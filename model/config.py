@@ -41,7 +41,7 @@ class ModelConfig:
     # share of a head's write strength its spikes do not gate: beta = sigmoid(w x) * (f + (1 - f) * mean(s));
     # 0 = a head writes only in proportion to its spike rate, 1 = spikes gate forgetting only
     beta_spike_floor: float = 0.0
-    # share of a channel's forgetting its spikes do not gate: log alpha = -a * (f + (1 - f) * s);
+    # share of a channel's forgetting its spikes do not gate: log alpha = -a * (g + (1 - g) * s);
     # 0 = a channel forgets only when it spikes, 1 = spikes gate writing only
     alpha_spike_floor: float = 0.0
     # --- memories (hatchling only; model/procedural.py, model/episodic.py) ---

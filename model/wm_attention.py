@@ -108,7 +108,7 @@ class WorkingMemoryAttention(nn.Module):
             seg_k = F.pad(seg_q, (W, 0))  # [B, W+T]
 
         def mask(s: int, e: int) -> torch.Tensor:
-            """[B or 1, e - s, e - s + W] bool: which keys s .. e+W-1 (cache first) the queries s .. e-1
+            """[B, e - s, e - s + W] bool: which keys s .. e+W-1 (cache first) the queries s .. e-1
             see: causal, within the window, valid, and of the query's document."""
             delta = torch.arange(s, e, device=q.device)[:, None] - torch.arange(s - W, e, device=q.device)[None, :]
             m = ((delta >= 0) & (delta <= W))[None] & valid[:, None, s:e + W]
