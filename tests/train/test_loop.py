@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from model.spike_kda import SpikeKDA
 from tests.conftest import InterruptAt
 from tests.model.helpers import tensors
 from train import train
+from train.after import load_finished
 from train.checkpoint import CURRENT, LEGACY_MIRROR, PREV, PREV2, RUN_STATE, load_checkpoint
 from train.progress import Reporter
 
@@ -30,7 +32,7 @@ class DetailRecorder(Reporter):
 
 
 HATCHLING = {"arch": "hatchling", "d_model": 64, "n_layers": 2, "n_heads": 2, "global_every": 2, "wm_window": 64,
-             "chunk_size": 16}
+             "chunk_size": 16, "alpha_spike_floor": 1.0}  # as every shipped hatchling preset
 
 
 @pytest.mark.parametrize("arch", ["transformer", "hatchling"])
@@ -44,6 +46,10 @@ def test_loss_falls_on_real_text_and_checkpoints_appear(tiny_preset, tmp_path, a
     assert all(k in rows(tmp_path, "train")[0] for k in ("tokens", "loss", "lr", "tokens_per_s"))
     assert (tmp_path / CURRENT).exists() and (tmp_path / LEGACY_MIRROR).exists()
     assert not (tmp_path / RUN_STATE).exists()
+    if arch == "hatchling":  # the preset's spike floor reaches the saved model and the one loaded back
+        assert load_checkpoint(tmp_path / CURRENT)["model_config"]["alpha_spike_floor"] == 1.0
+        layers = [m for m in load_finished(tmp_path / CURRENT).model.modules() if isinstance(m, SpikeKDA)]
+        assert layers and all(m.alpha_floor == 1.0 for m in layers)
 
 
 def test_budget_is_exact_when_steps_do_not_divide_it(tiny_preset, tmp_path):
