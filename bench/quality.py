@@ -20,7 +20,7 @@ Method
     0.5 / 1.0 (half of a head's write strength, or all of it, not gated by its spike
     rate; the spikes still gate forgetting); hatchling_betaonly = the hatchling with
     `model.alpha_spike_floor` 1.0 (every channel forgets at every token; the spikes gate
-    writing only), hatchling_betaonly_floor50 = that with beta_spike_floor 0.5; transformer =
+    writing only: what the shipped hatchling presets use), hatchling_betaonly_floor50 = that with beta_spike_floor 0.5; transformer =
     the same width and depth with its MLP widened until its parameter count matches the
     hatchling's (up to the MLP's 64-wide rounding).
   - Training: `train.train` (the real loop) on a preset built here, in a fresh temporary
@@ -53,7 +53,7 @@ batch, vocab, lr and the held-out files. A rerun skips every cell already in --r
 and trains only the missing ones, so a long table can be finished in parts (Ctrl-C
 stops the current run; nothing is recorded for it).
 
-    python bench/quality.py --models transformer,hatchling,hatchling_nospike   # 3 models x seeds 0,1, ~1 hour
+    python bench/quality.py                                  # 4 models (the default list) x seeds 0,1, ~1.5 hours
     python bench/quality.py 20000 --seeds 0                  # a quick check that everything runs
     python bench/quality.py --models hatchling,transformer --seeds 0,1,2
     python bench/quality.py --results /tmp/q.jsonl --d-model 192 --lr 3e-3
@@ -313,7 +313,7 @@ def print_table(summary: list[dict]) -> None:
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("budget", type=int, nargs="?", default=DEFAULT_BUDGET, help="training tokens per run")
-    ap.add_argument("--models", default=",".join(MODELS[:3]), help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default="transformer,hatchling,hatchling_nospike,hatchling_betaonly", help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--seeds", default="0,1", help="comma list of training seeds")
     ap.add_argument("--corpus", default=f"{CORPUS / 'books'},{CORPUS / 'library'}", help="comma list of folders")
     ap.add_argument("--heldout", default=DEFAULT_HELDOUT, help="comma list of '<corpus folder>/<file>' held out whole")
