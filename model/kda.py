@@ -14,6 +14,8 @@ Three forms of the same function, all computing in float32:
 
 - `kda_recurrent`: the specification, one token at a time (a loop over `kda_step`).
 - `kda_chunk`: the chunked parallel form used for training; exact, not an approximation.
+  Its usual case (no chunk decaying by more than e^-80) is one autograd Function with a
+  hand-written backward (`_KDAChunkFn`); the rest goes through autograd.
 - `kda_step`: one token, for generation.
 
 Shapes (batch first, heads second): q, k [B, H, T, dk]; v [B, H, T, dv];
@@ -293,6 +295,198 @@ def _unit_lower_solve(L: torch.Tensor, rhs: torch.Tensor, blk: int) -> torch.Ten
     return _UnitLowerSolve.apply(L, rhs, blk)
 
 
+def _unit_lower_inverse(L: torch.Tensor, blk: int) -> torch.Tensor:
+    """(I + L)^{-1} for strictly lower-triangular L [..., C, C] (C = blk * 2^m), without
+    autograd: the diagonal blocks of `blk` inverted (`_diagonal_block_inverses`), then
+    pairs of neighbouring blocks merged until one is left, by
+    [[A, 0], [X, D]]^{-1} = [[A^-1, 0], [-D^-1 X A^-1, D^-1]] (two matmuls per level)."""
+    C = L.shape[-1]
+    nb = C // blk
+    if nb & (nb - 1):  # not a power of two: extend by identity rows (inverted as themselves)
+        extra = blk * (1 << nb.bit_length()) - C
+        return _unit_lower_inverse(torch.nn.functional.pad(L, (0, extra, 0, extra)), blk)[..., :C, :C]
+    inv = _diagonal_block_inverses(L, blk)  # [..., C / s, s, s]
+    s = blk
+    lead = L.shape[:-2]
+    while s < C:
+        m = C // (2 * s)
+        top, bottom = inv[..., 0::2, :, :], inv[..., 1::2, :, :]  # [..., m, s, s]
+        # the lower-left s x s block of each 2s x 2s diagonal block of L
+        rows = L.unflatten(-2, (m, 2, s))[..., 1, :, :]  # [..., m, s, C]: lower halves' rows
+        X = torch.diagonal(rows.unflatten(-1, (m, 2, s))[..., 0, :], dim1=-4, dim2=-2)  # [..., s, s, m]
+        X = X.movedim(-1, -3)  # [..., m, s, s]
+        merged = inv.new_zeros(*lead, m, 2 * s, 2 * s)
+        merged[..., :s, :s] = top
+        merged[..., s:, s:] = bottom
+        merged[..., s:, :s] = -(bottom @ (X @ top))
+        inv, s = merged, 2 * s
+    return inv[..., 0, :, :]
+
+
+class _KDAChunkFn(torch.autograd.Function):
+    """The chunked form with its own backward, for calls whose chunks each decay by at most
+    e^-80 in every channel (scores as two matmuls; see the notes above).
+
+    q (already scaled), k [B, H, N, C, dk]; v [B, H, N, C, dv]; g [B, H, N, C, dk] the
+    log-decays; beta [B, H, N, C]; S0 [B, H, dk, dv]; seg [B, H, N, C] int64 segment ids
+    (resets so far in the chunk) or None. Returns (O [B, H, N, C, dv], S_N).
+
+    Forward, per chunk (E = e^G, G = cumsum g; Qg = q E, Kg = k E, Ki = k / E):
+
+        Aqk = tril(Qg Ki^T),  Akk = strict_tril(Kg Ki^T)         (x same segment)
+        Tm  = (I + diag(beta) Akk)^{-1}
+        U~  = Tm diag(beta) V,   W = Tm diag(beta) Kg             (Kg: tokens seeing S0)
+        U_n = U~_n - W_n S_n,    S_{n+1} = Diag(E_C) S_n + (Ki E_C)^T U_n
+        O_n = Qg_n S_n + Aqk_n U_n
+
+    The backward runs the same chain in reverse by hand: the state recurrence (two
+    matmuls per chunk), then all chunks at once through the solve
+    (dR = Tm^T dX, dL = -strict_tril(dR X^T)), the scores and the decays, and
+    dg = the reverse cumulative sum of dG. Autograd's version of the same graph keeps
+    about twice as many intermediates and passes over them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, S0, seg, blk):
+        C = q.shape[-2]
+        G = g.cumsum(-2)
+        E = G.exp()  # e^{G_t} <= 1
+        Ei = E.reciprocal()  # e^{-G_i} <= e^80
+        Qg, Kg, Ki = q * E, k * E, k * Ei
+        EC = E[..., -1:, :]  # [B, H, N, 1, dk]: decay over the whole chunk
+        tri = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+        incl, strict = tri.to(q.dtype), tri.tril(-1).to(q.dtype)
+        if seg is not None:
+            same = (seg[..., :, None] == seg[..., None, :]).to(q.dtype)  # [B, H, N, C, C]
+            incl, strict = incl * same, strict * same
+            sees = (seg == 0).to(q.dtype)[..., None]  # [B, H, N, C, 1]: tokens before the first reset
+            last = (seg == seg[..., -1:]).to(q.dtype)[..., None]  # tokens of the chunk's last segment
+        Ki_t = Ki.transpose(-1, -2)
+        Aqk = (Qg @ Ki_t).mul_(incl)
+        Akk = (Kg @ Ki_t).mul_(strict)
+        Ke = Ki * EC  # e^{G_C - G_i} k_i
+        dec = EC[..., 0, :]  # [B, H, N, dk]
+        Qs, Ks = Qg, Kg
+        if seg is not None:
+            Qs, Ks, Ke = Qg * sees, Kg * sees, Ke * last
+            dec = dec * sees[..., -1, :]
+        Tm = _unit_lower_inverse(Akk * beta[..., None], blk)
+        Tb = Tm * beta[..., None, :]  # Tm diag(beta)
+        U_free, W = Tb @ v, Tb @ Ks
+        O, S, starts, U = _state_passing(U_free, W, Qs, Aqk, Ke, dec, S0)
+        ctx.save_for_backward(q, k, v, beta, E, Ei, Qs, Ks, Qg, Kg, Ki, Ke, EC, dec, Aqk, Akk, Tm, U_free, W,
+                              starts, U, S, incl, strict, *(() if seg is None else (sees, last)))
+        ctx.has_seg = seg is not None
+        return O, S
+
+    @staticmethod
+    def backward(ctx, dO, dS_end):
+        (q, k, v, beta, E, Ei, Qs, Ks, Qg, Kg, Ki, Ke, EC, dec, Aqk, Akk, Tm, U_free, W, starts, U, S_end,
+         incl, strict, *masks) = ctx.saved_tensors
+        dO = dO.contiguous()
+        dS_end = torch.zeros_like(S_end) if dS_end is None else dS_end.contiguous()
+        dU, dW, dQs, dAqk, dKe, ddec, dS0 = _state_passing_backward(dO, dS_end, W, Qs, Aqk, Ke, dec, starts, U)
+        dW = -dW
+        dAqk = dAqk.mul_(incl)
+        # the solve: X = [U~ | W] = Tm R with R = diag(beta) [V | Ks], Tm = (I + L)^{-1}, L = diag(beta) Akk
+        Tm_t = Tm.transpose(-1, -2)
+        dRv, dRk = Tm_t @ dU, Tm_t @ dW
+        dL = torch.baddbmm(dRv.flatten(0, -3) @ U_free.flatten(0, -3).transpose(-1, -2),
+                           dRk.flatten(0, -3), W.flatten(0, -3).transpose(-1, -2)).view_as(Tm)
+        dL = dL.mul_(strict).neg_()  # strictly lower (and same segment): what L has
+        dbeta = (dRv * v).sum(-1) + (dRk * Ks).sum(-1) + (dL * Akk).sum(-1)
+        dv = dRv * beta[..., None]
+        dKs = dRk * beta[..., None]
+        dAkk = dL * beta[..., None]
+        # the scores and the chunk-end terms
+        dQg = dAqk @ Ki
+        dKg = dAkk @ Ki
+        dKi = dAqk.transpose(-1, -2) @ Qg
+        dKi = dKi.add_(dAkk.transpose(-1, -2) @ Kg)
+        if ctx.has_seg:
+            sees, last = masks
+            dQg, dKg = dQg.addcmul_(dQs, sees), dKg.addcmul_(dKs, sees)
+            dKe = dKe * last
+            ddec = ddec * sees[..., -1, :]
+        else:
+            dQg, dKg = dQg.add_(dQs), dKg.add_(dKs)
+        dKi = dKi.addcmul_(dKe, EC)
+        dEC = (dKe * Ki).sum(-2) + ddec  # [B, H, N, dk]
+        dq = dQg * E
+        dk = (dKg * E).addcmul_(dKi, Ei)
+        dG = (dQg * Qg).addcmul_(dKg, Kg).addcmul_(dKi, Ki, value=-1.0)
+        dG[..., -1, :] += dEC * EC[..., 0, :]
+        dg = dG.sum(-2, keepdim=True) - dG.cumsum(-2) + dG  # reverse cumulative sum over the chunk
+        return dq, dk, dv, dg, dbeta, dS0, None, None
+
+
+def _state_passing(U_free, W, Qs, Aqk, Ke, dec, S0):
+    """The sequential part: U_n = U~_n - W_n S_n, S_{n+1} = Diag(dec_n) S_n + Ke_n^T U_n, and
+    the outputs O_n = Qs_n S_n + Aqk_n U_n (shapes as in _ChunkStates). Returns (O, S_N,
+    starts [B, H, N, dk, dv] the state each chunk starts from, U [B, H, N, C, dv])."""
+    N = U_free.shape[2]
+    states, us = [S0], []
+    S = S0
+    for u_c, w_c, kT_c, dec_c in zip(U_free.unbind(2), W.unbind(2), Ke.transpose(-1, -2).unbind(2),
+                                     dec[..., None].unbind(2)):
+        u = u_c - w_c @ S
+        us.append(u)
+        S = dec_c * S + kT_c @ u
+        states.append(S)
+    starts = torch.stack(states[:N], 2)
+    U = torch.stack(us, 2)
+    O = Qs @ starts + Aqk @ U
+    return O, S, starts, U
+
+
+def _state_passing_backward(dO, dS, W, Qs, Aqk, Ke, dec, starts, U):
+    """Gradients of `_state_passing` given dO and dS_N: (dU~, dU @ starts^T (= -dW), dQs,
+    dAqk, dKe, ddec, dS0); the state recurrence runs backward one chunk at a time (two
+    matmuls each), everything else is batched over the chunks."""
+    N = U.shape[2]
+    dU_out = Aqk.transpose(-1, -2) @ dO  # through O_n = ... + Aqk_n U_n
+    dS_out = Qs.transpose(-1, -2) @ dO  # through O_n = Qs_n S_n + ...
+    dUs, dS_next = [None] * N, [None] * N
+    for n in reversed(range(N)):
+        dS_next[n] = dS  # the gradient of S_{n+1}
+        dU = dU_out[:, :, n] + Ke[:, :, n] @ dS
+        dUs[n] = dU
+        dS = dec[:, :, n, :, None] * dS + dS_out[:, :, n] - W[:, :, n].transpose(-1, -2) @ dU
+    dU = torch.stack(dUs, 2)
+    dS_next = torch.stack(dS_next, 2)
+    starts_t = starts.transpose(-1, -2)
+    return (dU, dU @ starts_t, dO @ starts_t, dO @ U.transpose(-1, -2), U @ dS_next.transpose(-1, -2),
+            (dS_next * starts).sum(-1), dS)
+
+
+class _ChunkStates(torch.autograd.Function):
+    """The sequential part of the chunked form, and the outputs it feeds.
+
+    u_free, w [B, H, N, C, dv|dk]; q_s0, k_end [B, H, N, C, dk]; Aqk [B, H, N, C, C];
+    decay_end [B, H, N, dk]; S0 [B, H, dk, dv]. With S_0 = S0, for each chunk n:
+
+        U_n = u_free_n - w_n S_n,    S_{n+1} = Diag(decay_end_n) S_n + k_end_n^T U_n
+        O_n = q_s0_n S_n + Aqk_n U_n
+
+    Returns (O [B, H, N, C, dv], S_N). Only the two state matmuls per chunk run one chunk
+    at a time, forward and backward (the backward's two are k_end_n dS_{n+1} and
+    w_n^T dU_n); the outputs and every other gradient are one batched matmul over all
+    chunks, rather than autograd's eight small ones per chunk."""
+
+    @staticmethod
+    def forward(ctx, u_free, w, q_s0, Aqk, k_end, decay_end, S0):
+        O, S, starts, U = _state_passing(u_free, w, q_s0, Aqk, k_end, decay_end, S0)
+        ctx.save_for_backward(w, q_s0, Aqk, k_end, decay_end, starts, U)
+        return O, S
+
+    @staticmethod
+    def backward(ctx, dO, dS_end):
+        w, q_s0, Aqk, k_end, decay_end, starts, U = ctx.saved_tensors
+        dS_end = torch.zeros_like(starts[:, :, 0]) if dS_end is None else dS_end.contiguous()
+        dU, dU_starts, dq, dA, dk, ddec, dS0 = _state_passing_backward(dO.contiguous(), dS_end, w, q_s0, Aqk, k_end,
+                                                                       decay_end, starts, U)
+        return dU, -dU_starts, dq, dA, dk, ddec, dS0
+
+
 @_float32
 def kda_chunk(
     q: torch.Tensor,
@@ -307,7 +501,7 @@ def kda_chunk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KDA over a sequence in chunks of `chunk_size` (any T; the tail chunk is padded).
 
-    Same arguments and results as `kda_recurrent`; differentiable by autograd.
+    Same arguments and results as `kda_recurrent`; differentiable in every input.
     """
     B, H, T, dk = q.shape
     dv = v.shape[-1]
@@ -328,22 +522,21 @@ def kda_chunk(
     N = (T + pad) // C
     q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, d]
     beta = beta.unflatten(2, (N, C))  # [B, H, N, C]
+    seg = None if reset is None else reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
+    S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
+    if _span_at_most(-g.sum(-2), _FACTOR_MAX):  # the usual case: scores as two matmuls per chunk
+        o, S = _KDAChunkFn.apply(q, k, v, g, beta, S0, seg, _sub_chunk(C))
+        return o.flatten(2, 3)[:, :, :T].to(dtype), S
+    # some chunk decays by more than e^-80 in some channel: sub-chunk scores, by autograd
     G = g.cumsum(-2)
     eG = G.exp()  # e^{G_t}: the decay from the chunk's start to token t
     q_s0, k_s0 = q * eG, k * eG  # how each query (key) reads the chunk's initial state
-    if _span_at_most(-G[..., -1:, :], _FACTOR_MAX):  # the usual case: two matmuls per chunk
-        k_inv = k * (-G).exp()  # e^{-G_i} k_i, in [1, e^80] times k_i
-        k_inv_t = k_inv.transpose(-1, -2)
-        Aqk, Akk = q_s0 @ k_inv_t, k_s0 @ k_inv_t
-        k_end = k_inv * eG[..., -1:, :]
-    else:
-        Aqk, Akk = _decayed_scores(q, k, G, _sub_chunk(C))
-        k_end = k * (G[..., -1:, :] - G).exp()  # e^{G_C - G_i} k_i: how each write looks at chunk end
+    Aqk, Akk = _decayed_scores(q, k, G, _sub_chunk(C))
+    k_end = k * (G[..., -1:, :] - G).exp()  # e^{G_C - G_i} k_i: how each write looks at chunk end
     Aqk = Aqk.tril()
     Akk = Akk.tril(-1)  # strictly lower: u_t depends on earlier u_i
     decay_end = eG[..., -1, :]  # [B, H, N, dk]
-    if reset is not None:
-        seg = reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
+    if seg is not None:
         same = seg[..., :, None] == seg[..., None, :]
         Aqk, Akk = Aqk * same, Akk * same
         sees_s0 = (seg == 0)[..., None].float()  # tokens before the chunk's first reset
@@ -354,16 +547,7 @@ def kda_chunk(
     # U = U~ - W S0, with [U~ | W] = (I + diag(beta) Akk)^{-1} diag(beta) [V | e^G K]
     rhs = beta[..., None] * torch.cat([v, k_s0], dim=-1)
     sol = _unit_lower_solve(beta[..., None] * Akk, rhs, _sub_chunk(C))
-    u_free, w = sol[..., :dv], sol[..., dv:]
+    u_free, w = sol.split([dv, dk], dim=-1)
 
-    S = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
-    outs = []
-    # unbind once: indexing chunk n inside the loop would make autograd scatter each
-    # slice's gradient into a full-size zero tensor, O(N) times (quadratic in T)
-    per_chunk = zip(*(x.unbind(2) for x in (u_free, w, q_s0, Aqk, k_end.transpose(-1, -2), decay_end[..., None])))
-    for u_c, w_c, q_c, A_c, kT_c, dec_c in per_chunk:  # the only sequential part, one step per chunk
-        u = u_c - w_c @ S
-        outs.append(q_c @ S + A_c @ u)
-        S = dec_c * S + kT_c @ u
-    o = torch.stack(outs, dim=2).flatten(2, 3)[:, :, :T]
-    return o.to(dtype), S
+    o, S = _ChunkStates.apply(u_free, w, q_s0, Aqk, k_end, decay_end, S0)
+    return o.flatten(2, 3)[:, :, :T].to(dtype), S

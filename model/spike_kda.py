@@ -189,7 +189,9 @@ class SpikeKDA(nn.Module):
             spikes, membrane, log_alpha, beta = K.lif_modulate(
                 drive, a, beta_logit, self.lif_decay, self.lif_threshold, state.get("membrane"),
                 reset, self.slope, mode=self.kernels)
-            if self.alpha_floor > 0:  # log alpha = -a (g + (1 - g) s) = g (-a) + (1 - g) (-a s)
+            if self.alpha_floor >= 1:  # every channel forgets at its own rate: log alpha = -a
+                log_alpha = -a
+            elif self.alpha_floor > 0:  # log alpha = -a (g + (1 - g) s) = g (-a) + (1 - g) (-a s)
                 log_alpha = (1 - self.alpha_floor) * log_alpha - self.alpha_floor * a
             if self.beta_floor > 0:  # beta = sig * (f + (1 - f) mean(s)) = f sig + (1 - f) (sig mean(s))
                 beta = self.beta_floor * torch.sigmoid(beta_logit) + (1 - self.beta_floor) * beta

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import model.kda as kda_mod
 from model import cpu_kernels, native
-from model.kda import _unit_lower_solve, kda_chunk, kda_recurrent
+from model.kda import _unit_lower_inverse, _unit_lower_solve, kda_chunk, kda_recurrent
 from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
 from .test_kda import assert_same, make_inputs, run_and_grad
@@ -101,6 +101,32 @@ def test_unit_lower_solve_matches_solve_triangular(C, blk):
     w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((got * w).sum(), [L, rhs]), torch.autograd.grad((ref * w).sum(), [L, rhs])):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("C,blk", [(64, 16), (32, 16), (16, 16), (48, 16), (12, 4), (10, 5)])
+def test_unit_lower_inverse_matches_linalg_inv(C, blk):
+    """Block inverses merged pairwise; a block count that is not a power of two (48 / 16,
+    12 / 4, 10 / 5) is extended by identity rows."""
+    g = torch.Generator().manual_seed(C)
+    L = (torch.randn(2, 3, C, C, generator=g, dtype=torch.float64) * 0.3).tril(-1)
+    ref = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + L)
+    torch.testing.assert_close(_unit_lower_inverse(L, blk), ref)
+
+
+@pytest.mark.parametrize("chunk_size", [48, 20])
+def test_kda_chunk_with_a_chunk_of_three_or_five_sub_blocks_matches_recurrent(chunk_size):
+    """48 = 3 x 16 and 20 = 5 x 4 tokens: the chunk's inverse is built from a block count
+    that is not a power of two."""
+    inputs = make_inputs(T=100, seed=5)
+    reset = torch.zeros(2, 100, dtype=torch.bool)
+    reset[0, 30] = reset[1, 77] = True
+    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a[:5], initial_state=a[5], reset=reset, chunk_size=chunk_size),
+                              inputs)
+    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a[:5], initial_state=a[5], reset=reset), inputs)
+    assert_same(o1, o2)
+    assert_same(s1, s2)
+    for a, b in zip(g1, g2):
+        assert_same(a, b)
 
 
 def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, tmp_path, caplog):
