@@ -14,10 +14,11 @@ processes drift by 2x between runs. On CUDA, peak memory is per model (reset per
 Models (`--models`, comma list): gpt2 (HF GPT2LMHeadModel), transformer (ours, same
 dimensions), transformer-matched (ours, its MLP widened to the hatchling's parameter
 count, bench/quality.py's rule), hatchling (phase A: backbone + WM, its window one
-sequence long as in every shipped preset, unless --preset says otherwise), hatchling-B (+ procedural memory), hatchling-C
-(+ episodic memory), baby-hatchling (seed 002's public Spike-KDA code, imported from a
-checkout given by --peer, never copied here; see build_peer). Hatchling phases also
-report `ratio_vs_phase_a`.
+sequence long and its spike floors as in the shipped presets, unless --preset says
+otherwise), hatchling-B (+ procedural memory), hatchling-C (+ episodic memory),
+baby-hatchling (seed 002's public Spike-KDA code, imported from a checkout given by
+--peer, never copied here; see build_peer). Hatchling phases also report
+`ratio_vs_phase_a`.
 
     python bench/train_throughput.py                                  # the issue-14 shape, T=256
     python bench/train_throughput.py --seq-lengths 256,1024,4096      # batch = tokens-per-step / T
@@ -55,6 +56,12 @@ def peak_flops(device_name: str) -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in device_name), None)
 
 
+def shipped_floors() -> dict:
+    """alpha_spike_floor / beta_spike_floor as the shipped general preset sets them."""
+    model = json.loads((ROOT / "configs" / "00_best_general.json").read_text()).get("model", {})
+    return {k: model[k] for k in ("alpha_spike_floor", "beta_spike_floor") if k in model}
+
+
 def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extra: dict):
     """(model, step_loss(x, y) -> loss) for model `name`."""
     import torch
@@ -76,8 +83,9 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
         return build_peer(d, layers, heads, seq, vocab)
     from model import ModelConfig, build_model, detach_state
 
+    # default: a window of one sequence and the spike floors of the shipped presets
     hatch = ModelConfig(arch="hatchling", d_model=d, n_layers=layers, n_heads=heads,
-                        **{"wm_window": seq, **extra})  # default: a window of one sequence, as the presets have
+                        **{"wm_window": seq, **shipped_floors(), **extra})
     if name == "transformer":
         cfg = ModelConfig(**{**hatch.__dict__, "arch": "transformer"})
     elif name == "transformer-matched":
@@ -289,7 +297,8 @@ def main() -> None:
         m = p.model
         dims = (m.d_model, m.n_layers, m.n_heads, p.train.seq_length, p.train.batch_size,
                 vocab_size_guess(p.tokenizer))
-        extra = {k: getattr(m, k) for k in ("global_every", "wm_window", "chunk_size", "n_kv_heads")}
+        extra = {k: getattr(m, k) for k in ("global_every", "wm_window", "chunk_size", "n_kv_heads", "alpha_spike_floor",
+                                             "beta_spike_floor")}
     else:
         dims = SIZES[args.size]
     d, layers, heads, seq, batch, vocab = dims
