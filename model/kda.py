@@ -175,6 +175,29 @@ def _span_at_most(span: torch.Tensor, limit: float) -> bool:
     return bool(span.amax() <= limit) if span.numel() else True
 
 
+@torch.compiler.disable
+def _factorable_chunk(g: torch.Tensor, chunk_size: int, limit: float) -> Optional[int]:
+    """The longest of chunk_size, chunk_size / 2, ... (halving while even and >= 16) whose
+    chunks, aligned at t = 0, each decay by at most `limit` nats in every channel, or None.
+    g [B, H, T, dk] the log-decays (<= 0). A channel that forgets more than 80 nats in a
+    64-token chunk (more than 1.25 a token, common at initialisation) would otherwise send
+    the whole call to the sub-chunk scores; halving the chunk keeps it on the fast path.
+    A data-dependent choice: kept out of torch.compile's graphs, like _span_at_most."""
+    sizes = [chunk_size]
+    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= 16:
+        sizes.append(sizes[-1] // 2)
+    grain, T = sizes[-1], g.shape[2]
+    pad = (-T) % chunk_size
+    sums = torch.nn.functional.pad(g, (0, 0, 0, pad)).unflatten(2, (-1, grain)).sum(-2)  # [B, H, T' / grain, dk]
+    worst = []
+    for _ in sizes[::-1]:  # grain, 2 grain, ..., chunk_size
+        worst.append(-sums.amin() if sums.numel() else sums.new_zeros(()))
+        if sums.shape[2] % 2 == 0:
+            sums = sums.unflatten(2, (-1, 2)).sum(-2)
+    fits = (torch.stack(worst) <= limit).tolist()[::-1]  # in the order of sizes
+    return next((c for c, ok in zip(sizes, fits) if ok), None)
+
+
 def _decayed_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decay-weighted dot products inside each chunk.
 
@@ -507,10 +530,12 @@ def kda_chunk(
     dv = v.shape[-1]
     dtype = v.dtype
     scale = dk ** -0.5 if scale is None else scale
-    C = chunk_size
     # contiguous [B, H, T, d] once (callers pass [B, T, H, d] transposed): the elementwise work
     # below runs several times faster on contiguous memory
     q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, log_alpha, beta))
+    C = _factorable_chunk(g, chunk_size, _FACTOR_MAX)
+    fast = C is not None
+    C = C or chunk_size
     q = q * scale
     reset = _reset_bht(reset, B, H, T)
     pad = (-T) % C
@@ -524,7 +549,7 @@ def kda_chunk(
     beta = beta.unflatten(2, (N, C))  # [B, H, N, C]
     seg = None if reset is None else reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
     S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
-    if _span_at_most(-g.sum(-2), _FACTOR_MAX):  # the usual case: scores as two matmuls per chunk
+    if fast:  # the usual case: scores as two matmuls per chunk
         o, S = _KDAChunkFn.apply(q, k, v, g, beta, S0, seg, _sub_chunk(C))
         return o.flatten(2, 3)[:, :, :T].to(dtype), S
     # some chunk decays by more than e^-80 in some channel: sub-chunk scores, by autograd

@@ -63,11 +63,12 @@ def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max):
         assert_same(a, b)
 
 
-@pytest.mark.parametrize("per_token,expect_sub_chunks", [(0.5, False), (3.5, True)])
+@pytest.mark.parametrize("per_token,expect_sub_chunks", [(0.5, False), (3.5, False), (6.0, True)])
 def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeypatch, per_token, expect_sub_chunks):
-    """A chunk whose decay stays within e^-80 is two matmuls; one that decays further
-    (3.5 x 32 = 112 nats, while a 16-token sub-chunk holds 56) goes through the sub-chunk
-    scores. Both agree with the recurrence, forward and gradients."""
+    """A chunk whose decay stays within e^-80 is two matmuls; so is one that does once
+    halved (3.5 x 32 = 112 nats, 56 over 16 tokens); one that decays further even over
+    16 tokens (6 x 16 = 96 nats) goes through the sub-chunk scores. All agree with the
+    recurrence, forward and gradients."""
     calls = []
     real = kda_mod._decayed_scores
     monkeypatch.setattr(kda_mod, "_decayed_scores", lambda *a: calls.append(1) or real(*a))
@@ -85,6 +86,17 @@ def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeyp
     assert_same(s1, s2)
     for a, b in zip(g1, g2):
         assert_same(a, b)
+
+
+@pytest.mark.parametrize("per_token,chunk_size,expected", [(1.0, 64, 64), (2.0, 64, 32), (4.0, 64, 16), (6.0, 64, None),
+                                                             (2.0, 48, 24), (2.5, 40, 20), (4.5, 40, None), (0.5, 8, 8)])
+def test_factorable_chunk_halves_the_chunk_until_its_decay_fits(per_token, chunk_size, expected):
+    """The longest chunk (the preset's, halved while even and >= 16) whose every chunk
+    decays by at most 80 nats; T = 100 is no multiple of any of them (the tail is padded
+    with no decay)."""
+    g = torch.full((2, 3, 100, 4), -per_token)
+    g[1, 2, :, 1] = -0.1  # a slow channel does not change the answer
+    assert kda_mod._factorable_chunk(g, chunk_size, 80.0) == expected
 
 
 @pytest.mark.parametrize("C,blk", [(64, 16), (32, 16), (8, 8), (12, 6)])
