@@ -99,6 +99,23 @@ def test_factorable_chunk_halves_the_chunk_until_its_decay_fits(per_token, chunk
     assert kda_mod._factorable_chunk(g, chunk_size, 80.0) == expected
 
 
+@pytest.mark.parametrize("with_state", [True, False])
+def test_kda_chunk_in_groups_of_streams_matches_recurrent(monkeypatch, with_state):
+    """On CPU a large batch runs a few streams at a time (here one: the threshold set to
+    one element), with each stream's resets and initial state; the same function."""
+    monkeypatch.setattr(kda_mod, "_CPU_GROUP_ELEMENTS", 1)
+    q, k, v, log_alpha, beta, s0 = make_inputs(B=3, T=40, seed=7)
+    reset = torch.zeros(3, 40, dtype=torch.bool)
+    reset[0, 9] = reset[2, 33] = True
+    inputs = [q, k, v, log_alpha, beta] + ([s0] if with_state else [])
+    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, chunk_size=16), inputs)
+    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
+    assert_same(o1, o2)
+    assert_same(s1, s2)
+    for a, b in zip(g1, g2):
+        assert_same(a, b)
+
+
 @pytest.mark.parametrize("C,blk", [(64, 16), (32, 16), (8, 8), (12, 6)])
 def test_unit_lower_solve_matches_solve_triangular(C, blk):
     g = torch.Generator().manual_seed(C)
