@@ -79,16 +79,19 @@ def _fn(lib: str, name: str, dtype: torch.dtype) -> Callable:
 
 
 def _split(rows: int, work: Callable[[int, int, int], None]) -> None:
-    """work(part, b0, b1) over `rows` batch rows, in up to torch.get_num_threads() parts."""
+    """work(part, b0, b1) over `rows` batch rows, in up to torch.get_num_threads() parts: the
+    first on the calling thread (which would otherwise only wait), the others on the pool."""
     global _pool
     parts = max(1, min(torch.get_num_threads(), rows))
     if parts == 1:
         work(0, 0, rows)
         return
-    if _pool is None or _pool._max_workers < parts:
-        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="cpu_kernels")
+    if _pool is None or _pool._max_workers < parts - 1:
+        _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="cpu_kernels")
     bounds = [rows * i // parts for i in range(parts + 1)]
-    for f in [_pool.submit(work, i, bounds[i], bounds[i + 1]) for i in range(parts)]:
+    rest = [_pool.submit(work, i, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    work(0, bounds[0], bounds[1])
+    for f in rest:
         f.result()
 
 
