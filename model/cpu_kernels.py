@@ -99,21 +99,24 @@ def _split(rows: int, work: Callable[[int, int, int], None]) -> None:
 def lif_modulate(drive, a, beta_logit, decay: float, threshold: float, membrane=None, reset=None, slope: float = 5.0):
     """model/kernels/reference.py's lif_modulate_reference as one compiled pass each way:
     drive, a [B, T, H, D]; beta_logit [B, T, H]; membrane [B, H, D] or None; reset [B, T]
-    or None -> (spikes, final membrane, log_alpha, beta [B, T, H])."""
+    or None -> (spikes, final membrane, log_alpha, beta [B, T, H]). a = None: no alpha
+    modulation (log_alpha None, neither it nor a gradient for a computed)."""
     B, T, H, D = drive.shape
     m = drive.new_zeros(B, H, D) if membrane is None else membrane.to(drive.dtype)
     keep = None if reset is None else (~reset.bool()).to(drive.dtype)
-    return LIFModulateFn.apply(drive, a.to(drive.dtype), beta_logit.to(drive.dtype), m, keep, float(decay),
-                               float(threshold), float(slope))
+    return LIFModulateFn.apply(drive, None if a is None else a.to(drive.dtype), beta_logit.to(drive.dtype), m, keep,
+                               float(decay), float(threshold), float(slope))
 
 
 class LIFModulateFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, drive, a, beta_logit, membrane, keep, decay, threshold, slope):
-        x, a, bl = drive.contiguous(), a.contiguous(), beta_logit.contiguous()
+        x, bl = drive.contiguous(), beta_logit.contiguous()
+        a = None if a is None else a.contiguous()
         B, T, H, D = x.shape
         N, size = H * D, x.element_size()
-        v_all, spikes, log_alpha = (torch.empty_like(x) for _ in range(3))
+        v_all, spikes = torch.empty_like(x), torch.empty_like(x)
+        log_alpha = None if a is None else torch.empty_like(x)
         beta = torch.empty(B, T, H, dtype=x.dtype)
         m = torch.empty(B, H, D, dtype=x.dtype).copy_(membrane)
         k = None if keep is None else keep.contiguous()
@@ -133,7 +136,9 @@ class LIFModulateFn(torch.autograd.Function):
         N, size = H * D, v_all.element_size()
         g_spikes, g_m, g_log_alpha, g_beta = (None if g is None else g.to(v_all.dtype).contiguous()
                                               for g in (g_spikes, g_m, g_log_alpha, g_beta))
-        grad_drive, grad_a = torch.empty_like(v_all), torch.empty_like(v_all)
+        if a is None:
+            g_log_alpha = None
+        grad_drive, grad_a = torch.empty_like(v_all), None if a is None else torch.empty_like(v_all)
         grad_bl, grad_m0 = torch.empty(B, T, H, dtype=v_all.dtype), torch.empty(B, H, D, dtype=v_all.dtype)
         fn = _fn("lif_scan", "lif_modulate_backward", v_all.dtype)
         at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731

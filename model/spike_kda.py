@@ -181,18 +181,20 @@ class SpikeKDA(nn.Module):
 
         # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift), fused on CUDA with
         # log_alpha = -a * spikes (silent channel: alpha = 1) and beta = sigmoid(w x) * mean(spikes)
-        a = self.A_log.exp()[:, None] * F.softplus(
-            self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
+        rate = F.softplus(self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
+        if self.spiking and self.alpha_floor >= 1:  # every channel forgets at its own rate: log alpha = -a
+            a, log_alpha = None, (-self.A_log.exp())[:, None] * rate  # the LIF then skips the alpha modulation
+        else:
+            a = self.A_log.exp()[:, None] * rate
         if self.spiking:
             drive = self.drive_proj(x).float().view(B, T, H, dk)
             beta_logit = self.beta_proj(x).float()
-            spikes, membrane, log_alpha, beta = K.lif_modulate(
+            spikes, membrane, gated_log_alpha, beta = K.lif_modulate(
                 drive, a, beta_logit, self.lif_decay, self.lif_threshold, state.get("membrane"),
                 reset, self.slope, mode=self.kernels)
-            if self.alpha_floor >= 1:  # every channel forgets at its own rate: log alpha = -a
-                log_alpha = -a
-            elif self.alpha_floor > 0:  # log alpha = -a (g + (1 - g) s) = g (-a) + (1 - g) (-a s)
-                log_alpha = (1 - self.alpha_floor) * log_alpha - self.alpha_floor * a
+            if a is not None:  # log alpha = -a (g + (1 - g) s) = g (-a) + (1 - g) (-a s)
+                log_alpha = gated_log_alpha if self.alpha_floor <= 0 else \
+                    (1 - self.alpha_floor) * gated_log_alpha - self.alpha_floor * a
             if self.beta_floor > 0:  # beta = sig * (f + (1 - f) mean(s)) = f sig + (1 - f) (sig mean(s))
                 beta = self.beta_floor * torch.sigmoid(beta_logit) + (1 - self.beta_floor) * beta
         else:  # plain KDA (cfg.spiking off): the membrane is carried untouched, as zeros

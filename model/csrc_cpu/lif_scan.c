@@ -13,7 +13,8 @@
  * [B, T] or NULL; m: [B, H*D], the initial membrane in, the final one out. The backward
  * uses the fast-sigmoid surrogate ds/dv = 1 / (1 + slope |v - threshold|)^2. The backward takes any of grad_spikes, grad_m_end, grad_log_alpha, grad_beta as
  * NULL (zero) and writes grad_drive, grad_a [B, T, H*D], grad_beta_logit [B, T, H] and
- * grad_m0 [B, H*D].
+ * grad_m0 [B, H*D]. a = NULL: no alpha modulation (log_alpha and grad_a are not written;
+ * pass them NULL too).
  */
 #define LIF_MODULATE(SUFFIX, REAL, EXP)                                                             \
     void lif_modulate_forward_##SUFFIX(const REAL *drive, const REAL *a, const REAL *beta_logit,   \
@@ -35,7 +36,7 @@
                     const REAL sn = vn >= threshold ? (REAL)1 : (REAL)0;                           \
                     v_all[row + n] = vn;                                                           \
                     spikes[row + n] = sn;                                                          \
-                    log_alpha[row + n] = -a[row + n] * sn;                                         \
+                    if (a) log_alpha[row + n] = -a[row + n] * sn;                                  \
                     mb[n] = vn >= threshold ? vn - threshold : vn;                                 \
                 }                                                                                  \
                 for (int64_t h = 0; h < H; ++h) {                                                  \
@@ -74,8 +75,8 @@
                         const REAL s = v >= threshold ? (REAL)1 : (REAL)0;                         \
                         const REAL gla = grad_log_alpha ? grad_log_alpha[i] : (REAL)0;             \
                         count += s;                                                                \
-                        grad_a[i] = -s * gla;                                                      \
-                        const REAL gs = (grad_spikes ? grad_spikes[i] : (REAL)0) - a[i] * gla + per_spike; \
+                        if (grad_a) grad_a[i] = -s * gla;                                          \
+                        const REAL gs = (grad_spikes ? grad_spikes[i] : (REAL)0) - (a ? a[i] * gla : (REAL)0) + per_spike; \
                         const REAL x = v - threshold;                                              \
                         const REAL den = (REAL)1 + slope * (x < 0 ? -x : x);                       \
                         const REAL gv = gs / (den * den) + g[h * D + d];                           \

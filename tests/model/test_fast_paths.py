@@ -234,3 +234,34 @@ def test_lif_modulate_compiled_matches_its_reference_with_gradients(dtype):
     g2 = torch.autograd.grad(sum((t * u).sum() for t, u in zip(want, w)), inputs)
     for x, y in zip(g1, g2):
         torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lif_modulate_without_alpha_is_the_same_scan(monkeypatch, compiled):
+    """a = None (Spike-KDA with alpha_spike_floor 1: forgetting not gated by spikes): the
+    same spikes, membrane and beta, and the same gradients of drive, beta_logit and the
+    membrane, as the modulated scan; log_alpha comes back None. Compiled loop and reference."""
+    from model import kernels
+    from model.kernels.reference import lif_modulate_reference
+
+    if compiled and not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    if not compiled:
+        monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+    g = torch.Generator().manual_seed(8)
+    drive = (torch.randn(2, 30, 2, 5, generator=g) * 0.6 + 0.3).requires_grad_()
+    beta_logit = torch.randn(2, 30, 2, generator=g).requires_grad_()
+    m0 = torch.randn(2, 2, 5, generator=g).requires_grad_()
+    reset = torch.rand(2, 30, generator=g) < 0.1
+    spikes, m, log_alpha, beta = kernels.lif_modulate(drive, None, beta_logit, 0.9, 1.0, m0, reset, 5.0)
+    want = lif_modulate_reference(drive, torch.rand(drive.shape, generator=g), beta_logit, 0.9, 1.0, m0, reset, 5.0)
+    assert log_alpha is None
+    assert torch.equal(spikes, want[0])
+    torch.testing.assert_close(m, want[1])
+    torch.testing.assert_close(beta, want[3])
+    w = [torch.randn(t.shape, generator=g) for t in (spikes, m, beta)]
+    inputs = [drive, beta_logit, m0]
+    got_g = torch.autograd.grad(sum((t * u).sum() for t, u in zip((spikes, m, beta), w)), inputs)
+    want_g = torch.autograd.grad(sum((t * u).sum() for t, u in zip((want[0], want[1], want[3]), w)), inputs)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b)
