@@ -17,8 +17,10 @@ count, bench/quality.py's rule), hatchling (phase A: backbone + WM, its window o
 sequence long and its spike floors as in the shipped presets, unless --preset says
 otherwise), hatchling-B (+ procedural memory), hatchling-C (+ episodic memory),
 baby-hatchling (seed 002's public Spike-KDA code, imported from a checkout given by
---peer, never copied here; see build_peer). Hatchling phases also report
-`ratio_vs_phase_a`.
+--peer, never copied here; see build_peer), hatchling-baseline (the phase-A hatchling of
+another checkout of this project, given by --baseline: before/after a change in one
+process; the hatchling row then reports `ratio_vs_baseline`). Hatchling phases also
+report `ratio_vs_phase_a`.
 
     python bench/train_throughput.py                                  # the issue-14 shape, T=256
     python bench/train_throughput.py --seq-lengths 256,1024,4096      # batch = tokens-per-step / T
@@ -26,6 +28,8 @@ baby-hatchling (seed 002's public Spike-KDA code, imported from a checkout given
     python bench/train_throughput.py --profile hatchling              # torch.profiler top ops of one step
     python bench/train_throughput.py --preset configs/00_best_general.json
     python bench/train_throughput.py --models transformer,hatchling,baby-hatchling --peer ../baby-hatchling
+    git worktree add ../before <commit> && python bench/train_throughput.py \
+        --models transformer,transformer-matched,hatchling,hatchling-baseline --baseline ../before
 """
 from __future__ import annotations
 
@@ -83,6 +87,11 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
         return build_peer(d, layers, heads, seq, vocab)
     from model import ModelConfig, build_model, detach_state
 
+    if name == "hatchling-baseline":  # the same hatchling built by another checkout's model package
+        base = baseline_package()
+        ModelConfig, build_model, detach_state = base.ModelConfig, base.build_model, base.detach_state
+        name = "hatchling"
+
     # default: a window of one sequence and the spike floors of the shipped presets
     hatch = ModelConfig(arch="hatchling", d_model=d, n_layers=layers, n_heads=heads,
                         **{"wm_window": seq, **shipped_floors(), **extra})
@@ -113,6 +122,26 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
 
 
 PEER = {"path": ""}  # --peer: a checkout of DominiqueAndrew/baby-hatchling, imported from there, never copied
+BASELINE = {"path": ""}  # --baseline: another checkout of this project (e.g. `git worktree add ../before <commit>`)
+
+
+def baseline_package():
+    """The `model` package of the --baseline checkout, imported as `model_baseline` (a copy
+    in a temporary folder: its imports inside the package are relative), so that the
+    hatchling of that commit trains in this process next to this one's."""
+    import importlib
+    import shutil
+    import tempfile
+
+    if "model_baseline" in sys.modules:
+        return sys.modules["model_baseline"]
+    src = Path(BASELINE["path"]) / "model"
+    if not (src / "__init__.py").is_file():
+        sys.exit("hatchling-baseline needs --baseline DIR, another checkout of this project")
+    tmp = Path(tempfile.mkdtemp(prefix="bench_baseline_"))
+    shutil.copytree(src, tmp / "model_baseline")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("model_baseline")
 
 
 def build_peer(d: int, layers: int, heads: int, seq: int, vocab: int):
@@ -233,8 +262,10 @@ def run_interleaved(names, dims, dev, args, extra) -> list[dict]:
         rows[r.name] = row
     for name, row in rows.items():
         for ref, key in (("transformer", "ratio_vs_transformer"), ("transformer-matched", "ratio_vs_matched_transformer"),
-                         ("gpt2", "ratio_vs_gpt2"), ("hatchling", "ratio_vs_phase_a")):
-            if ref in rows and name != ref and (key != "ratio_vs_phase_a" or name in PHASES):
+                         ("gpt2", "ratio_vs_gpt2"), ("hatchling", "ratio_vs_phase_a"),
+                         ("hatchling-baseline", "ratio_vs_baseline")):
+            if ref in rows and name != ref and (key != "ratio_vs_phase_a" or name in PHASES) and \
+                    (key != "ratio_vs_baseline" or name == "hatchling"):
                 row[key] = round(row["tokens_per_s"] / rows[ref]["tokens_per_s"], 3)
         print(json.dumps(row), flush=True)
     return list(rows.values())
@@ -275,11 +306,13 @@ def main() -> None:
                     help="hatchling's working-memory window (default: one sequence; fix it, e.g. 1024, to see "
                          "the linear-time scaling over --seq-lengths)")
     ap.add_argument("--peer", default="", help="a checkout of DominiqueAndrew/baby-hatchling: adds model baby-hatchling")
+    ap.add_argument("--baseline", default="", help="another checkout of this project: model hatchling-baseline is its "
+                                                   "hatchling (before/after a change, in one process)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model (as train.compile)")
     ap.add_argument("--profile", metavar="MODEL", help="print a torch.profiler top-ops table for MODEL and exit")
     ap.add_argument("--top", type=int, default=15, help="rows of the --profile table")
     args = ap.parse_args()
-    PEER["path"] = args.peer
+    PEER["path"], BASELINE["path"] = args.peer, args.baseline
 
     import torch
 
