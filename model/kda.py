@@ -397,14 +397,14 @@ class _KDAChunkFn(torch.autograd.Function):
         Tb = Tm * beta[..., None, :]  # Tm diag(beta)
         U_free, W = Tb @ v, Tb @ Ks
         O, S, starts, U = _state_passing(U_free, W, Qs, Aqk, Ke, dec, S0)
-        ctx.save_for_backward(q, k, v, beta, E, Ei, Qs, Ks, Qg, Kg, Ki, Ke, EC, dec, Aqk, Akk, Tm, U_free, W,
+        ctx.save_for_backward(v, beta, E, Ei, Qs, Ks, Qg, Kg, Ki, Ke, EC, dec, Aqk, Akk, Tm, U_free, W,
                               starts, U, S, incl, strict, *(() if seg is None else (sees, last)))
         ctx.has_seg = seg is not None
         return O, S
 
     @staticmethod
     def backward(ctx, dO, dS_end):
-        (q, k, v, beta, E, Ei, Qs, Ks, Qg, Kg, Ki, Ke, EC, dec, Aqk, Akk, Tm, U_free, W, starts, U, S_end,
+        (v, beta, E, Ei, Qs, Ks, Qg, Kg, Ki, Ke, EC, dec, Aqk, Akk, Tm, U_free, W, starts, U, S_end,
          incl, strict, *masks) = ctx.saved_tensors
         dO = dO.contiguous()
         dS_end = torch.zeros_like(S_end) if dS_end is None else dS_end.contiguous()
