@@ -66,23 +66,19 @@ def lif_modulate(drive, a, beta_logit, decay, threshold, membrane=None, reset=No
     bool or None. Returns (spikes, final membrane, log_alpha, beta); see reference.py.
     a = None: no alpha modulation wanted (log_alpha comes back None; the compiled CPU loop
     then neither writes it nor its gradient)."""
-    if a is None and not cpu_kernels.serves(drive, beta_logit):
-        spikes, membrane, _, beta = lif_modulate(drive, torch.zeros_like(drive), beta_logit, decay, threshold,
-                                                 membrane, reset, slope, mode)
-        return spikes, membrane, None, beta
     bad = None
     if drive.dim() != 4 or drive.shape[1] == 0:
         bad = "lif: needs [B, T>0, H, N] drive"
     elif drive.shape[-1] > ops.LIF_MAX_CHANNELS:
         bad = f"lif: more than {ops.LIF_MAX_CHANNELS} channels per head"
+    if a is None and (bad is not None or not cpu_kernels.serves(drive, beta_logit)):  # only that loop skips it
+        spikes, membrane, _, beta = lif_modulate(drive, torch.zeros_like(drive), beta_logit, decay, threshold,
+                                                 membrane, reset, slope, mode)
+        return spikes, membrane, None, beta
     be = _backend(mode, drive, bad)
     if be is None:
         if bad is None and cpu_kernels.serves(drive, beta_logit, *([] if a is None else [a])):  # one compiled pass
             return cpu_kernels.lif_modulate(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
-        if a is None:
-            spikes, membrane, _, beta = lif_modulate_reference(drive, torch.zeros_like(drive), beta_logit, decay,
-                                                               threshold, membrane, reset, slope)
-            return spikes, membrane, None, beta
         return lif_modulate_reference(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
     return ops.lif_modulate_fused(drive, a, beta_logit, decay, threshold, membrane, reset, slope)
 
