@@ -15,6 +15,16 @@ from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequen
 from .test_kda import assert_same, make_inputs, run_and_grad
 
 
+def assert_chunk_matches_recurrent(inputs, reset, **chunk_kw):
+    """kda_chunk(**chunk_kw) against kda_recurrent: outputs, final state and every gradient."""
+    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, **chunk_kw), inputs)
+    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
+    assert_same(o1, o2)
+    assert_same(s1, s2)
+    for a, b in zip(g1, g2):
+        assert_same(a, b)
+
+
 @pytest.mark.parametrize("T", [1, 31, 32, 33, 100])
 @pytest.mark.parametrize("with_reset", [False, True])
 def test_leaky_scan_matches_loop(T, with_reset):
@@ -55,12 +65,7 @@ def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max):
     inputs = make_inputs(T=70)
     reset = torch.zeros(2, 70, dtype=torch.bool)
     reset[0, 20] = reset[1, 45] = True
-    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, chunk_size=32), inputs)
-    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
-    assert_same(o1, o2)
-    assert_same(s1, s2)
-    for a, b in zip(g1, g2):
-        assert_same(a, b)
+    assert_chunk_matches_recurrent(inputs, reset, chunk_size=32)
 
 
 @pytest.mark.parametrize("per_token,expect_sub_chunks", [(0.5, False), (3.5, False), (6.0, True)])
@@ -79,13 +84,8 @@ def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeyp
     inputs = [q, k, v, log_alpha, beta, s0]
     reset = torch.zeros(2, 70, dtype=torch.bool)
     reset[1, 40] = True
-    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, chunk_size=32), inputs)
-    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
+    assert_chunk_matches_recurrent(inputs, reset, chunk_size=32)
     assert bool(calls) == expect_sub_chunks
-    assert_same(o1, o2)
-    assert_same(s1, s2)
-    for a, b in zip(g1, g2):
-        assert_same(a, b)
 
 
 @pytest.mark.parametrize("per_token,chunk_size,expected", [(1.0, 64, 64), (2.0, 64, 32), (4.0, 64, 16), (6.0, 64, None),
@@ -108,12 +108,7 @@ def test_kda_chunk_in_groups_of_streams_matches_recurrent(monkeypatch, with_stat
     reset = torch.zeros(3, 40, dtype=torch.bool)
     reset[0, 9] = reset[2, 33] = True
     inputs = [q, k, v, log_alpha, beta] + ([s0] if with_state else [])
-    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, chunk_size=16), inputs)
-    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
-    assert_same(o1, o2)
-    assert_same(s1, s2)
-    for a, b in zip(g1, g2):
-        assert_same(a, b)
+    assert_chunk_matches_recurrent(inputs, reset, chunk_size=16)
 
 
 @pytest.mark.parametrize("C,blk", [(64, 16), (32, 16), (8, 8), (12, 6)])
@@ -149,13 +144,7 @@ def test_kda_chunk_with_a_chunk_of_three_or_five_sub_blocks_matches_recurrent(ch
     inputs = make_inputs(T=100, seed=5)
     reset = torch.zeros(2, 100, dtype=torch.bool)
     reset[0, 30] = reset[1, 77] = True
-    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a[:5], initial_state=a[5], reset=reset, chunk_size=chunk_size),
-                              inputs)
-    o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a[:5], initial_state=a[5], reset=reset), inputs)
-    assert_same(o1, o2)
-    assert_same(s1, s2)
-    for a, b in zip(g1, g2):
-        assert_same(a, b)
+    assert_chunk_matches_recurrent(inputs, reset, chunk_size=chunk_size)
 
 
 def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, tmp_path, caplog):
