@@ -5,11 +5,13 @@ folded in (csrc_cpu/lif_scan.c); ShortConv's causal depthwise convolution
 L2-normalised (csrc_cpu/split_heads.c).
 
 Built once per process with the system C compiler (model/native.py caches the library by
-source hash) and called through ctypes, which releases the GIL: a batch is split into
-`torch.get_num_threads()` row ranges run on a thread pool, so the loops use the cores
-torch would. `available()` is False where no compiler exists or `SPIKE_NATIVE=0`; then
-one log line says so and callers run their PyTorch path. The PyTorch paths are the
-specification; tests compare the two.
+source hash) and called through ctypes, which releases the GIL. Each call uses
+`torch.get_num_threads()` threads: built with OpenMP (csrc_cpu/parallel.h), the library
+joins torch's own OpenMP runtime and shares its loop among torch's thread team; where the
+compiler has no OpenMP, the batch rows are split among a Python thread pool instead.
+`available()` is False where no compiler exists or `SPIKE_NATIVE=0`; then one log line
+says so and callers run their PyTorch path. The PyTorch paths are the specification;
+tests compare the two.
 """
 from __future__ import annotations
 
@@ -26,17 +28,31 @@ from . import native
 
 CSRC = Path(__file__).resolve().parent / "csrc_cpu"
 _P, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-_SIGNATURES = {
-    "lif_modulate_forward": [_P] * 9 + [_I] * 4 + [_D] * 2,
-    "lif_modulate_backward": [_P] * 12 + [_I] * 4 + [_D] * 3,
-    "short_conv_forward": [_P] * 3 + [_I] * 5,
-    "short_conv_backward": [_P] * 5 + [_I] * 5,
-    "split_heads_forward": [_P] * 5 + [_I] * 4 + [_D],
-    "split_heads_backward": [_P] * 7 + [_I] * 4 + [_D],
+_SIGNATURES = {  # every function ends with `threads` (see csrc_cpu/parallel.h)
+    "lif_modulate_forward": [_P] * 9 + [_I] * 4 + [_D] * 2 + [_I],
+    "lif_modulate_backward": [_P] * 12 + [_I] * 4 + [_D] * 3 + [_I],
+    "short_conv_forward": [_P] * 3 + [_I] * 5 + [_I],
+    "short_conv_backward": [_P] * 5 + [_I] * 5 + [_I],
+    "split_heads_forward": [_P] * 5 + [_I] * 4 + [_D] + [_I],
+    "split_heads_backward": [_P] * 7 + [_I] * 4 + [_D] + [_I],
 }
+_FLAGS = ["-O3", "-ffp-contract=off"]
 _libs: dict[str, ctypes.CDLL] = {}
-_state = {"tried": False, "ok": False}
+_state = {"tried": False, "ok": False, "openmp": False}
 _pool: Optional[ThreadPoolExecutor] = None
+
+
+def _build(name: str) -> tuple[ctypes.CDLL, bool]:
+    """csrc_cpu/<name>.c built with OpenMP where the compiler has it, else without; returns
+    (library, whether it threads its loops itself)."""
+    compilers = [os.environ.get("CC"), "cc", "gcc", "clang"]
+    source, depends = CSRC / f"{name}.c", [CSRC / "parallel.h"]
+    try:
+        lib = native.shared_library(source, compilers, _FLAGS + ["-fopenmp"], depends=depends)
+    except native.NativeUnavailable:  # e.g. clang without libomp: threads from Python instead
+        lib = native.shared_library(source, compilers, _FLAGS, depends=depends)
+    lib.cpu_kernels_openmp.restype, lib.cpu_kernels_openmp.argtypes = _I, []
+    return lib, bool(lib.cpu_kernels_openmp())
 
 
 @torch.compiler.disable
@@ -49,9 +65,10 @@ def available() -> bool:
         if os.environ.get("SPIKE_NATIVE", "1").strip() == "0":
             return False
         try:
+            openmp = []
             for name in ("lif_scan", "short_conv", "split_heads"):
-                lib = native.shared_library(CSRC / f"{name}.c", [os.environ.get("CC"), "cc", "gcc", "clang"],
-                                            ["-O3", "-ffp-contract=off"])
+                lib, threaded = _build(name)
+                openmp.append(threaded)
                 for fn_name, argtypes in _SIGNATURES.items():
                     for suffix in ("f32", "f64"):
                         fn = getattr(lib, f"{fn_name}_{suffix}", None)
@@ -63,7 +80,7 @@ def available() -> bool:
                 "model.cpu_kernels: compiled CPU loops unavailable, running the PyTorch paths (%s)",
                 str(exc).splitlines()[0])
             return False
-        _state["ok"] = True
+        _state["ok"], _state["openmp"] = True, all(openmp)
     return _state["ok"]
 
 
@@ -78,19 +95,24 @@ def _fn(lib: str, name: str, dtype: torch.dtype) -> Callable:
     return getattr(_libs[lib], f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-def _split(rows: int, work: Callable[[int, int, int], None]) -> None:
-    """work(part, b0, b1) over `rows` batch rows, in up to torch.get_num_threads() parts: the
-    first on the calling thread (which would otherwise only wait), the others on the pool."""
+def _split(rows: int, work: Callable[[int, int, int, int], None]) -> None:
+    """work(part, b0, b1, threads) over `rows` batch rows. With OpenMP, one call over all rows
+    with torch's thread count (the library shares the loop itself); else up to that many
+    parts of one thread each, the first on the calling thread (which would otherwise only
+    wait), the others on the pool."""
     global _pool
+    if _state["openmp"]:
+        work(0, 0, rows, torch.get_num_threads())
+        return
     parts = max(1, min(torch.get_num_threads(), rows))
     if parts == 1:
-        work(0, 0, rows)
+        work(0, 0, rows, 1)
         return
     if _pool is None or _pool._max_workers < parts - 1:
         _pool = ThreadPoolExecutor(max_workers=parts - 1, thread_name_prefix="cpu_kernels")
     bounds = [rows * i // parts for i in range(parts + 1)]
-    rest = [_pool.submit(work, i, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    work(0, bounds[0], bounds[1])
+    rest = [_pool.submit(work, i, bounds[i], bounds[i + 1], 1) for i in range(1, parts)]
+    work(0, bounds[0], bounds[1], 1)
     for f in rest:
         f.result()
 
@@ -122,9 +144,9 @@ class LIFModulateFn(torch.autograd.Function):
         k = None if keep is None else keep.contiguous()
         fn = _fn("lif_scan", "lif_modulate_forward", x.dtype)
         at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
-        _split(B, lambda _, b0, b1: fn(at(x, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
-                                       at(v_all, b0, T * N), at(spikes, b0, T * N), at(log_alpha, b0, T * N),
-                                       at(beta, b0, T * H), at(m, b0, N), b1 - b0, T, H, D, decay, threshold))
+        _split(B, lambda _, b0, b1, th: fn(at(x, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
+                                           at(v_all, b0, T * N), at(spikes, b0, T * N), at(log_alpha, b0, T * N),
+                                           at(beta, b0, T * H), at(m, b0, N), b1 - b0, T, H, D, decay, threshold, th))
         ctx.save_for_backward(v_all, a, bl, k)
         ctx.decay, ctx.threshold, ctx.slope = decay, threshold, slope
         return spikes, m, log_alpha, beta
@@ -142,11 +164,11 @@ class LIFModulateFn(torch.autograd.Function):
         grad_bl, grad_m0 = torch.empty(B, T, H, dtype=v_all.dtype), torch.empty(B, H, D, dtype=v_all.dtype)
         fn = _fn("lif_scan", "lif_modulate_backward", v_all.dtype)
         at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
-        _split(B, lambda _, b0, b1: fn(at(v_all, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
-                                       at(g_spikes, b0, T * N), at(g_m, b0, N), at(g_log_alpha, b0, T * N),
-                                       at(g_beta, b0, T * H), at(grad_drive, b0, T * N), at(grad_a, b0, T * N),
-                                       at(grad_bl, b0, T * H), at(grad_m0, b0, N), b1 - b0, T, H, D, ctx.decay,
-                                       ctx.threshold, ctx.slope))
+        _split(B, lambda _, b0, b1, th: fn(at(v_all, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
+                                           at(g_spikes, b0, T * N), at(g_m, b0, N), at(g_log_alpha, b0, T * N),
+                                           at(g_beta, b0, T * H), at(grad_drive, b0, T * N), at(grad_a, b0, T * N),
+                                           at(grad_bl, b0, T * H), at(grad_m0, b0, N), b1 - b0, T, H, D, ctx.decay,
+                                           ctx.threshold, ctx.slope, th))
         return grad_drive, grad_a, grad_bl, grad_m0, None, None, None, None
 
 
@@ -169,8 +191,8 @@ class ShortConvFn(torch.autograd.Function):
         w = weight.to(xx.dtype).t().contiguous()  # [K, D]
         y = torch.empty(B, T, D, dtype=xx.dtype)
         fn, size = _fn("short_conv", "short_conv_forward", xx.dtype), xx.element_size()
-        _split(B, lambda _, b0, b1: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
-                                       y.data_ptr() + b0 * T * D * size, 0, b1 - b0, T, D, K))
+        _split(B, lambda _, b0, b1, th: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
+                                           y.data_ptr() + b0 * T * D * size, 0, b1 - b0, T, D, K, th))
         ctx.save_for_backward(xx, w)
         ctx.weight_dtype = weight.dtype
         return y
@@ -183,12 +205,11 @@ class ShortConvFn(torch.autograd.Function):
         K = w.shape[0]
         T = TK - K + 1
         gxx = torch.empty_like(xx)
-        parts = max(1, min(torch.get_num_threads(), B))
-        gw = torch.empty(parts, K, D, dtype=xx.dtype)
+        gw = torch.empty(B, K, D, dtype=xx.dtype)  # each row's share, summed in a fixed order below
         fn, size = _fn("short_conv", "short_conv_backward", xx.dtype), xx.element_size()
-        _split(B, lambda part, b0, b1: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
-                                          gy.data_ptr() + b0 * T * D * size, gxx.data_ptr() + b0 * TK * D * size,
-                                          gw[part].data_ptr(), 0, b1 - b0, T, D, K))
+        _split(B, lambda _, b0, b1, th: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
+                                           gy.data_ptr() + b0 * T * D * size, gxx.data_ptr() + b0 * TK * D * size,
+                                           gw.data_ptr() + b0 * K * D * size, 0, b1 - b0, T, D, K, th))
         return gxx, gw.sum(0).t().to(ctx.weight_dtype)
 
 
@@ -211,9 +232,9 @@ class SplitHeadsFn(torch.autograd.Function):
         q, k, v = (torch.empty(B, H, T, D, dtype=x.dtype) for _ in range(3))
         inv = torch.empty(B, 2, H, T, dtype=x.dtype)
         fn, size = _fn("split_heads", "split_heads_forward", x.dtype), x.element_size()
-        _split(B, lambda _, b0, b1: fn(x.data_ptr() + b0 * T * F3 * size, *(t.data_ptr() + b0 * H * T * D * size
-                                                                          for t in (q, k, v)),
-                                       inv.data_ptr() + b0 * 2 * H * T * size, b1 - b0, T, H, D, NORM_EPS))
+        _split(B, lambda _, b0, b1, th: fn(x.data_ptr() + b0 * T * F3 * size,
+                                           *(t.data_ptr() + b0 * H * T * D * size for t in (q, k, v)),
+                                           inv.data_ptr() + b0 * 2 * H * T * size, b1 - b0, T, H, D, NORM_EPS, th))
         ctx.save_for_backward(q, k, inv)
         return q, k, v
 
@@ -225,7 +246,7 @@ class SplitHeadsFn(torch.autograd.Function):
         dqkv = torch.empty(B, T, 3 * H * D, dtype=q.dtype)
         fn, size = _fn("split_heads", "split_heads_backward", q.dtype), q.element_size()
         at = lambda t, b0: None if t is None else t.data_ptr() + b0 * H * T * D * size  # noqa: E731
-        _split(B, lambda _, b0, b1: fn(at(q, b0), at(k, b0), inv.data_ptr() + b0 * 2 * H * T * size,
-                                       *(at(g, b0) for g in grads), dqkv.data_ptr() + b0 * T * 3 * H * D * size,
-                                       b1 - b0, T, H, D, NORM_EPS))
+        _split(B, lambda _, b0, b1, th: fn(at(q, b0), at(k, b0), inv.data_ptr() + b0 * 2 * H * T * size,
+                                           *(at(g, b0) for g in grads), dqkv.data_ptr() + b0 * T * 3 * H * D * size,
+                                           b1 - b0, T, H, D, NORM_EPS, th))
         return dqkv, None

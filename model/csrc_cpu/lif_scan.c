@@ -15,36 +15,45 @@
  * NULL (zero) and writes grad_drive, grad_a [B, T, H*D], grad_beta_logit [B, T, H] and
  * grad_m0 [B, H*D]. a = NULL: no alpha modulation (log_alpha and grad_a are not written;
  * pass them NULL too).
+ *
+ * Every (batch row, head) pair is independent: built with OpenMP, the pairs are shared
+ * among `threads` threads (the caller passes torch's intra-op thread count; see
+ * parallel.h); a head's spike count is an integer, so it is exact in any order.
  */
+#include "parallel.h"
+
 #define LIF_MODULATE(SUFFIX, REAL, EXP)                                                             \
     void lif_modulate_forward_##SUFFIX(const REAL *drive, const REAL *a, const REAL *beta_logit,   \
                                        const REAL *keep, REAL *v_all, REAL *spikes,                \
                                        REAL *log_alpha, REAL *beta, REAL *m, int64_t B, int64_t T, \
-                                       int64_t H, int64_t D, double decay_d, double threshold_d) { \
+                                       int64_t H, int64_t D, double decay_d, double threshold_d,   \
+                                       int64_t threads) {                                          \
         const REAL decay = (REAL)decay_d, threshold = (REAL)threshold_d;                           \
         const int64_t N = H * D;                                                                    \
-        for (int64_t b = 0; b < B; ++b) {                                                          \
-            REAL *mb = m + b * N;                                                                  \
+        PARALLEL_FOR(threads)                                                                      \
+        for (int64_t bh = 0; bh < B * H; ++bh) {                                                   \
+            const int64_t b = bh / H, h = bh % H;                                                  \
+            REAL *mb = m + b * N + h * D;                                                          \
             for (int64_t t = 0; t < T; ++t) {                                                      \
-                const int64_t row = (b * T + t) * N;                                               \
+                const int64_t row = (b * T + t) * N + h * D;                                       \
                 if (keep) {                                                                        \
                     const REAL k = keep[b * T + t];                                                \
-                    for (int64_t n = 0; n < N; ++n) mb[n] = mb[n] * k;                             \
+                    for (int64_t d = 0; d < D; ++d) mb[d] = mb[d] * k;                             \
                 }                                                                                  \
-                for (int64_t n = 0; n < N; ++n) {                                                  \
-                    const REAL vn = drive[row + n] + decay * mb[n];                                \
-                    const REAL sn = vn >= threshold ? (REAL)1 : (REAL)0;                           \
-                    v_all[row + n] = vn;                                                           \
-                    spikes[row + n] = sn;                                                          \
-                    if (a) log_alpha[row + n] = -a[row + n] * sn;                                  \
-                    mb[n] = vn >= threshold ? vn - threshold : vn;                                 \
+                int32_t count = 0;                                                                 \
+                for (int64_t d = 0; d < D; ++d) {                                                  \
+                    const REAL vn = drive[row + d] + decay * mb[d];                                \
+                    const int32_t fired = vn >= threshold;                                         \
+                    const REAL sn = fired ? (REAL)1 : (REAL)0;                                     \
+                    v_all[row + d] = vn;                                                           \
+                    spikes[row + d] = sn;                                                          \
+                    if (a) log_alpha[row + d] = -a[row + d] * sn;                                  \
+                    mb[d] = fired ? vn - threshold : vn;                                           \
+                    count += fired;                                                                \
                 }                                                                                  \
-                for (int64_t h = 0; h < H; ++h) {                                                  \
-                    REAL count = 0;                                                                \
-                    for (int64_t d = 0; d < D; ++d) count += spikes[row + h * D + d];              \
-                    const REAL sig = (REAL)1 / ((REAL)1 + EXP(-beta_logit[(b * T + t) * H + h]));  \
-                    beta[(b * T + t) * H + h] = sig * (count / (REAL)D);                           \
-                }                                                                                  \
+                const int64_t hr = (b * T + t) * H + h;                                            \
+                const REAL sig = (REAL)1 / ((REAL)1 + EXP(-beta_logit[hr]));                       \
+                beta[hr] = sig * ((REAL)count / (REAL)D);                                          \
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
@@ -54,37 +63,38 @@
         const REAL *grad_spikes, const REAL *grad_m_end, const REAL *grad_log_alpha,               \
         const REAL *grad_beta, REAL *grad_drive, REAL *grad_a, REAL *grad_beta_logit,              \
         REAL *grad_m0, int64_t B, int64_t T, int64_t H, int64_t D, double decay_d,                 \
-        double threshold_d, double slope_d) {                                                      \
+        double threshold_d, double slope_d, int64_t threads) {                                     \
         const REAL decay = (REAL)decay_d, threshold = (REAL)threshold_d, slope = (REAL)slope_d;    \
         const int64_t N = H * D;                                                                    \
-        for (int64_t b = 0; b < B; ++b) {                                                          \
-            REAL *g = grad_m0 + b * N;                                                             \
-            for (int64_t n = 0; n < N; ++n) g[n] = grad_m_end ? grad_m_end[b * N + n] : (REAL)0;   \
+        PARALLEL_FOR(threads)                                                                      \
+        for (int64_t bh = 0; bh < B * H; ++bh) {                                                   \
+            const int64_t b = bh / H, h = bh % H;                                                  \
+            REAL *g = grad_m0 + b * N + h * D;                                                     \
+            for (int64_t d = 0; d < D; ++d) g[d] = grad_m_end ? grad_m_end[b * N + h * D + d] : (REAL)0; \
             for (int64_t t = T - 1; t >= 0; --t) {                                                 \
-                const int64_t row = (b * T + t) * N;                                               \
+                const int64_t row = (b * T + t) * N + h * D;                                       \
                 const REAL carry = keep ? decay * keep[b * T + t] : decay;                         \
-                for (int64_t h = 0; h < H; ++h) {                                                  \
-                    const int64_t hr = (b * T + t) * H + h;                                        \
-                    const REAL sig = (REAL)1 / ((REAL)1 + EXP(-beta_logit[hr]));                   \
-                    const REAL gb = grad_beta ? grad_beta[hr] : (REAL)0;                           \
-                    const REAL per_spike = gb * sig / (REAL)D;                                     \
-                    REAL count = 0;                                                                \
-                    for (int64_t d = 0; d < D; ++d) {                                              \
-                        const int64_t i = row + h * D + d;                                         \
-                        const REAL v = v_all[i];                                                   \
-                        const REAL s = v >= threshold ? (REAL)1 : (REAL)0;                         \
-                        const REAL gla = grad_log_alpha ? grad_log_alpha[i] : (REAL)0;             \
-                        count += s;                                                                \
-                        if (grad_a) grad_a[i] = -s * gla;                                          \
-                        const REAL gs = (grad_spikes ? grad_spikes[i] : (REAL)0) - (a ? a[i] * gla : (REAL)0) + per_spike; \
-                        const REAL x = v - threshold;                                              \
-                        const REAL den = (REAL)1 + slope * (x < 0 ? -x : x);                       \
-                        const REAL gv = gs / (den * den) + g[h * D + d];                           \
-                        grad_drive[i] = gv;                                                        \
-                        g[h * D + d] = gv * carry;                                                 \
-                    }                                                                              \
-                    grad_beta_logit[hr] = gb * (count / (REAL)D) * sig * ((REAL)1 - sig);          \
+                const int64_t hr = (b * T + t) * H + h;                                            \
+                const REAL sig = (REAL)1 / ((REAL)1 + EXP(-beta_logit[hr]));                       \
+                const REAL gb = grad_beta ? grad_beta[hr] : (REAL)0;                               \
+                const REAL per_spike = gb * sig / (REAL)D;                                         \
+                int32_t count = 0;                                                                 \
+                for (int64_t d = 0; d < D; ++d) {                                                  \
+                    const int64_t i = row + d;                                                     \
+                    const REAL v = v_all[i];                                                       \
+                    const int32_t fired = v >= threshold;                                          \
+                    const REAL s = fired ? (REAL)1 : (REAL)0;                                      \
+                    const REAL gla = grad_log_alpha ? grad_log_alpha[i] : (REAL)0;                 \
+                    count += fired;                                                                \
+                    if (grad_a) grad_a[i] = -s * gla;                                              \
+                    const REAL gs = (grad_spikes ? grad_spikes[i] : (REAL)0) - (a ? a[i] * gla : (REAL)0) + per_spike; \
+                    const REAL x = v - threshold;                                                  \
+                    const REAL den = (REAL)1 + slope * (x < 0 ? -x : x);                           \
+                    const REAL gv = gs / (den * den) + g[d];                                       \
+                    grad_drive[i] = gv;                                                            \
+                    g[d] = gv * carry;                                                             \
                 }                                                                                  \
+                grad_beta_logit[hr] = gb * ((REAL)count / (REAL)D) * sig * ((REAL)1 - sig);        \
             }                                                                                      \
         }                                                                                          \
     }

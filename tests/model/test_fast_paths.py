@@ -2,6 +2,7 @@
 over chunks, with resets), the compiled CPU loops, the KDA's factored and pairwise
 sub-chunk scores, and the blocked unit-triangular solve. Never timed."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,7 +153,7 @@ def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, t
     from model import kernels
     from model.kernels.reference import lif_modulate_reference
 
-    monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ok": False})
+    monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ok": False, "openmp": False})
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
@@ -166,6 +167,56 @@ def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, t
     assert sum("PyTorch paths" in r.getMessage() for r in caplog.records) == 1
     for x, y in zip(got, lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0)):
         assert torch.equal(x, y)
+
+
+def _compiled_loops_results(seed: int) -> list[torch.Tensor]:
+    """Outputs and input gradients of the three compiled loops (LIF with modulation and
+    resets, ShortConv's conv, the q/k/v split) on one set of random inputs."""
+    g = torch.Generator().manual_seed(seed)
+    drive = (torch.randn(5, 33, 3, 8, generator=g) * 0.6 + 0.3).requires_grad_()
+    a = torch.rand(5, 33, 3, 8, generator=g).requires_grad_()
+    beta_logit = torch.randn(5, 33, 3, generator=g).requires_grad_()
+    reset = torch.rand(5, 33, generator=g) < 0.1
+    xx = torch.randn(5, 36, 24, generator=g, requires_grad=True)
+    w = torch.randn(24, 4, generator=g, requires_grad=True)
+    outs = [*cpu_kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, None, reset, 5.0),
+            cpu_kernels.short_conv(xx, w), *cpu_kernels.split_heads(xx[:, :, :18], 3)]
+    weights = [torch.randn(t.shape, generator=g) for t in outs]
+    grads = torch.autograd.grad(sum((t * u).sum() for t, u in zip(outs, weights)), [drive, a, beta_logit, xx, w])
+    return [t.detach() for t in outs] + list(grads)
+
+
+def test_compiled_loops_give_the_same_bits_however_they_are_threaded(monkeypatch):
+    """The compiled loops share rows among threads (OpenMP in torch's thread team, else a
+    Python pool, else one thread): every output and gradient is bitwise the same, the
+    ShortConv weight gradient's per-thread partial sums included."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = _compiled_loops_results(0)
+        torch.set_num_threads(3)
+        as_built = _compiled_loops_results(0)
+        monkeypatch.setitem(cpu_kernels._state, "openmp", False)  # rows split among Python threads
+        pooled = _compiled_loops_results(0)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(single, as_built, pooled):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_openmp_loops_join_torchs_runtime():
+    """Built with OpenMP, the compiled loops use the OpenMP runtime torch already loaded
+    (one libgomp in the process, so one thread team), not a second copy."""
+    if not cpu_kernels.available() or not cpu_kernels._state["openmp"]:
+        pytest.skip("the compiled loops are built without OpenMP here")
+    cpu_kernels.short_conv(torch.randn(2, 9, 4), torch.randn(4, 2))
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
