@@ -2,7 +2,8 @@
 loop, each with its backward: the LIF membrane recurrence with Spike-KDA's modulation
 folded in (csrc_cpu/lif_scan.c); ShortConv's causal depthwise convolution
 (csrc_cpu/short_conv.c); Spike-KDA's split of q/k/v into head-major tensors with q and k
-L2-normalised (csrc_cpu/split_heads.c).
+L2-normalised (csrc_cpu/split_heads.c); the chunked KDA itself (csrc_cpu/kda_chunk.c,
+whose autograd Function is model/kda_cpu.py).
 
 Built once per process with the system C compiler (model/native.py caches the library by
 source hash) and called through ctypes, which releases the GIL. Each call uses
@@ -35,8 +36,14 @@ _SIGNATURES = {  # every function ends with `threads` (see csrc_cpu/parallel.h)
     "short_conv_backward": [_P] * 5 + [_I] * 5 + [_I],
     "split_heads_forward": [_P] * 5 + [_I] * 4 + [_D] + [_I],
     "split_heads_backward": [_P] * 7 + [_I] * 4 + [_D] + [_I],
+    "kda_chunk_forward": [_P] * 11 + [_I] * 6,
+    "kda_chunk_backward": [_P] * 16 + [_I] * 6,
 }
-_FLAGS = ["-O3", "-ffp-contract=off"]
+# -ffp-contract=off: the LIF's membrane arithmetic rounds as the PyTorch reference does, so
+# spikes are identical; the KDA loops may fuse multiply-adds (FMA on CPUs that have it)
+_FLAGS = {"lif_scan": ["-O3", "-ffp-contract=off"], "short_conv": ["-O3", "-ffp-contract=off"],
+          "split_heads": ["-O3", "-ffp-contract=off"], "kda_chunk": ["-O3"]}
+_DEPENDS = {"kda_chunk": ["kda_chunk_body.h"]}
 _libs: dict[str, ctypes.CDLL] = {}
 _state = {"tried": False, "ok": False, "openmp": False}
 _pool: Optional[ThreadPoolExecutor] = None
@@ -46,13 +53,22 @@ def _build(name: str) -> tuple[ctypes.CDLL, bool]:
     """csrc_cpu/<name>.c built with OpenMP where the compiler has it, else without; returns
     (library, whether it threads its loops itself)."""
     compilers = [os.environ.get("CC"), "cc", "gcc", "clang"]
-    source, depends = CSRC / f"{name}.c", [CSRC / "parallel.h"]
+    source = CSRC / f"{name}.c"
+    depends = [CSRC / "parallel.h", *(CSRC / h for h in _DEPENDS.get(name, ()))]
     try:
-        lib = native.shared_library(source, compilers, _FLAGS + ["-fopenmp"], depends=depends)
+        lib = native.shared_library(source, compilers, _FLAGS[name] + ["-fopenmp"], depends=depends)
     except native.NativeUnavailable:  # e.g. clang without libomp: threads from Python instead
-        lib = native.shared_library(source, compilers, _FLAGS, depends=depends)
+        lib = native.shared_library(source, compilers, _FLAGS[name], depends=depends)
     lib.cpu_kernels_openmp.restype, lib.cpu_kernels_openmp.argtypes = _I, []
+    if name == "kda_chunk":
+        lib.kda_chunk_work_size.restype, lib.kda_chunk_work_size.argtypes = _I, [_I] * 3
+        lib.kda_chunk_avx2.restype, lib.kda_chunk_avx2.argtypes = _I, []
     return lib, bool(lib.cpu_kernels_openmp())
+
+
+def threads_for(rows: int) -> int:
+    """How many parts run_rows(rows, ...) may run at once (per-part scratch is sized by it)."""
+    return max(1, torch.get_num_threads() if _state["openmp"] else min(torch.get_num_threads(), rows))
 
 
 @torch.compiler.disable
@@ -66,7 +82,7 @@ def available() -> bool:
             return False
         try:
             openmp = []
-            for name in ("lif_scan", "short_conv", "split_heads"):
+            for name in _FLAGS:
                 lib, threaded = _build(name)
                 openmp.append(threaded)
                 for fn_name, argtypes in _SIGNATURES.items():
@@ -89,22 +105,30 @@ def serves(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors) and available()
 
 
-def _fn(lib: str, name: str, dtype: torch.dtype) -> Callable:
+def library(name: str) -> ctypes.CDLL:
+    """The loaded csrc_cpu/<name>.c (its int64 helpers, e.g. kda_chunk_work_size, typed)."""
+    if not available():
+        raise RuntimeError("model.cpu_kernels: the compiled CPU loops are unavailable (see the log)")
+    return _libs[name]
+
+
+def compiled(lib: str, name: str, dtype: torch.dtype) -> Callable:
+    """The ctypes function `name` of csrc_cpu/<lib>.c for `dtype` (float32 or float64)."""
     if not available():
         raise RuntimeError("model.cpu_kernels: the compiled CPU loops are unavailable (see the log)")
     return getattr(_libs[lib], f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
-def _split(rows: int, work: Callable[[int, int, int, int], None]) -> None:
-    """work(part, b0, b1, threads) over `rows` batch rows. With OpenMP, one call over all rows
-    with torch's thread count (the library shares the loop itself); else up to that many
-    parts of one thread each, the first on the calling thread (which would otherwise only
-    wait), the others on the pool."""
+def run_rows(rows: int, work: Callable[[int, int, int, int], None]) -> None:
+    """work(part, b0, b1, threads) over `rows` rows (batch rows, or stream-heads). With
+    OpenMP, one call over all rows with torch's thread count (the library shares the loop
+    itself); else up to that many parts of one thread each, the first on the calling
+    thread (which would otherwise only wait), the others on the pool."""
     global _pool
     if _state["openmp"]:
         work(0, 0, rows, torch.get_num_threads())
         return
-    parts = max(1, min(torch.get_num_threads(), rows))
+    parts = threads_for(rows)
     if parts == 1:
         work(0, 0, rows, 1)
         return
@@ -142,9 +166,9 @@ class LIFModulateFn(torch.autograd.Function):
         beta = torch.empty(B, T, H, dtype=x.dtype)
         m = torch.empty(B, H, D, dtype=x.dtype).copy_(membrane)
         k = None if keep is None else keep.contiguous()
-        fn = _fn("lif_scan", "lif_modulate_forward", x.dtype)
+        fn = compiled("lif_scan", "lif_modulate_forward", x.dtype)
         at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
-        _split(B, lambda _, b0, b1, th: fn(at(x, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
+        run_rows(B, lambda _, b0, b1, th: fn(at(x, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
                                            at(v_all, b0, T * N), at(spikes, b0, T * N), at(log_alpha, b0, T * N),
                                            at(beta, b0, T * H), at(m, b0, N), b1 - b0, T, H, D, decay, threshold, th))
         ctx.save_for_backward(v_all, a, bl, k)
@@ -162,9 +186,9 @@ class LIFModulateFn(torch.autograd.Function):
             g_log_alpha = None
         grad_drive, grad_a = torch.empty_like(v_all), None if a is None else torch.empty_like(v_all)
         grad_bl, grad_m0 = torch.empty(B, T, H, dtype=v_all.dtype), torch.empty(B, H, D, dtype=v_all.dtype)
-        fn = _fn("lif_scan", "lif_modulate_backward", v_all.dtype)
+        fn = compiled("lif_scan", "lif_modulate_backward", v_all.dtype)
         at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
-        _split(B, lambda _, b0, b1, th: fn(at(v_all, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
+        run_rows(B, lambda _, b0, b1, th: fn(at(v_all, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
                                            at(g_spikes, b0, T * N), at(g_m, b0, N), at(g_log_alpha, b0, T * N),
                                            at(g_beta, b0, T * H), at(grad_drive, b0, T * N), at(grad_a, b0, T * N),
                                            at(grad_bl, b0, T * H), at(grad_m0, b0, N), b1 - b0, T, H, D, ctx.decay,
@@ -190,8 +214,8 @@ class ShortConvFn(torch.autograd.Function):
         T = TK - K + 1
         w = weight.to(xx.dtype).t().contiguous()  # [K, D]
         y = torch.empty(B, T, D, dtype=xx.dtype)
-        fn, size = _fn("short_conv", "short_conv_forward", xx.dtype), xx.element_size()
-        _split(B, lambda _, b0, b1, th: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
+        fn, size = compiled("short_conv", "short_conv_forward", xx.dtype), xx.element_size()
+        run_rows(B, lambda _, b0, b1, th: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
                                            y.data_ptr() + b0 * T * D * size, 0, b1 - b0, T, D, K, th))
         ctx.save_for_backward(xx, w)
         ctx.weight_dtype = weight.dtype
@@ -206,8 +230,8 @@ class ShortConvFn(torch.autograd.Function):
         T = TK - K + 1
         gxx = torch.empty_like(xx)
         gw = torch.empty(B, K, D, dtype=xx.dtype)  # each row's share, summed in a fixed order below
-        fn, size = _fn("short_conv", "short_conv_backward", xx.dtype), xx.element_size()
-        _split(B, lambda _, b0, b1, th: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
+        fn, size = compiled("short_conv", "short_conv_backward", xx.dtype), xx.element_size()
+        run_rows(B, lambda _, b0, b1, th: fn(xx.data_ptr() + b0 * TK * D * size, w.data_ptr(),
                                            gy.data_ptr() + b0 * T * D * size, gxx.data_ptr() + b0 * TK * D * size,
                                            gw.data_ptr() + b0 * K * D * size, 0, b1 - b0, T, D, K, th))
         return gxx, gw.sum(0).t().to(ctx.weight_dtype)
@@ -231,8 +255,8 @@ class SplitHeadsFn(torch.autograd.Function):
         H, D = heads, F3 // (3 * heads)
         q, k, v = (torch.empty(B, H, T, D, dtype=x.dtype) for _ in range(3))
         inv = torch.empty(B, 2, H, T, dtype=x.dtype)
-        fn, size = _fn("split_heads", "split_heads_forward", x.dtype), x.element_size()
-        _split(B, lambda _, b0, b1, th: fn(x.data_ptr() + b0 * T * F3 * size,
+        fn, size = compiled("split_heads", "split_heads_forward", x.dtype), x.element_size()
+        run_rows(B, lambda _, b0, b1, th: fn(x.data_ptr() + b0 * T * F3 * size,
                                            *(t.data_ptr() + b0 * H * T * D * size for t in (q, k, v)),
                                            inv.data_ptr() + b0 * 2 * H * T * size, b1 - b0, T, H, D, NORM_EPS, th))
         ctx.save_for_backward(q, k, inv)
@@ -244,9 +268,9 @@ class SplitHeadsFn(torch.autograd.Function):
         B, H, T, D = q.shape
         grads = [None if g is None else g.to(q.dtype).contiguous() for g in (dq, dk, dv)]
         dqkv = torch.empty(B, T, 3 * H * D, dtype=q.dtype)
-        fn, size = _fn("split_heads", "split_heads_backward", q.dtype), q.element_size()
+        fn, size = compiled("split_heads", "split_heads_backward", q.dtype), q.element_size()
         at = lambda t, b0: None if t is None else t.data_ptr() + b0 * H * T * D * size  # noqa: E731
-        _split(B, lambda _, b0, b1, th: fn(at(q, b0), at(k, b0), inv.data_ptr() + b0 * 2 * H * T * size,
+        run_rows(B, lambda _, b0, b1, th: fn(at(q, b0), at(k, b0), inv.data_ptr() + b0 * 2 * H * T * size,
                                            *(at(g, b0) for g in grads), dqkv.data_ptr() + b0 * T * 3 * H * D * size,
                                            b1 - b0, T, H, D, NORM_EPS, th))
         return dqkv, None
