@@ -63,6 +63,8 @@ def _build(name: str) -> tuple[ctypes.CDLL, bool]:
     if name == "kda_chunk":
         lib.kda_chunk_work_size.restype, lib.kda_chunk_work_size.argtypes = _I, [_I] * 3
         lib.kda_chunk_avx2.restype, lib.kda_chunk_avx2.argtypes = _I, []
+        lib.kda_chunk_max_dim.restype, lib.kda_chunk_max_dim.argtypes = _I, []
+        lib.kda_chunk_allow_avx2.restype, lib.kda_chunk_allow_avx2.argtypes = None, [_I]
     return lib, bool(lib.cpu_kernels_openmp())
 
 

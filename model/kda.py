@@ -15,7 +15,9 @@ Three forms of the same function, all computing in float32:
 - `kda_recurrent`: the specification, one token at a time (a loop over `kda_step`).
 - `kda_chunk`: the chunked parallel form used for training; exact, not an approximation.
   Its usual case (no chunk decaying by more than e^-80) is one autograd Function with a
-  hand-written backward (`_KDAChunkFn`); the rest goes through autograd.
+  hand-written backward (`_KDAChunkFn`), on CPU one compiled loop per stream-head with the
+  same algebra (model/kda_cpu.py) where the compiled loops are available; the rest goes
+  through autograd.
 - `kda_step`: one token, for generation.
 
 Shapes (batch first, heads second): q, k [B, H, T, dk]; v [B, H, T, dv];
@@ -32,6 +34,8 @@ import functools
 from typing import Optional
 
 import torch
+
+from . import kda_cpu
 
 # ------------------------------------------------------------------------------------
 # One step and the sequential reference
@@ -528,6 +532,10 @@ def kda_chunk(
     Same arguments and results as `kda_recurrent`; differentiable in every input.
     """
     B, H, T, dk = q.shape
+    if kda_cpu.takes(q, v):  # CPU: the compiled loops, when no chunk decays by more than e^-80
+        out = _kda_chunk_compiled(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)
+        if out is not None:
+            return out
     if q.device.type == "cpu" and B > 1 and B * H * T * dk > _CPU_GROUP_ELEMENTS:
         # on CPU, a few streams at a time: each group's tensors stay in cache between the many
         # passes over them (a training step at the bench shape 10-15% faster than with the whole batch at once)
@@ -585,3 +593,26 @@ def kda_chunk(
 
     o, S = _ChunkStates.apply(u_free, w, q_s0, Aqk, k_end, decay_end, S0)
     return o.flatten(2, 3)[:, :, :T].to(dtype), S
+
+
+def _kda_chunk_compiled(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size):
+    """kda_chunk by model/kda_cpu.py's compiled loops (CPU), or None when some chunk of
+    every size _factorable_chunk tries decays by more than e^-80 (then the PyTorch forms)."""
+    B, H, T, dk = q.shape
+    dv, dtype = v.shape[-1], v.dtype
+    scale = dk ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, log_alpha, beta))
+    C = _factorable_chunk(g, chunk_size, _FACTOR_MAX)
+    if C is None:
+        return None
+    reset = _reset_bht(reset, B, H, T)
+    pad = (-T) % C
+    if pad:  # padded tokens: no decay (g = 0) and no write (beta = 0) leave the state as is
+        q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+        beta = torch.nn.functional.pad(beta, (0, pad))
+        if reset is not None:
+            reset = torch.nn.functional.pad(reset, (0, pad))
+    seg = None if reset is None else reset.unflatten(2, (-1, C)).long().cumsum(-1).flatten(2)  # [B, H, T']
+    S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
+    o, S = kda_cpu.kda_chunk_cpu(q * scale, k, v, g, beta, S0, seg, C)
+    return o[:, :, :T].to(dtype), S

@@ -16,6 +16,14 @@ import torch
 from . import cpu_kernels
 
 
+def takes(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether kda_chunk_cpu serves these inputs: CPU tensors, the compiled loops built, head
+    sizes within the loops' limit. (Any float dtype: kda_chunk computes in float32.)"""
+    if q.device.type != "cpu" or not cpu_kernels.available():
+        return False
+    return max(q.shape[-1], v.shape[-1]) <= cpu_kernels.library("kda_chunk").kda_chunk_max_dim()
+
+
 def _work(chunk: int, dk: int, dv: int, rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Scratch for the compiled loops: one slice per thread that may run at once."""
     size = cpu_kernels.library("kda_chunk").kda_chunk_work_size(chunk, dk, dv)

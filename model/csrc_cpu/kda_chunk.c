@@ -83,13 +83,18 @@ static inline float kda_expf(float x) {
 #undef REAL
 #undef EXP
 
+static int64_t kda_allow_avx2 = 1;
+
 static int64_t kda_use_avx2(void) {
 #ifdef KDA_HAVE_AVX2
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return kda_allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
     return 0;
 #endif
 }
+
+/* Tests run the portable float variant on an AVX2 machine by passing 0 (1: the default). */
+void kda_chunk_allow_avx2(int64_t allow) { kda_allow_avx2 = allow; }
 
 /* Elements of scratch one thread needs (the backward's is the larger). */
 int64_t kda_chunk_work_size(int64_t C, int64_t DK, int64_t DV) {

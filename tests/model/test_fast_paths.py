@@ -13,7 +13,7 @@ from model import cpu_kernels, native
 from model.kda import _unit_lower_inverse, _unit_lower_solve, kda_chunk, kda_recurrent
 from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
-from .test_kda import assert_same, make_inputs, run_and_grad
+from .test_kda import assert_same, kda_path, make_inputs, run_and_grad  # noqa: F401 (kda_path: a fixture)
 
 
 def assert_chunk_matches_recurrent(inputs, reset, **chunk_kw):
@@ -60,7 +60,7 @@ def test_lif_forms_match_reference_over_many_chunks(fn, dtype):
 
 
 @pytest.mark.parametrize("factor_max", [0.0, float("inf"), 80.0])
-def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max):
+def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max, kda_path):
     """0 forces the pairwise exponents, inf the factored form (inputs whose decay it can hold)."""
     monkeypatch.setattr(kda_mod, "_FACTOR_MAX", factor_max)
     inputs = make_inputs(T=70)
@@ -70,7 +70,8 @@ def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max):
 
 
 @pytest.mark.parametrize("per_token,expect_sub_chunks", [(0.5, False), (3.5, False), (6.0, True)])
-def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeypatch, per_token, expect_sub_chunks):
+def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeypatch, per_token, expect_sub_chunks,
+                                                                         kda_path):
     """A chunk whose decay stays within e^-80 is two matmuls; so is one that does once
     halved (3.5 x 32 = 112 nats, 56 over 16 tokens); one that decays further even over
     16 tokens (6 x 16 = 96 nats) goes through the sub-chunk scores. All agree with the
@@ -102,8 +103,10 @@ def test_factorable_chunk_halves_the_chunk_until_its_decay_fits(per_token, chunk
 
 @pytest.mark.parametrize("with_state", [True, False])
 def test_kda_chunk_in_groups_of_streams_matches_recurrent(monkeypatch, with_state):
-    """On CPU a large batch runs a few streams at a time (here one: the threshold set to
-    one element), with each stream's resets and initial state; the same function."""
+    """On CPU without the compiled loops a large batch runs a few streams at a time (here
+    one: the threshold set to one element), with each stream's resets and initial state;
+    the same function."""
+    monkeypatch.setattr(kda_mod.kda_cpu, "takes", lambda *t: False)
     monkeypatch.setattr(kda_mod, "_CPU_GROUP_ELEMENTS", 1)
     q, k, v, log_alpha, beta, s0 = make_inputs(B=3, T=40, seed=7)
     reset = torch.zeros(3, 40, dtype=torch.bool)
@@ -139,7 +142,7 @@ def test_unit_lower_inverse_matches_linalg_inv(C, blk):
 
 
 @pytest.mark.parametrize("chunk_size", [48, 20])
-def test_kda_chunk_with_a_chunk_of_three_or_five_sub_blocks_matches_recurrent(chunk_size):
+def test_kda_chunk_with_a_chunk_of_three_or_five_sub_blocks_matches_recurrent(chunk_size, kda_path):
     """48 = 3 x 16 and 20 = 5 x 4 tokens: the chunk's inverse is built from a block count
     that is not a power of two."""
     inputs = make_inputs(T=100, seed=5)

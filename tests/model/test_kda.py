@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import cpu_kernels
+from model import cpu_kernels, kda_cpu
 from model.config import ModelConfig
 from model.kda import kda_chunk, kda_recurrent, kda_step
 from model.lif import lif_scan, lif_scan_reference
@@ -40,6 +40,17 @@ def assert_same(a, b):
     torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 
 
+@pytest.fixture(params=["compiled", "pytorch"])
+def kda_path(request, monkeypatch):
+    """Run the test with kda_chunk's usual case on the compiled CPU loops (model/kda_cpu.py)
+    and again on the PyTorch form (_KDAChunkFn)."""
+    if request.param == "compiled" and not kda_cpu.takes(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)):
+        pytest.skip("no C compiler here: kda_chunk runs its PyTorch form")
+    if request.param == "pytorch":
+        monkeypatch.setattr(kda_cpu, "takes", lambda *t: False)
+    return request.param
+
+
 # ------------------------------------------------------------------------------ kernels
 
 
@@ -58,7 +69,7 @@ def test_recurrent_matches_explicit_matrix_recurrence():
 
 @pytest.mark.parametrize("chunk_size", [16, 8, 5, 64])  # 37 tokens: never a multiple; 64 > T
 @pytest.mark.parametrize("strong_decay", [False, True])
-def test_chunk_matches_recurrent_forward_and_grads(chunk_size, strong_decay):
+def test_chunk_matches_recurrent_forward_and_grads(chunk_size, strong_decay, kda_path):
     inputs = make_inputs(strong_decay=strong_decay)
     o1, s1, g1 = run_and_grad(lambda *x: kda_recurrent(*x[:5], initial_state=x[5]), inputs)
     o2, s2, g2 = run_and_grad(lambda *x: kda_chunk(*x[:5], initial_state=x[5], chunk_size=chunk_size), inputs)
@@ -69,7 +80,7 @@ def test_chunk_matches_recurrent_forward_and_grads(chunk_size, strong_decay):
         assert_same(a, b)
 
 
-def test_chunk_with_long_chunks_and_subchunks():
+def test_chunk_with_long_chunks_and_subchunks(kda_path):
     """chunk 32 > the 16-token explicit sub-block: exercises the cross-sub-chunk factoring."""
     inputs = make_inputs(T=70, strong_decay=True, seed=3)
     o1, s1, g1 = run_and_grad(lambda *x: kda_recurrent(*x[:5], initial_state=x[5]), inputs)
@@ -91,7 +102,7 @@ def test_step_matches_recurrent():
 
 
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
-def test_split_in_two_equals_one_call(form):
+def test_split_in_two_equals_one_call(form, kda_path):
     q, k, v, la, beta, s0 = (x.detach() for x in make_inputs(T=45))
     fn = (lambda *a, **kw: kda_chunk(*a, chunk_size=16, **kw)) if form == "chunk" else kda_recurrent
     o, s = fn(q, k, v, la, beta, s0)
@@ -103,7 +114,7 @@ def test_split_in_two_equals_one_call(form):
 
 
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
-def test_reset_starts_stream_from_zero_state(form):
+def test_reset_starts_stream_from_zero_state(form, kda_path):
     """After a reset at p, stream 0 behaves as if the sequence began at p with no state;
     stream 1 (no reset) is untouched."""
     q, k, v, la, beta, s0 = (x.detach() for x in make_inputs(T=40))
@@ -123,7 +134,7 @@ def test_reset_starts_stream_from_zero_state(form):
     assert (o[0, :, p:] - o_plain[0, :, p:]).abs().max() > 1e-2
 
 
-def test_chunk_reset_grads_match_recurrent():
+def test_chunk_reset_grads_match_recurrent(kda_path):
     inputs = make_inputs(T=33)
     reset = torch.rand(2, 33, generator=torch.Generator().manual_seed(5)) < 0.15
     reset[1, 0] = True  # a reset on the very first token drops the initial state
@@ -315,8 +326,8 @@ def test_spike_floors_keep_that_share_of_forgetting_and_writing_ungated(alpha_fl
 
 
 def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths(monkeypatch):
-    """A Spike-KDA layer (ShortConv, q/k/v split and normalisation, LIF) on the compiled CPU
-    loops gives the outputs, state and gradients of the same layer on the PyTorch paths,
+    """A Spike-KDA layer (ShortConv, q/k/v split and normalisation, LIF, the chunked KDA) on
+    the compiled CPU loops gives the outputs, state and gradients of the same layer on the PyTorch paths,
     resets and a carried state included."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler here: the PyTorch paths are all there is")
@@ -335,5 +346,6 @@ def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths(monkeypatch)
 
     compiled = run()
     monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+    monkeypatch.setattr(kda_cpu, "takes", lambda *t: False)
     for a, b in zip(compiled, run()):
         assert_same(a, b)
