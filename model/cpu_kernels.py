@@ -2,8 +2,8 @@
 loop, each with its backward: the LIF membrane recurrence with Spike-KDA's modulation
 folded in (csrc_cpu/lif_scan.c); ShortConv's causal depthwise convolution
 (csrc_cpu/short_conv.c); Spike-KDA's split of q/k/v into head-major tensors with q and k
-L2-normalised (csrc_cpu/split_heads.c); the chunked KDA itself (csrc_cpu/kda_chunk.c,
-whose autograd Function is model/kda_cpu.py).
+L2-normalised (csrc_cpu/split_heads.c); its gated RMSNorm (csrc_cpu/gated_norm.c); the
+chunked KDA itself (csrc_cpu/kda_chunk.c, whose autograd Function is model/kda_cpu.py).
 
 Built once per process with the system C compiler (model/native.py caches the library by
 source hash) and called through ctypes, which releases the GIL. Each call uses
@@ -36,14 +36,18 @@ _SIGNATURES = {  # every function ends with `threads` (see csrc_cpu/parallel.h)
     "short_conv_backward": [_P] * 5 + [_I] * 5 + [_I],
     "split_heads_forward": [_P] * 5 + [_I] * 4 + [_D] + [_I],
     "split_heads_backward": [_P] * 7 + [_I] * 4 + [_D] + [_I],
+    "gated_norm_forward": [_P] + [_I] * 3 + [_P] * 4 + [_I] * 4 + [_D, _I],
+    "gated_norm_backward": [_P] + [_I] * 3 + [_P] * 7 + [_I] * 4 + [_I],
     "kda_chunk_forward": [_P] * 11 + [_I] * 6,
     "kda_chunk_backward": [_P] * 16 + [_I] * 6,
 }
 # -ffp-contract=off: the LIF's membrane arithmetic rounds as the PyTorch reference does, so
-# spikes are identical; the KDA loops may fuse multiply-adds (FMA on CPUs that have it)
+# spikes are identical; the KDA and norm loops may fuse multiply-adds (FMA on CPUs that have
+# it), and -fno-trapping-math lets their clamps (vec_math.h) vectorise
 _FLAGS = {"lif_scan": ["-O3", "-ffp-contract=off"], "short_conv": ["-O3", "-ffp-contract=off"],
-          "split_heads": ["-O3", "-ffp-contract=off"], "kda_chunk": ["-O3"]}
-_DEPENDS = {"kda_chunk": ["kda_chunk_body.h"]}
+          "split_heads": ["-O3", "-ffp-contract=off"], "kda_chunk": ["-O3", "-fno-trapping-math", "-fno-math-errno"],
+          "gated_norm": ["-O3", "-fno-trapping-math", "-fno-math-errno"]}
+_DEPENDS = {"kda_chunk": ["kda_chunk_body.h", "vec_math.h"], "gated_norm": ["vec_math.h"]}
 _libs: dict[str, ctypes.CDLL] = {}
 _state = {"tried": False, "ok": False, "openmp": False}
 _pool: Optional[ThreadPoolExecutor] = None
@@ -60,6 +64,8 @@ def _build(name: str) -> tuple[ctypes.CDLL, bool]:
     except native.NativeUnavailable:  # e.g. clang without libomp: threads from Python instead
         lib = native.shared_library(source, compilers, _FLAGS[name], depends=depends)
     lib.cpu_kernels_openmp.restype, lib.cpu_kernels_openmp.argtypes = _I, []
+    if name == "gated_norm":
+        lib.gated_norm_max_dim.restype, lib.gated_norm_max_dim.argtypes = _I, []
     if name == "kda_chunk":
         lib.kda_chunk_work_size.restype, lib.kda_chunk_work_size.argtypes = _I, [_I] * 3
         lib.kda_chunk_avx2.restype, lib.kda_chunk_avx2.argtypes = _I, []
@@ -276,3 +282,54 @@ class SplitHeadsFn(torch.autograd.Function):
                                            *(at(g, b0) for g in grads), dqkv.data_ptr() + b0 * T * 3 * H * D * size,
                                            b1 - b0, T, H, D, NORM_EPS, th))
         return dqkv, None
+
+
+@torch.compiler.disable
+def gated_rmsnorm(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """gated_rmsnorm_reference (RMSNorm(o) * weight * silu(gate) over the last dim) in one
+    compiled pass each way. o, gate [B, T, H, D] (o may be a view with any strides but a
+    unit last one, e.g. the KDA's [B, H, T, D] output transposed); weight [D]. Returns y
+    [B, T, H, D] contiguous, in o's dtype (float32 or float64)."""
+    return GatedNormFn.apply(o, gate, weight, float(eps))
+
+
+def gated_rmsnorm_serves(o: torch.Tensor, gate: torch.Tensor) -> bool:
+    """Whether gated_rmsnorm takes these: float32 CPU tensors (the reference computes in
+    float32), four dims, o's last dim unit-strided, D within the loop's row buffers."""
+    return (o.dtype == gate.dtype == torch.float32 and o.dim() == 4 and o.stride(-1) == 1 and serves(o, gate)
+            and o.shape[-1] <= library("gated_norm").gated_norm_max_dim())
+
+
+class GatedNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, gate, weight, eps):
+        if o.stride(-1) != 1:
+            o = o.contiguous()
+        gate, w = gate.contiguous(), weight.to(o.dtype).contiguous()
+        B, T, H, D = o.shape
+        sb, st, sh, _ = o.stride()
+        y, rstd = torch.empty(B, T, H, D, dtype=o.dtype), torch.empty(B, T, H, dtype=o.dtype)
+        fn, es = compiled("gated_norm", "gated_norm_forward", o.dtype), o.element_size()
+        run_rows(B, lambda _, b0, b1, th: fn(o.data_ptr() + b0 * sb * es, sb, st, sh,
+                                             gate.data_ptr() + b0 * T * H * D * es, w.data_ptr(),
+                                             y.data_ptr() + b0 * T * H * D * es, rstd.data_ptr() + b0 * T * H * es,
+                                             b1 - b0, T, H, D, eps, th))
+        ctx.save_for_backward(o, gate, w, rstd)
+        ctx.weight_dtype = weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        o, gate, w, rstd = ctx.saved_tensors
+        gy = gy.to(o.dtype).contiguous()
+        B, T, H, D = o.shape
+        sb, st, sh, _ = o.stride()
+        go = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype)  # o's layout: its transpose stays contiguous
+        ggate, gw = torch.empty_like(gate), torch.empty(B * T, D, dtype=o.dtype)
+        fn, es = compiled("gated_norm", "gated_norm_backward", o.dtype), o.element_size()
+        run_rows(B, lambda _, b0, b1, th: fn(o.data_ptr() + b0 * sb * es, sb, st, sh,
+                                             gate.data_ptr() + b0 * T * H * D * es, w.data_ptr(),
+                                             rstd.data_ptr() + b0 * T * H * es, gy.data_ptr() + b0 * T * H * D * es,
+                                             go.data_ptr() + b0 * sb * es, ggate.data_ptr() + b0 * T * H * D * es,
+                                             gw.data_ptr() + b0 * T * D * es, b1 - b0, T, H, D, th))
+        return go, ggate, gw.sum(0).to(ctx.weight_dtype), None

@@ -17,29 +17,12 @@
 #include <string.h>
 
 #include "parallel.h"
-
-/* e^x for float x in [-87, 88], to about 1.5 ulp, in arithmetic a compiler vectorises
- * (Cody-Waite reduction by ln 2, a degree-5 polynomial, the power of two by its bits). */
-static inline float kda_expf(float x) {
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * (r * r) + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
-}
+#include "vec_math.h"
 
 #define MAXD 256 /* the largest dk, dv the variants for any size take */
 
 #define REAL float
-#define EXP kda_expf
+#define EXP exp_f32
 #define ATTR
 #define FIXED 0
 #define NAME(x) x##_f32

@@ -145,9 +145,13 @@ def kda_step(q, k, v, log_alpha, beta, state=None, scale=None, reset=None, mode:
 
 
 def gated_rmsnorm(o, gate, weight, eps: float, mode: str = "auto"):
-    """RMSNorm(o) * weight * silu(gate) over the last dim, float32 out."""
+    """RMSNorm(o) * weight * silu(gate) over the last dim, float32 out. Without a CUDA kernel,
+    float32 CPU tensors go through model/cpu_kernels.py's compiled pass, the rest through
+    the reference."""
     be = _backend(mode, o)
     if be is None:
+        if cpu_kernels.gated_rmsnorm_serves(o, gate):
+            return cpu_kernels.gated_rmsnorm(o, gate, weight, eps)
         return gated_rmsnorm_reference(o, gate, weight, eps)
     return ops.gated_rmsnorm_fused(o, gate, weight, eps)
 

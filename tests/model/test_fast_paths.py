@@ -173,8 +173,8 @@ def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, t
 
 
 def _compiled_loops_results(seed: int) -> list[torch.Tensor]:
-    """Outputs and input gradients of the three compiled loops (LIF with modulation and
-    resets, ShortConv's conv, the q/k/v split) on one set of random inputs."""
+    """Outputs and input gradients of the compiled loops (LIF with modulation and resets,
+    ShortConv's conv, the q/k/v split, the gated RMSNorm) on one set of random inputs."""
     g = torch.Generator().manual_seed(seed)
     drive = (torch.randn(5, 33, 3, 8, generator=g) * 0.6 + 0.3).requires_grad_()
     a = torch.rand(5, 33, 3, 8, generator=g).requires_grad_()
@@ -183,9 +183,11 @@ def _compiled_loops_results(seed: int) -> list[torch.Tensor]:
     xx = torch.randn(5, 36, 24, generator=g, requires_grad=True)
     w = torch.randn(24, 4, generator=g, requires_grad=True)
     outs = [*cpu_kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, None, reset, 5.0),
-            cpu_kernels.short_conv(xx, w), *cpu_kernels.split_heads(xx[:, :, :18], 3)]
+            cpu_kernels.short_conv(xx, w), *cpu_kernels.split_heads(xx[:, :, :18], 3),
+            cpu_kernels.gated_rmsnorm(xx[:, :33].unflatten(-1, (3, 8)), drive, w[:8, 0], 1e-6)]
     weights = [torch.randn(t.shape, generator=g) for t in outs]
     grads = torch.autograd.grad(sum((t * u).sum() for t, u in zip(outs, weights)), [drive, a, beta_logit, xx, w])
+    assert all(g.abs().sum() > 0 for g in grads)
     return [t.detach() for t in outs] + list(grads)
 
 
@@ -208,6 +210,50 @@ def test_compiled_loops_give_the_same_bits_however_they_are_threaded(monkeypatch
     for a, b, c in zip(single, as_built, pooled):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         torch.testing.assert_close(c, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gated_rmsnorm_compiled_matches_its_reference_with_gradients(dtype):
+    """The gated RMSNorm in one compiled pass each way equals RMSNorm(o) * weight *
+    silu(gate) by PyTorch, values and the gradients of o, gate and weight, with o read
+    through a transposed view (the KDA's [B, H, T, D] output) and its gradient returned in
+    that layout. Large gates (|g| > 88, where e^-g leaves float range) included."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(9)
+    o = torch.randn(3, 2, 7, 16, generator=g, dtype=dtype).requires_grad_()  # [B, H, T, D]
+    gate = (torch.randn(3, 7, 2, 16, generator=g, dtype=dtype) * 3).requires_grad_()
+    with torch.no_grad():
+        gate[0, 0, 0, :3] = torch.tensor([-120.0, 95.0, -30.0], dtype=dtype)
+    weight = (torch.rand(16, generator=g, dtype=dtype) + 0.5).requires_grad_()
+    got = cpu_kernels.gated_rmsnorm(o.transpose(1, 2), gate, weight, 1e-6)
+    want = F.rms_norm(o.transpose(1, 2), (16,), weight, 1e-6) * F.silu(gate)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(got, want, **tol)
+    w = torch.randn(want.shape, generator=g, dtype=dtype)
+    ga = torch.autograd.grad((got * w).sum(), [o, gate, weight])
+    gb = torch.autograd.grad((want * w).sum(), [o, gate, weight])
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_spike_kda_norm_takes_the_compiled_pass_for_float32_on_cpu(monkeypatch):
+    """kernels.gated_rmsnorm (what Spike-KDA calls) runs the compiled pass for float32 CPU
+    tensors and the reference otherwise; both give the same values."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    from model import kernels
+    from model.kernels.reference import gated_rmsnorm_reference
+
+    calls = []
+    real = cpu_kernels.gated_rmsnorm
+    monkeypatch.setattr(cpu_kernels, "gated_rmsnorm", lambda *a: calls.append(1) or real(*a))
+    o, gate, w = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), torch.rand(8)
+    got = kernels.gated_rmsnorm(o, gate, w, 1e-6)
+    assert calls == [1]
+    torch.testing.assert_close(got, gated_rmsnorm_reference(o, gate, w, 1e-6))
+    kernels.gated_rmsnorm(o.bfloat16(), gate.bfloat16(), w, 1e-6)
+    assert calls == [1]
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
