@@ -165,6 +165,8 @@ static ATTR void NAME(head_backward)(const REAL *q, const REAL *k, const REAL *v
     CHUNK_VIEWS(c, w);
     REAL *dS = w; w += DK * DV;      /* the gradient of the state after the chunk */
     REAL *dSp = w; w += DK * DV;     /* ... and before it */
+    REAL *ST = w; w += DK * DV;      /* S^T, dS^T [DV, DK] */
+    REAL *dST = w; w += DK * DV;
     REAL *dX = w; w += C * RW;       /* [dU | dW] */
     REAL *dR = w; w += C * RW;
     REAL *dQg = w; w += C * DK; REAL *dKg = w; w += C * DK; REAL *dKi = w; w += C * DK;
@@ -179,6 +181,11 @@ static ATTR void NAME(head_backward)(const REAL *q, const REAL *k, const REAL *v
         const REAL *vn = v + o * DV, *bn = beta + o, *dOn = dO + o * DV;
         const int64_t *sg = seg ? seg + o : NULL;
         NAME(chunk_forward)(&c, q + o * DK, k + o * DK, vn, g + o * DK, bn, sg, S, C, DK, DV, tmp);
+        for (int64_t d = 0; d < DK; ++d) /* S^T and dS^T [DV, DK]: rows for the products with them */
+            for (int64_t j = 0; j < DV; ++j) {
+                ST[j * DK + d] = S[d * DV + j];
+                dST[j * DK + d] = dS[d * DV + j];
+            }
         for (int64_t t = 0; t < C; ++t) {
             REAL *du = dX + t * RW;
             /* dU[t] = sum_{s >= t} Aqk[s, t] dO[s] + sum_d Ke[t, d] dS[d] */
@@ -187,18 +194,18 @@ static ATTR void NAME(head_backward)(const REAL *q, const REAL *k, const REAL *v
                 for (int64_t d = 0; d < DK; ++d) tmp[d] = c.Ki[t * DK + d] * c.EC[d];
                 NAME(row_mix)(du, du, (REAL)1, tmp, 1, dS, DV, DK, DV);
             }
-            /* dQs[t, d] = dO[t] . S[d] (into dQg, masked by sees); dKe[t, d] = U[t] . dS[d] (last segment) */
-            for (int64_t d = 0; d < DK; ++d) {
-                dQg[t * DK + d] = c.sees[t] != 0 ? NAME(dot)(dOn + t * DV, S + d * DV, DV) : (REAL)0;
-                dKe[t * DK + d] = c.last[t] != 0 ? NAME(dot)(c.U + t * DV, dS + d * DV, DV) : (REAL)0;
-            }
+            /* dQs[t] = dO[t] S^T (into dQg, masked by sees); dKe[t] = U[t] dS^T (last segment) */
+            NAME(row_mix)(dQg + t * DK, NULL, (REAL)0, dOn + t * DV, 1, ST, DK, c.sees[t] != 0 ? DV : 0, DK);
+            NAME(row_mix)(dKe + t * DK, NULL, (REAL)0, c.U + t * DV, 1, dST, DK, c.last[t] != 0 ? DV : 0, DK);
             /* dAqk[t, i <= t] = dO[t] . U[i] (same segment) */
             for (int64_t i = 0; i < C; ++i)
                 dAqk[t * C + i] = i <= t && (!sg || sg[i] == sg[t]) ? NAME(dot)(dOn + t * DV, c.U + i * DV, DV) : (REAL)0;
         }
-        /* dW[t, d] = -dU[t] . S[d] */
-        for (int64_t t = 0; t < C; ++t)
-            for (int64_t d = 0; d < DK; ++d) dX[t * RW + DV + d] = -NAME(dot)(dX + t * RW, S + d * DV, DV);
+        /* dW[t] = -dU[t] S^T */
+        for (int64_t t = 0; t < C; ++t) {
+            for (int64_t j = 0; j < DV; ++j) tmp[j] = -dX[t * RW + j];
+            NAME(row_mix)(dX + t * RW + DV, NULL, (REAL)0, tmp, 1, ST, DK, DV, DK);
+        }
         /* ddec[d] = dS[d] . S[d]; dS_prev[d] = dec_d dS[d] + sum_t (Qs[t, d] dO[t] - W[t, d] dU[t]) */
         for (int64_t d = 0; d < DK; ++d) {
             ddec[d] = NAME(dot)(dS + d * DV, S + d * DV, DV);
