@@ -293,6 +293,7 @@ def gated_rmsnorm(o: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps
     return GatedNormFn.apply(o, gate, weight, float(eps))
 
 
+@torch.compiler.disable
 def gated_rmsnorm_serves(o: torch.Tensor, gate: torch.Tensor) -> bool:
     """Whether gated_rmsnorm takes these: float32 CPU tensors (the reference computes in
     float32), four dims, o's last dim unit-strided, D within the loop's row buffers."""

@@ -16,6 +16,7 @@ import torch
 from . import cpu_kernels
 
 
+@torch.compiler.disable
 def takes(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether kda_chunk_cpu serves these inputs: CPU tensors, the compiled loops built, head
     sizes within the loops' limit. (Any float dtype: kda_chunk computes in float32.)"""
