@@ -8,7 +8,6 @@ specification, and tests compare them.
 """
 from __future__ import annotations
 
-import ctypes
 from typing import Optional
 
 import torch

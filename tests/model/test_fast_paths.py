@@ -13,7 +13,7 @@ from model import cpu_kernels, native
 from model.kda import _unit_lower_inverse, _unit_lower_solve, kda_chunk, kda_recurrent
 from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
-from .test_kda import assert_same, kda_path, make_inputs, run_and_grad  # noqa: F401 (kda_path: a fixture)
+from .test_kda import assert_same, make_inputs, run_and_grad
 
 
 def assert_chunk_matches_recurrent(inputs, reset, **chunk_kw):
