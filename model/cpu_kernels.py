@@ -74,6 +74,11 @@ def _build(name: str) -> tuple[ctypes.CDLL, bool]:
     return lib, bool(lib.cpu_kernels_openmp())
 
 
+def row_pointer(element_size: int) -> Callable:
+    """at(t, row, per): the address of row `row` of t (rows of `per` elements), None for None."""
+    return lambda t, row, per: None if t is None else t.data_ptr() + row * per * element_size
+
+
 def threads_for(rows: int) -> int:
     """How many parts run_rows(rows, ...) may run at once (per-part scratch is sized by it)."""
     return max(1, torch.get_num_threads() if _state["openmp"] else min(torch.get_num_threads(), rows))
@@ -175,7 +180,7 @@ class LIFModulateFn(torch.autograd.Function):
         m = torch.empty(B, H, D, dtype=x.dtype).copy_(membrane)
         k = None if keep is None else keep.contiguous()
         fn = compiled("lif_scan", "lif_modulate_forward", x.dtype)
-        at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
+        at = row_pointer(size)
         run_rows(B, lambda _, b0, b1, th: fn(at(x, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
                                            at(v_all, b0, T * N), at(spikes, b0, T * N), at(log_alpha, b0, T * N),
                                            at(beta, b0, T * H), at(m, b0, N), b1 - b0, T, H, D, decay, threshold, th))
@@ -195,7 +200,7 @@ class LIFModulateFn(torch.autograd.Function):
         grad_drive, grad_a = torch.empty_like(v_all), None if a is None else torch.empty_like(v_all)
         grad_bl, grad_m0 = torch.empty(B, T, H, dtype=v_all.dtype), torch.empty(B, H, D, dtype=v_all.dtype)
         fn = compiled("lif_scan", "lif_modulate_backward", v_all.dtype)
-        at = lambda t, b0, per: None if t is None else t.data_ptr() + b0 * per * size  # noqa: E731
+        at = row_pointer(size)
         run_rows(B, lambda _, b0, b1, th: fn(at(v_all, b0, T * N), at(a, b0, T * N), at(bl, b0, T * H), at(k, b0, T),
                                            at(g_spikes, b0, T * N), at(g_m, b0, N), at(g_log_alpha, b0, T * N),
                                            at(g_beta, b0, T * H), at(grad_drive, b0, T * N), at(grad_a, b0, T * N),

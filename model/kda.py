@@ -532,11 +532,8 @@ def kda_chunk(
     Same arguments and results as `kda_recurrent`; differentiable in every input.
     """
     B, H, T, dk = q.shape
-    if kda_cpu.takes(q, v):  # CPU: the compiled loops, when no chunk decays by more than e^-80
-        out = _kda_chunk_compiled(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)
-        if out is not None:
-            return out
-    if q.device.type == "cpu" and B > 1 and B * H * T * dk > _CPU_GROUP_ELEMENTS:
+    compiled = kda_cpu.takes(q, v)  # CPU: the usual case as model/kda_cpu.py's compiled loop
+    if not compiled and q.device.type == "cpu" and B > 1 and B * H * T * dk > _CPU_GROUP_ELEMENTS:
         # on CPU, a few streams at a time: each group's tensors stay in cache between the many
         # passes over them (a training step at the bench shape 10-15% faster than with the whole batch at once)
         per = max(1, _CPU_GROUP_ELEMENTS // (H * T * dk))
@@ -562,10 +559,13 @@ def kda_chunk(
         if reset is not None:
             reset = torch.nn.functional.pad(reset, (0, pad))
     N = (T + pad) // C
-    q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, d]
-    beta = beta.unflatten(2, (N, C))  # [B, H, N, C]
     seg = None if reset is None else reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
     S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
+    if fast and compiled:
+        o, S = kda_cpu.kda_chunk_cpu(q, k, v, g, beta, S0, None if seg is None else seg.flatten(2), C)
+        return o[:, :, :T].to(dtype), S
+    q, k, v, g = (x.unflatten(2, (N, C)) for x in (q, k, v, g))  # [B, H, N, C, d]
+    beta = beta.unflatten(2, (N, C))  # [B, H, N, C]
     if fast:  # the usual case: scores as two matmuls per chunk
         o, S = _KDAChunkFn.apply(q, k, v, g, beta, S0, seg, _sub_chunk(C))
         return o.flatten(2, 3)[:, :, :T].to(dtype), S
@@ -593,26 +593,3 @@ def kda_chunk(
 
     o, S = _ChunkStates.apply(u_free, w, q_s0, Aqk, k_end, decay_end, S0)
     return o.flatten(2, 3)[:, :, :T].to(dtype), S
-
-
-def _kda_chunk_compiled(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size):
-    """kda_chunk by model/kda_cpu.py's compiled loops (CPU), or None when some chunk of
-    every size _factorable_chunk tries decays by more than e^-80 (then the PyTorch forms)."""
-    B, H, T, dk = q.shape
-    dv, dtype = v.shape[-1], v.dtype
-    scale = dk ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, log_alpha, beta))
-    C = _factorable_chunk(g, chunk_size, _FACTOR_MAX)
-    if C is None:
-        return None
-    reset = _reset_bht(reset, B, H, T)
-    pad = (-T) % C
-    if pad:  # padded tokens: no decay (g = 0) and no write (beta = 0) leave the state as is
-        q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
-        beta = torch.nn.functional.pad(beta, (0, pad))
-        if reset is not None:
-            reset = torch.nn.functional.pad(reset, (0, pad))
-    seg = None if reset is None else reset.unflatten(2, (-1, C)).long().cumsum(-1).flatten(2)  # [B, H, T']
-    S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
-    o, S = kda_cpu.kda_chunk_cpu(q * scale, k, v, g, beta, S0, seg, C)
-    return o[:, :, :T].to(dtype), S

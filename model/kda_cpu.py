@@ -52,7 +52,7 @@ class KDAChunkCPU(torch.autograd.Function):
         starts = torch.empty(B, H, N, dk, dv, dtype=dtype)
         work, size = _work(chunk, dk, dv, BH, dtype)
         fn, es = cpu_kernels.compiled("kda_chunk", "kda_chunk_forward", dtype), q.element_size()
-        at = _pointer(es)
+        at = cpu_kernels.row_pointer(es)
         cpu_kernels.run_rows(BH, lambda part, r0, r1, th: fn(
             at(q, r0, T * dk), at(k, r0, T * dk), at(v, r0, T * dv), at(g, r0, T * dk), at(beta, r0, T),
             None if seg is None else seg.data_ptr() + r0 * T * 8, at(S0, r0, dk * dv), at(O, r0, T * dv),
@@ -76,7 +76,7 @@ class KDAChunkCPU(torch.autograd.Function):
         dS0 = torch.empty(B, H, dk, dv, dtype=dtype)
         work, size = _work(chunk, dk, dv, BH, dtype)
         fn, es = cpu_kernels.compiled("kda_chunk", "kda_chunk_backward", dtype), q.element_size()
-        at = _pointer(es)
+        at = cpu_kernels.row_pointer(es)
         cpu_kernels.run_rows(BH, lambda part, r0, r1, th: fn(
             at(q, r0, T * dk), at(k, r0, T * dk), at(v, r0, T * dv), at(g, r0, T * dk), at(beta, r0, T),
             None if seg is None else seg.data_ptr() + r0 * T * 8, at(starts, r0, N * dk * dv),
@@ -84,8 +84,3 @@ class KDAChunkCPU(torch.autograd.Function):
             at(dv_, r0, T * dv), at(dg, r0, T * dk), at(dbeta, r0, T), at(dS0, r0, dk * dv), at(work, part, size),
             r1 - r0, N, chunk, dk, dv, th))
         return dq, dk_, dv_, dg, dbeta, dS0, None, None
-
-
-def _pointer(element_size: int):
-    """at(t, row, per): the address of row `row` of t (rows of `per` elements), None for None."""
-    return lambda t, row, per: None if t is None else t.data_ptr() + row * per * element_size
