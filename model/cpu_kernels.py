@@ -53,6 +53,14 @@ _state = {"tried": False, "ok": False, "openmp": False}
 _pool: Optional[ThreadPoolExecutor] = None
 
 
+def _announce() -> None:
+    """One line, the first time this process compiles a loop (the cache was empty or stale)."""
+    if not _state.get("announced"):
+        _state["announced"] = True
+        logging.getLogger("model.cpu_kernels").warning(
+            "model.cpu_kernels: compiling the CPU loops (model/csrc_cpu) once for this machine, about half a minute")
+
+
 def _build(name: str) -> tuple[ctypes.CDLL, bool]:
     """csrc_cpu/<name>.c built with OpenMP where the compiler has it, else without; returns
     (library, whether it threads its loops itself)."""
@@ -60,9 +68,9 @@ def _build(name: str) -> tuple[ctypes.CDLL, bool]:
     source = CSRC / f"{name}.c"
     depends = [CSRC / "parallel.h", *(CSRC / h for h in _DEPENDS.get(name, ()))]
     try:
-        lib = native.shared_library(source, compilers, _FLAGS[name] + ["-fopenmp"], depends=depends)
+        lib = native.shared_library(source, compilers, _FLAGS[name] + ["-fopenmp"], depends=depends, on_build=_announce)
     except native.NativeUnavailable:  # e.g. clang without libomp: threads from Python instead
-        lib = native.shared_library(source, compilers, _FLAGS[name], depends=depends)
+        lib = native.shared_library(source, compilers, _FLAGS[name], depends=depends, on_build=_announce)
     lib.cpu_kernels_openmp.restype, lib.cpu_kernels_openmp.argtypes = _I, []
     if name == "gated_norm":
         lib.gated_norm_max_dim.restype, lib.gated_norm_max_dim.argtypes = _I, []

@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
@@ -41,10 +41,11 @@ def cache_root(env: str, default_name: str) -> Path:
 
 
 def shared_library(source: Path, compilers: Sequence[str], flags: Sequence[str], root: Path | None = None,
-                   depends: Sequence[Path] = ()) -> ctypes.CDLL:
+                   depends: Sequence[Path] = (), on_build: Callable[[], None] | None = None) -> ctypes.CDLL:
     """Compile `source` with the first of `compilers` found (None entries skipped, so a
     caller can put `$CC` first) into `root/<hash>/<stem>.so`, once, and load it. The hash
-    covers `source`, the headers it includes (`depends`), the flags and the machine."""
+    covers `source`, the headers it includes (`depends`), the flags and the machine.
+    `on_build` is called when a build is about to start (to say so: builds take a while)."""
     try:
         key = source_hash([source, *depends], " ".join(flags) + platform.machine())
     except OSError as exc:
@@ -57,6 +58,8 @@ def shared_library(source: Path, compilers: Sequence[str], flags: Sequence[str],
             raise NativeUnavailable(f"no compiler ({' or '.join(n for n in compilers if n)}) on PATH")
         out = (root or cache_root("SPIKE_NATIVE_DIR", "hatchling_native")) / key / f"{source.stem}.so"
         if not out.exists():
+            if on_build is not None:
+                on_build()
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
             cmd = [cc, *flags, "-fPIC", "-shared", "-o", str(tmp), str(source)]

@@ -1,6 +1,7 @@
 """The fast paths against their specifications: the LIF's parallel backward (leaky scan
 over chunks, with resets), the compiled CPU loops, the KDA's factored and pairwise
 sub-chunk scores, and the blocked unit-triangular solve. Never timed."""
+import ctypes
 import logging
 from pathlib import Path
 
@@ -354,3 +355,21 @@ def test_lif_modulate_without_alpha_is_the_same_scan(monkeypatch, compiled):
     want_g = torch.autograd.grad(sum((t * u).sum() for t, u in zip((want[0], want[1], want[3]), w)), inputs)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b)
+
+
+def test_a_compiled_loop_is_built_once_and_says_so_when_it_builds(tmp_path, monkeypatch):
+    """native.shared_library compiles a source once per (source, flags, machine), calling
+    on_build just before it does (cpu_kernels prints one line then: a cold build of the
+    KDA loop takes about half a minute); a second process would load the cached build."""
+    if not cpu_kernels.available():
+        pytest.skip("no C compiler here")
+    src = tmp_path / "twice.c"
+    src.write_text("double twice(double x) { return 2 * x; }\n")
+    builds = []
+    compilers = ["cc", "gcc", "clang"]
+    lib = native.shared_library(src, compilers, ["-O2"], root=tmp_path / "cache", on_build=lambda: builds.append(1))
+    lib.twice.restype, lib.twice.argtypes = ctypes.c_double, [ctypes.c_double]
+    assert lib.twice(21.0) == 42.0 and builds == [1]
+    monkeypatch.setattr(native, "_loaded", {})  # as a fresh process: only the file cache is left
+    native.shared_library(src, compilers, ["-O2"], root=tmp_path / "cache", on_build=lambda: builds.append(1))
+    assert builds == [1]
