@@ -76,7 +76,6 @@ def _build(name: str) -> tuple[ctypes.CDLL, bool]:
         lib.gated_norm_max_dim.restype, lib.gated_norm_max_dim.argtypes = _I, []
     if name == "kda_chunk":
         lib.kda_chunk_work_size.restype, lib.kda_chunk_work_size.argtypes = _I, [_I] * 3
-        lib.kda_chunk_avx2.restype, lib.kda_chunk_avx2.argtypes = _I, []
         lib.kda_chunk_max_dim.restype, lib.kda_chunk_max_dim.argtypes = _I, []
         lib.kda_chunk_allow_avx2.restype, lib.kda_chunk_allow_avx2.argtypes = None, [_I]
     return lib, bool(lib.cpu_kernels_openmp())
@@ -135,9 +134,7 @@ def library(name: str) -> ctypes.CDLL:
 
 def compiled(lib: str, name: str, dtype: torch.dtype) -> Callable:
     """The ctypes function `name` of csrc_cpu/<lib>.c for `dtype` (float32 or float64)."""
-    if not available():
-        raise RuntimeError("model.cpu_kernels: the compiled CPU loops are unavailable (see the log)")
-    return getattr(_libs[lib], f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    return getattr(library(lib), f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
 
 
 def run_rows(rows: int, work: Callable[[int, int, int, int], None]) -> None:

@@ -85,9 +85,6 @@ int64_t kda_chunk_work_size(int64_t C, int64_t DK, int64_t DV) {
     return 11 * C * DK + 4 * C * C + 4 * C * RW + 2 * C * DV + 4 * DK + 2 * C + 5 * DK * DV;
 }
 
-/* 1 when the float loops run the AVX2 + FMA variant on this machine. */
-int64_t kda_chunk_avx2(void) { return kda_use_avx2(); }
-
 /* The largest dk and dv the loops take. */
 int64_t kda_chunk_max_dim(void) { return MAXD; }
 
