@@ -34,28 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_kernels, kernels as K
+from . import ops
 from .config import ModelConfig
-
-
-def short_conv_reference(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor,
-                         reset: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The specification of ShortConv's convolution (before SiLU), one lag at a time.
-
-    x [B, T, D]; weight [D, K]; tail [B, K-1, D]; reset [B, T] bool. Returns [B, T, D]:
-    y_t = sum_lag weight[:, K-1-lag] x_{t-lag}, a term dropped when a reset lies in (t-lag, t]."""
-    B, T, D = x.shape
-    K = weight.shape[1]
-    xx = torch.cat([tail.to(x.dtype), x], dim=1)
-    if reset is not None:
-        seg = F.pad(reset.long().cumsum(1), (K - 1, 0))
-    y = x * weight[:, K - 1]
-    for lag in range(1, K):
-        term = xx[:, K - 1 - lag: K - 1 - lag + T] * weight[:, K - 1 - lag]
-        if reset is not None:
-            term = term * (seg[:, K - 1 - lag: K - 1 - lag + T] == seg[:, K - 1:])[..., None]
-        y = y + term
-    return y
 
 
 class ShortConv(nn.Module):
@@ -65,15 +45,15 @@ class ShortConv(nn.Module):
     Returns (y [B, T, D], new tail [B, K-1, D]). Inputs from before a document reset are
     treated as zeros for the positions after it, so the conv never mixes documents.
 
-    One pass over the whole call (model/cpu_kernels.py's compiled loop on CPU, a grouped
-    `conv1d` elsewhere); the few positions whose window reaches back across a reset (at
+    One pass over the whole call (the op `short_conv`: model/ops/dispatch.py picks the
+    compiled C loop on CPU, the Triton kernel on CUDA); the few positions whose window reaches back across a reset (at
     most K-1 per reset) then have the earlier document's terms taken out again, gathered
     by index, so resets cost nothing where there are none.
     """
 
-    def __init__(self, dim: int, size: int):
+    def __init__(self, dim: int, size: int, kernels: str = "auto"):
         super().__init__()
-        self.size = size
+        self.size, self.kernels = size, kernels
         # like nn.Conv1d's default for a depthwise conv: U(-1/sqrt(K), 1/sqrt(K))
         self.weight = nn.Parameter(torch.empty(dim, size).uniform_(-size ** -0.5, size ** -0.5))
 
@@ -84,10 +64,7 @@ class ShortConv(nn.Module):
             tail = x.new_zeros(B, K - 1, D)
         xx = torch.cat([tail.to(x.dtype), x], dim=1)  # [B, K-1+T, D]
         # y_t = sum_j w[j] xx[t + j] (j = K-1 is x_t itself)
-        if cpu_kernels.serves(xx):
-            y = cpu_kernels.short_conv(xx, self.weight)
-        else:
-            y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype)[:, None, :], groups=D).transpose(1, 2)
+        y = ops.short_conv(xx, self.weight, mode=self.kernels)
         new_tail = xx[:, xx.shape[1] - (K - 1):]
         if reset is not None and K > 1:
             # segment id per input position; the tail belongs to segment 0
@@ -114,7 +91,7 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return K.gated_rmsnorm(o, gate, self.weight, self.eps, mode=self.kernels)
+        return ops.gated_rmsnorm(o, gate, self.weight, self.eps, mode=self.kernels)
 
 
 class SpikeKDA(nn.Module):
@@ -130,7 +107,7 @@ class SpikeKDA(nn.Module):
         self.lif_decay, self.lif_threshold, self.slope = cfg.lif_decay, cfg.lif_threshold, cfg.lif_surrogate_slope
         d = cfg.d_model
         self.qkv_proj = nn.Linear(d, 3 * H * dk, bias=False)
-        self.conv = ShortConv(3 * H * dk, cfg.conv_size)
+        self.conv = ShortConv(3 * H * dk, cfg.conv_size, cfg.kernels)
         # LIF drive; the bias is set (see init_special) so that spikes start at ~lif_init_rate
         self.spiking, self.alpha_floor, self.beta_floor = cfg.spiking, cfg.alpha_spike_floor, cfg.beta_spike_floor
         self.drive_proj = nn.Linear(d, H * dk, bias=True) if cfg.spiking else None
@@ -172,14 +149,9 @@ class SpikeKDA(nn.Module):
         H, dk = self.n_heads, self.head_dim
         state = state or {}
         qkv, conv_tail = self.conv(self.qkv_proj(x), state.get("conv"), reset)
-        if cpu_kernels.serves(qkv):  # one compiled pass: head-major q, k, v, with q and k normalised
-            q, k, v = cpu_kernels.split_heads(qkv, H)  # each [B, H, T, dk]
-        else:
-            q, k, v = qkv.view(B, T, 3, H, dk).unbind(2)  # each [B, T, H, dk]
-            q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, T, dk]
+        q, k, v = ops.split_heads(qkv, H, mode=self.kernels)  # each [B, H, T, dk], q and k L2-normalised
 
-        # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift), fused on CUDA with
+        # spikes: LIF neurons in float32 (a membrane summed in bf16 would drift), one op with
         # log_alpha = -a * spikes (silent channel: alpha = 1) and beta = sigmoid(w x) * mean(spikes)
         rate = F.softplus(self.decay_up(self.decay_down(x)).float().view(B, T, H, dk) + self.dt_bias.view(H, dk))
         if self.spiking and self.alpha_floor >= 1:  # every channel forgets at its own rate: log alpha = -a
@@ -189,7 +161,7 @@ class SpikeKDA(nn.Module):
         if self.spiking:
             drive = self.drive_proj(x).float().view(B, T, H, dk)
             beta_logit = self.beta_proj(x).float()
-            spikes, membrane, gated_log_alpha, beta = K.lif_modulate(
+            spikes, membrane, gated_log_alpha, beta = ops.lif_modulate(
                 drive, a, beta_logit, self.lif_decay, self.lif_threshold, state.get("membrane"),
                 reset, self.slope, mode=self.kernels)
             if a is not None:  # log alpha = -a (g + (1 - g) s) = g (-a) + (1 - g) (-a s)
@@ -206,11 +178,11 @@ class SpikeKDA(nn.Module):
         log_alpha, beta = log_alpha.transpose(1, 2), beta.transpose(1, 2)  # [B, H, T, dk], [B, H, T]
         S0 = state.get("S")
         if T == 1:  # decoding: O(1) per token
-            o, S = K.kda_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_alpha[:, :, 0], beta[:, :, 0], S0,
+            o, S = ops.kda_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], log_alpha[:, :, 0], beta[:, :, 0], S0,
                               reset=None if reset is None else reset[:, 0], mode=self.kernels)
             o = o[:, :, None]
-        else:  # fused kernel on CUDA; else the chunked or sequential reference (kda_impl)
-            o, S = K.kda(q, k, v, log_alpha, beta, S0, reset=reset, chunk_size=self.chunk_size, impl=self.impl,
+        else:  # the compiled loop on CPU, fla's chunk_kda on CUDA, else the reference (kda_impl)
+            o, S = ops.kda(q, k, v, log_alpha, beta, S0, reset=reset, chunk_size=self.chunk_size, impl=self.impl,
                          mode=self.kernels)
 
         gate = self.gate_proj(x).view(B, T, H, dk)

@@ -1,6 +1,7 @@
 """The fast paths against their specifications: the LIF's parallel backward (leaky scan
 over chunks, with resets), the compiled CPU loops, the KDA's factored and pairwise
 sub-chunk scores, and the blocked unit-triangular solve. Never timed."""
+import contextlib
 import ctypes
 import logging
 from pathlib import Path
@@ -9,17 +10,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.kda as kda_mod
-from model import cpu_kernels, native
-from model.kda import _unit_lower_inverse, _unit_lower_solve, kda_chunk, kda_recurrent
-from model.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
+import model.ops.reference.kda as kda_mod
+from model import ops
+from model.ops import cpu as cpu_kernels, dispatch
+from model.ops.cpu import build as native
+from model.ops.reference.kda import _unit_lower_inverse, _unit_lower_solve, kda_chunk, kda_recurrent
+from model.ops.reference.layer import gated_rmsnorm_reference, lif_modulate_reference
+from model.ops.reference.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
 from .test_kda import assert_same, make_inputs, run_and_grad
 
 
-def assert_chunk_matches_recurrent(inputs, reset, **chunk_kw):
-    """kda_chunk(**chunk_kw) against kda_recurrent: outputs, final state and every gradient."""
-    o1, s1, g1 = run_and_grad(lambda *a: kda_chunk(*a, reset=reset, **chunk_kw), inputs)
+def assert_chunk_matches_recurrent(inputs, reset, fn=kda_chunk, **chunk_kw):
+    """fn (kda_chunk's contract) with **chunk_kw against kda_recurrent: outputs, final state
+    and every gradient."""
+    o1, s1, g1 = run_and_grad(lambda *a: fn(*a, reset=reset, **chunk_kw), inputs)
     o2, s2, g2 = run_and_grad(lambda *a: kda_recurrent(*a, reset=reset), inputs)
     assert_same(o1, o2)
     assert_same(s1, s2)
@@ -67,7 +72,7 @@ def test_kda_chunk_score_paths_match_recurrent(monkeypatch, factor_max, kda_path
     inputs = make_inputs(T=70)
     reset = torch.zeros(2, 70, dtype=torch.bool)
     reset[0, 20] = reset[1, 45] = True
-    assert_chunk_matches_recurrent(inputs, reset, chunk_size=32)
+    assert_chunk_matches_recurrent(inputs, reset, kda_path, chunk_size=32)
 
 
 @pytest.mark.parametrize("per_token,expect_sub_chunks", [(0.5, False), (3.5, False), (6.0, True)])
@@ -87,7 +92,7 @@ def test_kda_chunk_takes_the_whole_chunk_or_sub_chunk_factoring_by_decay(monkeyp
     inputs = [q, k, v, log_alpha, beta, s0]
     reset = torch.zeros(2, 70, dtype=torch.bool)
     reset[1, 40] = True
-    assert_chunk_matches_recurrent(inputs, reset, chunk_size=32)
+    assert_chunk_matches_recurrent(inputs, reset, kda_path, chunk_size=32)
     assert bool(calls) == expect_sub_chunks
 
 
@@ -107,7 +112,6 @@ def test_kda_chunk_in_groups_of_streams_matches_recurrent(monkeypatch, with_stat
     """On CPU without the compiled loops a large batch runs a few streams at a time (here
     one: the threshold set to one element), with each stream's resets and initial state;
     the same function."""
-    monkeypatch.setattr(kda_mod.kda_cpu, "takes", lambda *t: False)
     monkeypatch.setattr(kda_mod, "_CPU_GROUP_ELEMENTS", 1)
     q, k, v, log_alpha, beta, s0 = make_inputs(B=3, T=40, seed=7)
     reset = torch.zeros(3, 40, dtype=torch.bool)
@@ -149,28 +153,32 @@ def test_kda_chunk_with_a_chunk_of_three_or_five_sub_blocks_matches_recurrent(ch
     inputs = make_inputs(T=100, seed=5)
     reset = torch.zeros(2, 100, dtype=torch.bool)
     reset[0, 30] = reset[1, 77] = True
-    assert_chunk_matches_recurrent(inputs, reset, chunk_size=chunk_size)
+    assert_chunk_matches_recurrent(inputs, reset, kda_path, chunk_size=chunk_size)
 
 
-def test_without_a_compiler_the_pytorch_paths_run_and_say_so_once(monkeypatch, tmp_path, caplog):
-    """No C compiler: one log line, and lif_modulate (what Spike-KDA calls) is the reference."""
-    from model import kernels
-    from model.kernels.reference import lif_modulate_reference
-
+def test_without_a_compiler_the_references_run_and_say_so(monkeypatch, tmp_path, caplog):
+    """No C compiler: one log line says the loops are unavailable, and lif_modulate (what
+    Spike-KDA calls) runs the PyTorch form, with the same results as the reference; the
+    report says so."""
     monkeypatch.setattr(cpu_kernels, "_state", {"tried": False, "ok": False, "openmp": False})
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
+    dispatch.reset_for_tests()
     g = torch.Generator().manual_seed(2)
     drive = torch.randn(2, 40, 2, 3, generator=g) * 0.5 + 0.3
     a, beta_logit = torch.rand(2, 40, 2, 3, generator=g), torch.randn(2, 40, 2, generator=g)
-    with caplog.at_level(logging.WARNING, logger="model.cpu_kernels"):
-        for _ in range(2):
-            got = kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, mode="reference")
-    assert not cpu_kernels.available()
-    assert sum("PyTorch paths" in r.getMessage() for r in caplog.records) == 1
+    try:
+        with caplog.at_level(logging.WARNING, logger="model.ops"):
+            for _ in range(2):
+                got = ops.lif_modulate(drive, a, beta_logit, 0.9, 1.0)
+        assert not cpu_kernels.available()
+        assert sum("CPU loops unavailable" in r.getMessage() for r in caplog.records) == 1
+        assert ops.report()["lif_modulate"].startswith("PyTorch reference (cpu, float32; compiled C loop: no C compiler")
+    finally:
+        dispatch.reset_for_tests()
     for x, y in zip(got, lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0)):
-        assert torch.equal(x, y)
+        torch.testing.assert_close(x, y)
 
 
 def _compiled_loops_results(seed: int) -> list[torch.Tensor]:
@@ -183,13 +191,23 @@ def _compiled_loops_results(seed: int) -> list[torch.Tensor]:
     reset = torch.rand(5, 33, generator=g) < 0.1
     xx = torch.randn(5, 36, 24, generator=g, requires_grad=True)
     w = torch.randn(24, 4, generator=g, requires_grad=True)
-    outs = [*cpu_kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, None, reset, 5.0),
-            cpu_kernels.short_conv(xx, w), *cpu_kernels.split_heads(xx[:, :, :18], 3),
-            cpu_kernels.gated_rmsnorm(xx[:, :33].unflatten(-1, (3, 8)), drive, w[:8, 0], 1e-6)]
-    weights = [torch.randn(t.shape, generator=g) for t in outs]
-    grads = torch.autograd.grad(sum((t * u).sum() for t, u in zip(outs, weights)), [drive, a, beta_logit, xx, w])
+    with forced_cpu():
+        outs = [*ops.lif_modulate(drive, a, beta_logit, 0.9, 1.0, None, reset, 5.0),
+                ops.short_conv(xx, w), *ops.split_heads(xx[:, :, :18], 3),
+                ops.gated_rmsnorm(xx[:, :33].unflatten(-1, (3, 8)), drive, w[:8, 0], 1e-6)]
+        weights = [torch.randn(t.shape, generator=g) for t in outs]
+        grads = torch.autograd.grad(sum((t * u).sum() for t, u in zip(outs, weights)), [drive, a, beta_logit, xx, w])
     assert all(g.abs().sum() > 0 for g in grads)
     return [t.detach() for t in outs] + list(grads)
+
+
+@contextlib.contextmanager
+def forced_cpu(*ops_):
+    """The compiled C loops forced for these ops (all by default), unchecked."""
+    with contextlib.ExitStack() as stack:
+        for op in ops_ or ("lif_modulate", "short_conv", "split_heads", "gated_rmsnorm", "kda"):
+            stack.enter_context(dispatch.forcing(op, "cpu"))
+        yield
 
 
 def test_compiled_loops_give_the_same_bits_however_they_are_threaded(monkeypatch):
@@ -216,7 +234,8 @@ def test_compiled_loops_give_the_same_bits_however_they_are_threaded(monkeypatch
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_gated_rmsnorm_compiled_matches_its_reference_with_gradients(dtype):
     """The gated RMSNorm in one compiled pass each way equals RMSNorm(o) * weight *
-    silu(gate) by PyTorch, values and the gradients of o, gate and weight, with o read
+    silu(gate) by PyTorch (float64: the PyTorch kernel form, the loop takes float32), values
+    and the gradients of o, gate and weight, with o read
     through a transposed view (the KDA's [B, H, T, D] output) and its gradient returned in
     that layout. Large gates (|g| > 88, where e^-g leaves float range) included."""
     if not cpu_kernels.available():
@@ -227,34 +246,31 @@ def test_gated_rmsnorm_compiled_matches_its_reference_with_gradients(dtype):
     with torch.no_grad():
         gate[0, 0, 0, :3] = torch.tensor([-120.0, 95.0, -30.0], dtype=dtype)
     weight = (torch.rand(16, generator=g, dtype=dtype) + 0.5).requires_grad_()
-    got = cpu_kernels.gated_rmsnorm(o.transpose(1, 2), gate, weight, 1e-6)
+    with forced_cpu("gated_rmsnorm") if dtype == torch.float32 else dispatch.forcing("gated_rmsnorm", "reference"):
+        got = ops.gated_rmsnorm(o.transpose(1, 2), gate, weight, 1e-6)
     want = F.rms_norm(o.transpose(1, 2), (16,), weight, 1e-6) * F.silu(gate)
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(got, want, **tol)
     w = torch.randn(want.shape, generator=g, dtype=dtype)
-    ga = torch.autograd.grad((got * w).sum(), [o, gate, weight])
+    with forced_cpu("gated_rmsnorm") if dtype == torch.float32 else dispatch.forcing("gated_rmsnorm", "reference"):
+        ga = torch.autograd.grad((got * w).sum(), [o, gate, weight])
     gb = torch.autograd.grad((want * w).sum(), [o, gate, weight])
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_spike_kda_norm_takes_the_compiled_pass_for_float32_on_cpu(monkeypatch):
-    """kernels.gated_rmsnorm (what Spike-KDA calls) runs the compiled pass for float32 CPU
-    tensors and the reference otherwise; both give the same values."""
+def test_spike_kda_norm_takes_the_compiled_pass_for_float32_on_cpu():
+    """ops.gated_rmsnorm (what Spike-KDA calls) runs the compiled pass for float32 CPU
+    tensors and the PyTorch form for bf16; the report names both."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler here")
-    from model import kernels
-    from model.kernels.reference import gated_rmsnorm_reference
-
-    calls = []
-    real = cpu_kernels.gated_rmsnorm
-    monkeypatch.setattr(cpu_kernels, "gated_rmsnorm", lambda *a: calls.append(1) or real(*a))
+    dispatch.reset_for_tests()
     o, gate, w = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), torch.rand(8)
-    got = kernels.gated_rmsnorm(o, gate, w, 1e-6)
-    assert calls == [1]
+    got = ops.gated_rmsnorm(o, gate, w, 1e-6)
     torch.testing.assert_close(got, gated_rmsnorm_reference(o, gate, w, 1e-6))
-    kernels.gated_rmsnorm(o.bfloat16(), gate.bfloat16(), w, 1e-6)
-    assert calls == [1]
+    ops.gated_rmsnorm(o.bfloat16(), gate.bfloat16(), w, 1e-6)
+    assert ops.report()["gated_rmsnorm"] == ("compiled C loop (cpu, float32); PyTorch reference "
+                                             "(cpu, bfloat16; compiled C loop: no bfloat16 loop)")
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
@@ -263,7 +279,8 @@ def test_openmp_loops_join_torchs_runtime():
     (one libgomp in the process, so one thread team), not a second copy."""
     if not cpu_kernels.available() or not cpu_kernels._state["openmp"]:
         pytest.skip("the compiled loops are built without OpenMP here")
-    cpu_kernels.short_conv(torch.randn(2, 9, 4), torch.randn(4, 2))
+    with forced_cpu("short_conv"):
+        ops.short_conv(torch.randn(2, 9, 4), torch.randn(4, 2))
     runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
                 if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
@@ -279,7 +296,8 @@ def test_split_heads_is_normalize_and_transpose_with_gradients(dtype):
     x = torch.randn(3, 7, 3 * 2 * 5, generator=g, dtype=dtype)
     x[0, 0, :5] = 1e-14  # a q row below eps: y = x / eps, linear
     x.requires_grad_()
-    got = cpu_kernels.split_heads(x, 2)
+    with forced_cpu("split_heads"):
+        got = ops.split_heads(x, 2)
     q, k, v = x.view(3, 7, 3, 2, 5).unbind(2)
     want = [F.normalize(q, dim=-1).transpose(1, 2), F.normalize(k, dim=-1).transpose(1, 2), v.transpose(1, 2)]
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
@@ -287,7 +305,8 @@ def test_split_heads_is_normalize_and_transpose_with_gradients(dtype):
         assert a.is_contiguous()
         torch.testing.assert_close(a, b, **tol)
     w = [torch.randn(t.shape, generator=g, dtype=dtype) for t in want]
-    ga, = torch.autograd.grad(sum((a * u).sum() for a, u in zip(got, w)), x)
+    with forced_cpu("split_heads"):
+        ga, = torch.autograd.grad(sum((a * u).sum() for a, u in zip(got, w)), x)
     gb, = torch.autograd.grad(sum((b * u).sum() for b, u in zip(want, w)), x)
     tiny = torch.zeros_like(ga, dtype=torch.bool)
     tiny[0, 0, :5] = True  # its gradient is dy / eps, ~1e12: compared relatively
@@ -302,16 +321,14 @@ def test_lif_modulate_compiled_matches_its_reference_with_gradients(dtype):
     (drive, a, beta_logit, membrane) to rounding, resets included."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler here")
-    from model import kernels
-    from model.kernels.reference import lif_modulate_reference
-
     g = torch.Generator().manual_seed(5)
     drive = (torch.randn(3, 40, 2, 6, generator=g, dtype=dtype) * 0.6 + 0.3).requires_grad_()
     a = torch.rand(3, 40, 2, 6, generator=g, dtype=dtype).requires_grad_()
     beta_logit = torch.randn(3, 40, 2, generator=g, dtype=dtype).requires_grad_()
     m0 = torch.randn(3, 2, 6, generator=g, dtype=dtype).requires_grad_()
     reset = torch.rand(3, 40, generator=g) < 0.1
-    got = kernels.lif_modulate(drive, a, beta_logit, 0.9, 1.0, m0, reset, 5.0, mode="reference")
+    with forced_cpu("lif_modulate"):
+        got = ops.lif_modulate(drive, a, beta_logit, 0.9, 1.0, m0, reset, 5.0)
     want = lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0, m0, reset, 5.0)
     assert torch.equal(got[0], want[0])
     # the reference takes sigmoid(beta_logit) in float32 whatever the dtype
@@ -320,30 +337,28 @@ def test_lif_modulate_compiled_matches_its_reference_with_gradients(dtype):
         torch.testing.assert_close(x, y, **tol)
     w = [torch.randn(t.shape, generator=g, dtype=dtype) for t in want]
     inputs = [drive, a, beta_logit, m0]
-    g1 = torch.autograd.grad(sum((t * u).sum() for t, u in zip(got, w)), inputs)
+    with forced_cpu("lif_modulate"):
+        g1 = torch.autograd.grad(sum((t * u).sum() for t, u in zip(got, w)), inputs)
     g2 = torch.autograd.grad(sum((t * u).sum() for t, u in zip(want, w)), inputs)
     for x, y in zip(g1, g2):
         torch.testing.assert_close(x, y, **tol)
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-def test_lif_modulate_without_alpha_is_the_same_scan(monkeypatch, compiled):
+def test_lif_modulate_without_alpha_is_the_same_scan(compiled):
     """a = None (Spike-KDA with alpha_spike_floor 1: forgetting not gated by spikes): the
     same spikes, membrane and beta, and the same gradients of drive, beta_logit and the
-    membrane, as the modulated scan; log_alpha comes back None. Compiled loop and reference."""
-    from model import kernels
-    from model.kernels.reference import lif_modulate_reference
-
+    membrane, as the modulated scan; log_alpha comes back None. Compiled loop and PyTorch form."""
     if compiled and not cpu_kernels.available():
         pytest.skip("no C compiler here")
-    if not compiled:
-        monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
     g = torch.Generator().manual_seed(8)
     drive = (torch.randn(2, 30, 2, 5, generator=g) * 0.6 + 0.3).requires_grad_()
     beta_logit = torch.randn(2, 30, 2, generator=g).requires_grad_()
     m0 = torch.randn(2, 2, 5, generator=g).requires_grad_()
     reset = torch.rand(2, 30, generator=g) < 0.1
-    spikes, m, log_alpha, beta = kernels.lif_modulate(drive, None, beta_logit, 0.9, 1.0, m0, reset, 5.0)
+    impl = dispatch.forcing("lif_modulate", "cpu" if compiled else "reference")
+    with impl:
+        spikes, m, log_alpha, beta = ops.lif_modulate(drive, None, beta_logit, 0.9, 1.0, m0, reset, 5.0)
     want = lif_modulate_reference(drive, torch.rand(drive.shape, generator=g), beta_logit, 0.9, 1.0, m0, reset, 5.0)
     assert log_alpha is None
     assert torch.equal(spikes, want[0])
@@ -351,15 +366,16 @@ def test_lif_modulate_without_alpha_is_the_same_scan(monkeypatch, compiled):
     torch.testing.assert_close(beta, want[3])
     w = [torch.randn(t.shape, generator=g) for t in (spikes, m, beta)]
     inputs = [drive, beta_logit, m0]
-    got_g = torch.autograd.grad(sum((t * u).sum() for t, u in zip((spikes, m, beta), w)), inputs)
+    with dispatch.forcing("lif_modulate", "cpu" if compiled else "reference"):
+        got_g = torch.autograd.grad(sum((t * u).sum() for t, u in zip((spikes, m, beta), w)), inputs)
     want_g = torch.autograd.grad(sum((t * u).sum() for t, u in zip((want[0], want[1], want[3]), w)), inputs)
     for a, b in zip(got_g, want_g):
         torch.testing.assert_close(a, b)
 
 
 def test_a_compiled_loop_is_built_once_and_says_so_when_it_builds(tmp_path, monkeypatch):
-    """native.shared_library compiles a source once per (source, flags, machine), calling
-    on_build just before it does (cpu_kernels prints one line then: a cold build of the
+    """build.shared_library compiles a source once per (source, flags, machine), calling
+    on_build just before it does (model/ops/cpu prints one line then: a cold build of the
     KDA loop takes about half a minute); a second process would load the cached build."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler here")

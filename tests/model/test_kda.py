@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import cpu_kernels, kda_cpu
 from model.config import ModelConfig
-from model.kda import kda_chunk, kda_recurrent, kda_step
-from model.lif import lif_scan, lif_scan_reference
-from model.spike_kda import ShortConv, SpikeKDA, short_conv_reference
+from model.ops import cpu, dispatch
+from model.ops.reference.kda import kda_recurrent, kda_step
+from model.ops.reference.layer import short_conv_reference
+from model.ops.reference.lif import lif_scan, lif_scan_reference
+from model.spike_kda import ShortConv, SpikeKDA
 
 ATOL = RTOL = 1e-4
 
@@ -61,7 +62,7 @@ def test_recurrent_matches_explicit_matrix_recurrence():
 def test_chunk_matches_recurrent_forward_and_grads(chunk_size, strong_decay, kda_path):
     inputs = make_inputs(strong_decay=strong_decay)
     o1, s1, g1 = run_and_grad(lambda *x: kda_recurrent(*x[:5], initial_state=x[5]), inputs)
-    o2, s2, g2 = run_and_grad(lambda *x: kda_chunk(*x[:5], initial_state=x[5], chunk_size=chunk_size), inputs)
+    o2, s2, g2 = run_and_grad(lambda *x: kda_path(*x[:5], initial_state=x[5], chunk_size=chunk_size), inputs)
     assert_same(o2, o1)
     assert_same(s2, s1)
     for name, a, b in zip(["q", "k", "v", "log_alpha", "beta", "initial_state"], g2, g1):
@@ -73,7 +74,7 @@ def test_chunk_with_long_chunks_and_subchunks(kda_path):
     """chunk 32 > the 16-token explicit sub-block: exercises the cross-sub-chunk factoring."""
     inputs = make_inputs(T=70, strong_decay=True, seed=3)
     o1, s1, g1 = run_and_grad(lambda *x: kda_recurrent(*x[:5], initial_state=x[5]), inputs)
-    o2, s2, g2 = run_and_grad(lambda *x: kda_chunk(*x[:5], initial_state=x[5], chunk_size=32), inputs)
+    o2, s2, g2 = run_and_grad(lambda *x: kda_path(*x[:5], initial_state=x[5], chunk_size=32), inputs)
     assert_same(o2, o1)
     assert_same(s2, s1)
     for a, b in zip(g2, g1):
@@ -93,7 +94,7 @@ def test_step_matches_recurrent():
 @pytest.mark.parametrize("form", ["chunk", "recurrent"])
 def test_split_in_two_equals_one_call(form, kda_path):
     q, k, v, la, beta, s0 = (x.detach() for x in make_inputs(T=45))
-    fn = (lambda *a, **kw: kda_chunk(*a, chunk_size=16, **kw)) if form == "chunk" else kda_recurrent
+    fn = (lambda *a, **kw: kda_path(*a, chunk_size=16, **kw)) if form == "chunk" else kda_recurrent
     o, s = fn(q, k, v, la, beta, s0)
     cut = 21
     oa, sa = fn(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], la[:, :, :cut], beta[:, :, :cut], s0)
@@ -107,7 +108,7 @@ def test_reset_starts_stream_from_zero_state(form, kda_path):
     """After a reset at p, stream 0 behaves as if the sequence began at p with no state;
     stream 1 (no reset) is untouched."""
     q, k, v, la, beta, s0 = (x.detach() for x in make_inputs(T=40))
-    fn = (lambda *a, **kw: kda_chunk(*a, chunk_size=16, **kw)) if form == "chunk" else kda_recurrent
+    fn = (lambda *a, **kw: kda_path(*a, chunk_size=16, **kw)) if form == "chunk" else kda_recurrent
     p = 19
     reset = torch.zeros(2, 40, dtype=torch.bool)
     reset[0, p] = True
@@ -128,7 +129,7 @@ def test_chunk_reset_grads_match_recurrent(kda_path):
     reset = torch.rand(2, 33, generator=torch.Generator().manual_seed(5)) < 0.15
     reset[1, 0] = True  # a reset on the very first token drops the initial state
     _, _, g1 = run_and_grad(lambda *x: kda_recurrent(*x[:5], initial_state=x[5], reset=reset), inputs)
-    _, _, g2 = run_and_grad(lambda *x: kda_chunk(*x[:5], initial_state=x[5], reset=reset, chunk_size=8), inputs)
+    _, _, g2 = run_and_grad(lambda *x: kda_path(*x[:5], initial_state=x[5], reset=reset, chunk_size=8), inputs)
     for a, b in zip(g2, g1):
         assert_same(a, b)
     assert g1[5][1].abs().max() == 0  # stream 1's initial state is never read
@@ -242,13 +243,11 @@ def test_short_conv_is_causal_and_resets():
 @pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("K", [1, 2, 4])
 def test_short_conv_matches_its_reference_with_gradients(K, compiled, monkeypatch):
-    """The one-pass conv (the compiled CPU loop, or the grouped conv1d) plus the cut-out terms
+    """The one-pass conv (the compiled CPU loop, or the PyTorch kernel form) plus the cut-out terms
     at resets equals the per-lag loop, values and gradients (x, weight, tail), with resets
     at t = 0, back to back, and none in a stream."""
-    if compiled and not cpu_kernels.available():
-        pytest.skip("no C compiler here: ShortConv runs as conv1d")
-    if not compiled:
-        monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
+    if compiled and not cpu.available():
+        pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(K)
     conv = ShortConv(6, K).double()
     x = torch.randn(3, 20, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -256,11 +255,13 @@ def test_short_conv_matches_its_reference_with_gradients(K, compiled, monkeypatc
     reset = torch.zeros(3, 20, dtype=torch.bool)
     reset[0, [0, 5, 6, 13]] = True
     reset[1, 19] = True
-    y, _ = conv(x, tail, reset)
+    with dispatch.forcing("short_conv", "cpu" if compiled else "reference"):
+        y, _ = conv(x, tail, reset)
     ref = F.silu(short_conv_reference(x, conv.weight, tail, reset))
     assert_same(y, ref)
     w = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    got = torch.autograd.grad((y * w).sum(), [x, conv.weight, tail], allow_unused=True)
+    with dispatch.forcing("short_conv", "cpu" if compiled else "reference"):
+        got = torch.autograd.grad((y * w).sum(), [x, conv.weight, tail], allow_unused=True)
     want = torch.autograd.grad((ref * w).sum(), [x, conv.weight, tail], allow_unused=True)
     for a, b in zip(got, want):
         if b is None:
@@ -314,11 +315,11 @@ def test_spike_floors_keep_that_share_of_forgetting_and_writing_ungated(alpha_fl
     assert_same(y, layer.out_proj(o.reshape(2, 20, H * dk)))
 
 
-def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths(monkeypatch):
+def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths():
     """A Spike-KDA layer (ShortConv, q/k/v split and normalisation, LIF, the chunked KDA) on
     the compiled CPU loops gives the outputs, state and gradients of the same layer on the PyTorch paths,
     resets and a carried state included."""
-    if not cpu_kernels.available():
+    if not cpu.available():
         pytest.skip("no C compiler here: the PyTorch paths are all there is")
     torch.manual_seed(0)
     layer = SpikeKDA(tiny_cfg(d_model=32, n_heads=2))
@@ -334,7 +335,6 @@ def test_layer_with_the_compiled_cpu_loops_equals_the_pytorch_paths(monkeypatch)
         return [y, new_state["S"], new_state["membrane"], spikes] + [p.grad.clone() for p in layer.parameters()]
 
     compiled = run()
-    monkeypatch.setattr(cpu_kernels, "serves", lambda *t: False)
-    monkeypatch.setattr(kda_cpu, "takes", lambda *t: False)
+    layer.kernels = layer.conv.kernels = layer.o_norm.kernels = "reference"
     for a, b in zip(compiled, run()):
         assert_same(a, b)

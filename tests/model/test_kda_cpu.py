@@ -1,4 +1,4 @@
-"""The compiled chunked KDA (model/kda_cpu.py, csrc_cpu/kda_chunk.c) against its
+"""The compiled chunked KDA (model/ops/cpu/kda.py, csrc/kda_chunk.c) against its
 specification, the PyTorch form `_KDAChunkFn`: outputs, final state and every gradient,
 with resets and a carried state, for each variant the C file builds (any head size and
 head size 64; float with and without AVX2 + FMA; double), however the stream-heads are
@@ -7,10 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import cpu_kernels, kda_cpu
-from model.kda import _KDAChunkFn, _sub_chunk
+from model.ops import cpu as cpu_kernels, dispatch, library
+from model.ops.cpu import kda as kda_cpu
+from model.ops.reference.kda import _KDAChunkFn, _sub_chunk
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler here: no compiled loops")
+
+
+def kda_chunk_cpu(q, k, v, g, beta, s0, seg, chunk):
+    """The custom op spike_ops::kda_fwd on the compiled loop (differentiable): (O, S_end)."""
+    with dispatch.forcing("kda", "cpu"):
+        o, s, _ = library.kda_fwd(q, k, v, g, beta, s0, seg, chunk)
+    return o, s
 
 
 def chunk_inputs(B, H, N, C, dk, dv, dtype, seed=0, resets=True):
@@ -38,7 +46,8 @@ def outputs_and_grads(fn, inputs, seed=1):
     o, s = fn(*inputs)
     g = torch.Generator().manual_seed(seed)
     w_o, w_s = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (o, s))
-    grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
+    with dispatch.forcing("kda", "cpu"):
+        grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
     return [o.detach(), s.detach(), *grads]
 
 
@@ -65,7 +74,7 @@ def test_double_matches_the_pytorch_form(dk, dv, resets):
     C = 16
     inputs, seg = chunk_inputs(2, 3, 4, C, dk, dv, torch.float64, resets=resets)
     want = outputs_and_grads(lambda *x: pytorch_form(C)(*x, seg), inputs)
-    got = outputs_and_grads(lambda *x: kda_cpu.kda_chunk_cpu(*x, seg, C), inputs)
+    got = outputs_and_grads(lambda *x: kda_chunk_cpu(*x, seg, C), inputs)
     compare(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -79,7 +88,7 @@ def test_float_variants_match_the_pytorch_form_in_double(avx2, dk, dv, C):
     lib = cpu_kernels.library("kda_chunk")
     lib.kda_chunk_allow_avx2(int(avx2))
     try:
-        got = outputs_and_grads(lambda *x: kda_cpu.kda_chunk_cpu(*x, seg, C), [x.float() for x in inputs])
+        got = outputs_and_grads(lambda *x: kda_chunk_cpu(*x, seg, C), [x.float() for x in inputs])
     finally:
         lib.kda_chunk_allow_avx2(1)
     compare(got, want, rtol=2e-4, atol=2e-5)
@@ -89,7 +98,7 @@ def test_the_same_bits_however_the_stream_heads_are_shared_among_threads(monkeyp
     """One thread, three (OpenMP, or split among Python threads): each stream-head is
     computed whole by one thread, so every output and gradient is bitwise the same."""
     inputs, seg = chunk_inputs(3, 2, 3, 16, 64, 64, torch.float32, seed=4)
-    run = lambda: outputs_and_grads(lambda *x: kda_cpu.kda_chunk_cpu(*x, seg, 16), inputs)  # noqa: E731
+    run = lambda: outputs_and_grads(lambda *x: kda_chunk_cpu(*x, seg, 16), inputs)  # noqa: E731
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -104,9 +113,9 @@ def test_the_same_bits_however_the_stream_heads_are_shared_among_threads(monkeyp
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_takes_cpu_tensors_with_head_sizes_it_was_built_for():
-    """Head sizes above the loops' limit (and CUDA tensors) are left to the PyTorch forms."""
-    limit = cpu_kernels.library("kda_chunk").kda_chunk_max_dim()
-    assert kda_cpu.takes(torch.zeros(1, 1, 4, limit), torch.zeros(1, 1, 4, 8))
-    assert not kda_cpu.takes(torch.zeros(1, 1, 4, limit + 1), torch.zeros(1, 1, 4, 8))
-    assert not kda_cpu.takes(torch.zeros(1, 1, 4, 8), torch.zeros(1, 1, 4, limit + 1))
+def test_head_sizes_above_the_loops_limit_are_left_to_the_pytorch_form():
+    """Head sizes above the loop's limit get the PyTorch form from the dispatcher."""
+    limit = kda_cpu.max_dim()
+    assert dispatch._serves("cpu", "kda", torch.device("cpu"), torch.float32, limit) is None
+    assert "above the loop's limit" in dispatch._serves("cpu", "kda", torch.device("cpu"), torch.float32, limit + 1)
+    assert dispatch._serves("cpu", "kda", torch.device("cpu"), torch.bfloat16, 8) == "no bfloat16 loop"

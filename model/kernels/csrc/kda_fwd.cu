@@ -1,5 +1,0 @@
-// KDA forward kernels (every head dim and dtype variant); see kda.cuh.
-#include "entry.h"
-#include "kda.cuh"
-
-const char* sk::entry_kda_fwd(const KdaParams& p, cudaStream_t stream) { return kda_run<false>(p, stream); }

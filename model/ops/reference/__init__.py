@@ -1,0 +1,1 @@
+"""The PyTorch references: the specification every fast form is tested against."""
