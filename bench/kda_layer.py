@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from model.config import ModelConfig  # noqa: E402
-from model.kda import kda_chunk  # noqa: E402
+from model.ops.reference.kda import kda_chunk  # noqa: E402
 from model.spike_kda import SpikeKDA  # noqa: E402
 from model.transformer import CausalSelfAttention  # noqa: E402
 

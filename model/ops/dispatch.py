@@ -199,16 +199,17 @@ library.provider = kernel
 
 
 @torch.compiler.disable
-def _kda_training(q: torch.Tensor) -> str:
-    """"fla" or "reference" for KDA training on these CUDA tensors (decided once per key)."""
+def _kda_training(q: torch.Tensor, dtype: torch.dtype) -> str:
+    """"fla" or "reference" for KDA training on these CUDA tensors, `dtype` the one chunk_kda
+    computes in (v's): decided once per key, after the first-call check."""
     forced = _forced.get("kda")
     if forced is not None:
         return forced
-    key = ("kda", q.device.type, q.dtype, q.shape[-1])
+    key = ("kda", q.device.type, dtype, q.shape[-1])
     name = _verdicts.get(key)
     if name is None:
-        name = _verdicts[key] = _decide("kda", q.device, q.dtype, q.shape[-1])
-    _record("kda", name, q.device.type, q.dtype, _why_reference("kda", q.device.type, q.dtype, q.shape[-1]))
+        name = _verdicts[key] = _decide("kda", q.device, dtype, q.shape[-1])
+    _record("kda", name, q.device.type, dtype, _why_reference("kda", q.device.type, dtype, q.shape[-1]))
     return name
 
 
@@ -257,7 +258,7 @@ def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, ch
     if _reference(mode, "kda", q) or q.shape[2] == 0:
         return kda_chunk(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)
     if q.is_cuda:
-        if fla_glue.unsupported(q, reset) is None and _kda_training(q) == "fla":
+        if fla_glue.unsupported(q, reset) is None and _kda_training(q, v.dtype) == "fla":
             return fla_glue.kda_varlen(q, k, v, log_alpha, beta, initial_state, scale, reset)
         return kda_chunk(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)
     with torch.autocast(device_type=q.device.type, enabled=False):

@@ -12,6 +12,7 @@ import triton.language as tl
 
 TOKENS = 32
 CHANNELS = 64
+WARPS = 8  # a [TOKENS, CHANNELS] tile: 8 elements a thread per tensor
 
 
 @triton.jit
@@ -65,7 +66,7 @@ def conv_fwd(xx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     T = TK - K + 1
     y = torch.empty(B, T, D, dtype=xx.dtype, device=xx.device)
     grid = (B, triton.cdiv(T, TOKENS), triton.cdiv(D, CHANNELS))
-    conv_fwd_kernel[grid](xx, weight.contiguous(), y, T, D, K=K, TOKENS=TOKENS, CHANNELS=CHANNELS, num_warps=4)
+    conv_fwd_kernel[grid](xx, weight.contiguous(), y, T, D, K=K, TOKENS=TOKENS, CHANNELS=CHANNELS, num_warps=WARPS)
     return y
 
 
@@ -80,5 +81,5 @@ def conv_bwd(xx: torch.Tensor, weight: torch.Tensor, gy: torch.Tensor) -> tuple[
     gw_part = torch.empty(B, nt, K, D, dtype=torch.float32, device=xx.device)
     grid = (B, nt, triton.cdiv(D, CHANNELS))
     conv_bwd_kernel[grid](xx, weight.contiguous(), gy, gxx, gw_part, T, D, K=K, TOKENS=TOKENS, CHANNELS=CHANNELS,
-                          num_warps=4)
+                          num_warps=WARPS)
     return gxx, gw_part.sum((0, 1)).t().contiguous()

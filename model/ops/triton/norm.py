@@ -9,9 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import block, warps
+from . import block
 
 ROWS = 16
+
+
+def _warps(block_d: int) -> int:
+    """One warp per 256 elements of the [ROWS, BLOCK_D] tile (8 a thread per tensor), 1 to 8."""
+    return max(1, min(8, ROWS * block_d // 256))
 
 
 @triton.jit
@@ -79,7 +84,7 @@ def norm_fwd(o, gate, weight, eps: float):
     rstd = torch.empty(B, T, H, dtype=torch.float32, device=o.device)
     BD = block(D)
     norm_fwd_kernel[(triton.cdiv(R, ROWS),)](o, gate.contiguous(), weight.contiguous(), y, rstd, R, T, H, D,
-                                             sb, st, sh, float(eps), ROWS=ROWS, BLOCK_D=BD, num_warps=warps(BD))
+                                             sb, st, sh, float(eps), ROWS=ROWS, BLOCK_D=BD, num_warps=_warps(BD))
     return y, rstd
 
 
@@ -95,5 +100,5 @@ def norm_bwd(o, gate, weight, rstd, gy):
     gw_part = torch.empty(n, D, dtype=torch.float32, device=o.device)
     BD = block(D)
     norm_bwd_kernel[(n,)](o, gate, weight.contiguous(), rstd.contiguous(), gy.contiguous(), go, ggate, gw_part,
-                          R, T, H, D, sb, st, sh, ROWS=ROWS, BLOCK_D=BD, num_warps=warps(BD))
+                          R, T, H, D, sb, st, sh, ROWS=ROWS, BLOCK_D=BD, num_warps=_warps(BD))
     return go, ggate, gw_part.sum(0)
