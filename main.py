@@ -11,6 +11,6 @@ ROOT = Path(__file__).resolve().parent
 if __name__ == "__main__":
     os.chdir(ROOT)  # presets name paths relative to the project root
     sys.path.insert(0, str(ROOT))
-    import train
+    import program
 
-    sys.exit(train.run(ROOT))
+    sys.exit(program.run(ROOT))

@@ -44,7 +44,7 @@ from data import TokenizerConfig, build_tokenizer  # noqa: E402
 from model import count_params  # noqa: E402
 from model.config import AuxHeadsConfig, ModelConfig  # noqa: E402
 from model.transformer import TransformerLM  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from presets import TrainConfig  # noqa: E402
 from train.optim import build_optimizer, build_scheduler  # noqa: E402
 
 HEADS = {"policy": "policy_kl_weight", "value": "value_weight", "dynamics": "dynamics_weight",

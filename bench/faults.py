@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests import faults  # noqa: E402
-from tests.presets import CORPUS  # noqa: E402
+from tests.sample_presets import CORPUS  # noqa: E402
 
 FAULTS = {"kill9": None, "rotation": faults.fault_rotation, "sigterm": faults.fault_sigterm,
           "enospc": faults.fault_enospc, "nan": faults.fault_nan, "oom": faults.fault_oom,

@@ -46,15 +46,6 @@ for free):
   held-out perplexity (War and Peace) before and after, and for memories_on after with
   the session's memory contents carried into the general text.
 
-Measured with these defaults on 2 CPU cores (issue 5's note has the tables): the
-backbone copies a fact inside the window (digit accuracy 50% at the control, chance 10%);
-phase C with the episodic memory gives a small edge beyond the window (digit accuracy
-14-21% vs 7-12% at gaps 100-16000, whole-answer recall 2-7% vs 0-2%, probe loss no
-better) and costs some in-window copying (42% vs 50%); perplexity within 1%. With all
-fact digits forced into the memory (an oracle salience) the backbone reads other facts'
-digits as readily as the right one: its copying does not tell facts apart by name, which
-is what recall beyond the window needs.
-
 One JSON object per line on stdout:
   {"bench": "memory_recall", "kind": "config", ...}
   {"kind": "train", "model": "backbone" | "memories_off" | "memories_on", "phase", "steps", "tokens", "seconds",

@@ -1,4 +1,4 @@
-"""Quality side by side (issue 17): held-out loss and bits per byte of the transformer,
+"""Quality side by side: held-out loss and bits per byte of the transformer,
 the hatchling (phase A) and the hatchling with its spikes switched off, at equal
 parameters and equal training tokens, over several seeds.
 
@@ -93,10 +93,10 @@ from data import (  # noqa: E402
 )
 from data.registry import make_source  # noqa: E402
 from model import ModelConfig  # noqa: E402
+from program.first_question import load_finished  # noqa: E402
 from train import preset_from_dict, train  # noqa: E402
-from train.after import load_finished  # noqa: E402
-from train.estimate import param_count  # noqa: E402
-from train.evaluate import evaluate  # noqa: E402
+from train.heldout import evaluate  # noqa: E402
+from train.memory_check import param_count  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",

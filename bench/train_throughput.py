@@ -22,7 +22,7 @@ another checkout of this project, given by --baseline: before/after a change in 
 process; the hatchling row then reports `ratio_vs_baseline`). Hatchling phases also
 report `ratio_vs_phase_a`.
 
-    python bench/train_throughput.py                                  # the issue-14 shape, T=256
+    python bench/train_throughput.py                                  # d 256, 8 layers, vocab 8192, 2048 tokens a step, T=256
     python bench/train_throughput.py --seq-lengths 256,1024,4096      # batch = tokens-per-step / T
     python bench/train_throughput.py --models transformer,hatchling --compile
     python bench/train_throughput.py --profile hatchling              # torch.profiler top ops of one step
@@ -147,8 +147,7 @@ def baseline_package():
 def build_peer(d: int, layers: int, heads: int, seq: int, vocab: int):
     """seed 002's public Spike-KDA model (baby-hatchling) at our dimensions: every 4th layer
     its NoPE attention, the rest its Spike-KDA blocks in its default mode, "sequential" (its
-    fastest on CPU: 337 tok/s against 85 for its "chunked" form at the issue-14 shape, one
-    thread), FFN 4 d, no episodic store (a SQLite file) and no
+    fastest form on CPU), FFN 4 d, no episodic store (a SQLite file) and no
     predictive-coding head, so that the step is the language model's alone; state carried
     and detached between steps as ours."""
     import torch
@@ -323,8 +322,8 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
     extra = {}
     if args.preset:
-        from train.estimate import vocab_size_guess
-        from train.preset import load_preset
+        from presets import load_preset
+        from train.memory_check import vocab_size_guess
 
         p, _ = load_preset(args.preset)
         m = p.model

@@ -1,20 +1,29 @@
-"""Shared fixtures: the real-text corpus beside the project, tiny presets over it, and a
-reporter that interrupts a run in this process."""
+"""Shared fixtures: the real-text corpus beside the project, tiny presets over it, a
+reporter that interrupts a run in this process, and a test run that never touches the
+user's home: every cache (the picker's step times, Hugging Face's) goes to a temporary
+folder, for this process and every subprocess it starts."""
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from tests.presets import CORPUS, ROOT, tiny_preset as project_preset, update_sections
+# before any project module computes a cache path from it
+REAL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="hatchling-test-cache-"))
+os.environ["XDG_CACHE_HOME"] = str(TEST_CACHE)
+WATCHED = ("hatchling", "huggingface")  # what a test run could write under the real cache
+
+from tests.sample_presets import CORPUS, ROOT, tiny_preset as project_preset, update_sections  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
-from train.config import Preset  # noqa: E402
-from train.preset import preset_from_dict  # noqa: E402
+from presets import preset_from_dict  # noqa: E402
+from presets.schema import Preset  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 # the in-process tests' tiny preset: progress every 5 steps, no in-run save or evaluation
@@ -22,6 +31,22 @@ from train.progress import Reporter  # noqa: E402
 IN_PROCESS = {"train": {"log_every_steps": 5, "eval_every_tokens": 1_000_000, "checkpoint_every_tokens": 1_000_000,
                         "eval_tokens": 4096, "samples": 1, "sample_tokens": 8},
               "tokenizer": {"train_chars": 300_000}}
+
+
+def cache_snapshot(root: Path) -> dict:
+    """{path: (size, mtime)} of every file under the watched folders of a cache root."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for name in WATCHED if (root / name).exists()
+            for p in (root / name).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_cache_untouched():
+    """The test run writes nothing under the user's real cache folder."""
+    before = cache_snapshot(REAL_CACHE)
+    yield
+    after = cache_snapshot(REAL_CACHE)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the test run wrote under the user's cache {REAL_CACHE}: {changed[:5]}"
 
 
 @pytest.fixture
@@ -32,7 +57,7 @@ def corpus() -> Path:
 
 
 def tiny_preset_dict(books: Path, **overrides) -> dict:
-    """The tiny preset (tests/presets.py) as the in-process tests train it; `overrides` update its sections."""
+    """The tiny preset (tests/sample_presets.py) as the in-process tests train it; `overrides` update its sections."""
     return update_sections(project_preset("tiny", books=books, **IN_PROCESS), overrides)
 
 

@@ -2,7 +2,7 @@
 and dying ranks without losing more than the work since its last save? Each fault_*
 function runs its trials and returns one row ({"fault", "trials", "survived",
 "data_lost_tokens", ...}); tests/train/test_faults.py runs them at a small count,
-bench/faults.py at a large one. Every run trains tests/presets.py's tiny preset.
+bench/faults.py at a large one. Every run trains tests/sample_presets.py's tiny preset.
 
 What "survived" means for each fault:
   kill9        SIGKILL of `python main.py` at a random moment (often mid-step, sometimes mid-save or
@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-import train.checkpoint as ck
-from tests.presets import ROOT, tiny_preset
+import train.checkpoint_files as ck
+from tests.sample_presets import ROOT, tiny_preset
 from tests.userpath import main_command, make_project, run_main
 from train import preset_from_dict
-from train.checkpoint import CURRENT, PREV, PREV2, RUN_STATE, CheckpointError, load_checkpoint, recover_rotation
+from train.checkpoint_files import CURRENT, PREV, PREV2, RUN_STATE, CheckpointError, load_checkpoint, recover_rotation
 from train.checkpointer import load_run_state
 from train.loop import Trainer
 from train.progress import Reporter
@@ -54,7 +54,7 @@ from train.progress import Reporter
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
     sys.path.insert(0, {root!r})
-    import train.checkpoint as ck
+    import train.checkpoint_files as ck
     from train import preset_from_dict, train
     kill_after = int(os.environ.get("KILL_AFTER_RENAMES", "-1"))
     if kill_after >= 0:

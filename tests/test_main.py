@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 def test_default_preset_offline_fails_fast_and_clearly(tmp_path):
     shutil.copy(ROOT / "main.py", tmp_path / "main.py")  # main.py works from its own folder
-    for name in ("configs", "model", "data", "train"):
+    for name in ("configs", "model", "data", "presets", "train", "program"):
         (tmp_path / name).symlink_to(ROOT / name)
     # the hub address is a closed local port: refused at once, the same path as a machine with no network
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}

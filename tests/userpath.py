@@ -6,7 +6,7 @@ The one change from a user's machine is the token budget: a child process sets
 `train.TOKEN_BUDGET` before running main.py, so a run finishes in seconds. Nothing else
 is handed in: the preset comes from the picker, resumption from the resume question.
 The fault trials (tests/faults.py) use the same helpers for their kill -9s; the tiny
-preset they all train is tests/presets.py's."""
+preset they all train is tests/sample_presets.py's."""
 from __future__ import annotations
 
 import io
@@ -17,10 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.presets import ROOT
+from tests.sample_presets import ROOT
 
 # main.py run as a user runs it, under a smaller token budget
-MAIN = ("import runpy, sys; sys.path.insert(0, {root!r}); import train; train.TOKEN_BUDGET = {budget}; "
+MAIN = ("import runpy, sys; sys.path.insert(0, {root!r}); import program; program.TOKEN_BUDGET = {budget}; "
         "sys.argv = ['main.py']; runpy.run_path({main!r}, run_name='__main__')")
 
 
@@ -29,7 +29,7 @@ def make_project(folder: Path, presets: list[dict] | dict[str, object]) -> Path:
     (dicts written as <name>.json, or {file stem: dict or raw text})."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "main.py", folder / "main.py")
-    for name in ("model", "data", "train"):
+    for name in ("model", "data", "presets", "train", "program"):
         if not (folder / name).exists():
             (folder / name).symlink_to(ROOT / name)
     configs = folder / "configs"

@@ -8,12 +8,11 @@ run's identity (what a resume reads before anything is built) and a format numbe
     kind "run_state", format 2
     identity    preset, model_config, tokenizer {json, spec}, budget, world_size, run_id
     shared      model (CPU weights), optimizer, scheduler, counters (train/state.py),
-                faults (train/faults.py), adaptive (train/adaptive.py, when on)
+                faults (train/bad_steps.py), adaptive (train/source_weights.py, when on)
     ranks       one entry per rank: streams (data/streams.py), carried (the model's
                 recurrent state), rng
 
-Format 1, the flat layout written before, is migrated when read; any other format is
-refused with a message, and the file is left as it is."""
+A save in another format is refused with a message, and the file is left as it is."""
 from __future__ import annotations
 
 import time
@@ -21,20 +20,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Protocol
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint_files import CheckpointError, load_checkpoint
 from .distributed import Dist, gather_objects
 
 RUN_STATE_KIND = "run_state"
-FORMAT = 2  # of run_state.pth; raise it with every change of the layout, and migrate the one before
+FORMAT = 2  # of run_state.pth; raise it with every change of the layout
 FINISHED_FORMAT = 1  # of lm_current.pth and the rest of the rotation
 
 IDENTITY = ("preset", "model_config", "tokenizer", "budget", "world_size", "run_id")
-REQUIRED = {  # what a resume reads, per format
-    1: ("model", "model_config", "optimizer", "scheduler", "step", "tokens", "budget", "world_size", "preset",
-        "tokenizer", "ranks"),
-    2: ("model", "model_config", "optimizer", "scheduler", "counters", "faults", "budget", "world_size", "preset",
-        "tokenizer", "ranks"),
-}
+REQUIRED = ("model", "model_config", "optimizer", "scheduler", "counters", "faults", "budget", "world_size", "preset",
+            "tokenizer", "ranks")  # what a resume reads
 
 
 class Stateful(Protocol):
@@ -61,7 +56,7 @@ class Checkpointer:
                 **{name: piece.state_dict() for name, piece in self.shared.items()}, "ranks": ranks}
 
     def load_state_dict(self, state: dict, keep: tuple[str, ...] = ()) -> None:
-        """Every piece from a save (format 2, as load_run_state returns it), except those
+        """Every piece from a save (as load_run_state returns it), except those
         named in `keep`. A shared piece the save does not hold (adaptive weights turned
         on after the save was written) keeps its fresh state."""
         for name, piece in self.shared.items():
@@ -73,53 +68,34 @@ class Checkpointer:
                 piece.load_state_dict(mine[name])
 
 
-def _format_of(state: dict, path: Path) -> int:
+def _check_format(state: dict, path: Path) -> None:
     fmt = state.get("format")
-    if fmt not in REQUIRED:
+    if fmt != FORMAT:
         raise CheckpointError(f"{path} is an interrupted run in format {fmt!r}, which this version of the trainer "
-                              f"cannot read (it reads formats {', '.join(map(str, REQUIRED))}): finish it with the "
-                              "version that wrote it, or move the file away to start a new run")
-    return fmt
-
-
-def _from_format_1(old: dict) -> dict:
-    """Format 1 (one flat dict, optional keys read with defaults) in the format-2 layout."""
-    faults = {"splits": old.get("splits", 1), "lr_scale": old.get("lr_scale", 1.0),
-              "skipped_steps": old.get("skipped_steps", 0)}
-    adaptive = None
-    if old.get("reweighter") is not None:
-        adaptive = {"reweighter": old["reweighter"], "next_update": old["next_adapt"]}
-    return {
-        "kind": RUN_STATE_KIND, "format": 2,
-        **{k: old.get(k) for k in IDENTITY},
-        "model": old["model"], "optimizer": old["optimizer"], "scheduler": old["scheduler"],
-        "counters": {"step": old["step"], "tokens": old["tokens"], "next_eval": old["next_eval"],
-                     "next_save": old["next_save"]},
-        "faults": faults, "adaptive": adaptive,
-        "ranks": [{"streams": r["streams"], "carried": {"value": r["model_state"]}, "rng": r["rng"]}
-                  for r in old["ranks"]],
-    }
+                              f"cannot read (it reads format {FORMAT}): finish it with the version that wrote it, "
+                              "or move the file away to start a new run")
 
 
 def load_run_state(path: Path) -> dict:
-    """An interrupted run's save in the current layout (an older format is migrated),
-    checked to hold everything a resume reads. CheckpointError says what is wrong."""
+    """An interrupted run's save, checked to hold everything a resume reads.
+    CheckpointError says what is wrong."""
     state = load_checkpoint(path)
     if state.get("kind") != RUN_STATE_KIND:
         raise CheckpointError(f"{path} is not an interrupted run of this trainer")
-    fmt = _format_of(state, path)
-    missing = [k for k in REQUIRED[fmt] if k not in state]
+    _check_format(state, path)
+    missing = [k for k in REQUIRED if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not an interrupted run of this trainer (it lacks {', '.join(missing)})")
-    return _from_format_1(state) if fmt == 1 else state
+    return state
 
 
 def run_summary(state: dict, path: Path) -> tuple[str, Optional[int], Optional[int]]:
     """(preset name, tokens done, budget) of a stored run, for the resume question.
     CheckpointError for a run state in a format this version cannot read (a file that is
     no run state at all is refused when the resume reads it)."""
-    fmt = _format_of(state, path) if state.get("kind") == RUN_STATE_KIND else 1
-    counters = state if fmt == 1 else state.get("counters") or {}
+    if state.get("kind") == RUN_STATE_KIND:
+        _check_format(state, path)
+    counters = state.get("counters") or {}
     return (state.get("preset") or {}).get("name", "?"), counters.get("tokens"), state.get("budget")
 
 

@@ -3,7 +3,7 @@ evaluation, in-run saves and the end-of-run checkpoint rotation.
 
 `train()` makes a Trainer. Its constructor checks what can be checked before anything
 heavy starts (the stored run when resuming, the sources, the memory); `setup()` builds
-the pieces (train/setup.py) and registers each stateful one with the checkpointer
+the pieces (train/assemble.py) and registers each stateful one with the checkpointer
 (train/checkpointer.py), which restores them all when resuming; `run()` is the loop:
 one `train_step()`, then its bookkeeping (progress and metrics, adaptive source weights,
 evaluation, the in-run save, a requested stop), and at the budget the final evaluation
@@ -16,25 +16,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from data import open_sources
 from model import build_model, count_params, map_state
+from presets import TOKEN_BUDGET, Preset, preset_from_dict
 
-from .adaptive import AdaptiveSources
-from .checkpoint import RUN_STATE, CheckpointError, atomic_save, recover_rotation, rotate_checkpoints
-from .checkpointer import Checkpointer, finished_checkpoint, load_run_state
-from .config import TOKEN_BUDGET, Preset
-from .distributed import all_reduce_sum, any_rank, barrier, init_distributed
-from .errors import TrainError
-from .evaluate import evaluate, generate_samples
-from .faults import MAX_BAD_STEPS, Faults
-from .optim import build_optimizer, build_scheduler
-from .preset import preset_from_dict
-from .progress import Reporter, Window, human, train_row
-from .setup import (
+from .assemble import (
     check_memory,
     check_training_documents,
     choose_tokenizer,
@@ -46,9 +36,18 @@ from .setup import (
     training_streams,
     wrap_for_training,
 )
+from .bad_steps import MAX_BAD_STEPS, Faults
+from .checkpoint_files import RUN_STATE, CheckpointError, atomic_save, recover_rotation, rotate_checkpoints
+from .checkpointer import Checkpointer, finished_checkpoint, load_run_state
+from .distributed import all_reduce_sum, any_rank, barrier, init_distributed
+from .errors import TrainError
+from .heldout import evaluate, generate_samples
+from .metrics import CurveLog
+from .optim import build_optimizer, build_scheduler
+from .progress import Reporter, Window, human, train_row
+from .source_weights import AdaptiveSources
 from .state import CarriedState, Counters, ModelWeights, RngState
 from .step import TrainStep
-from .tensorboard import CurveLog
 
 
 @dataclass
@@ -87,6 +86,24 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+class SpeedReport:
+    """Calls `on_speed(preset, tokens/s of one process)` once, measured from the first
+    progress update (past the warm-up steps) until `after_s` seconds later."""
+
+    def __init__(self, on_speed: Optional[Callable[[Preset, float], None]], after_s: float = 60.0):
+        self.on_speed, self.after_s, self.start = on_speed, after_s, None
+
+    def observe(self, preset: Preset, tokens: int, world_size: int) -> None:
+        if self.on_speed is None:
+            return
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, tokens)
+        elif now - self.start[0] >= self.after_s:
+            self.on_speed(preset, (tokens - self.start[1]) / (now - self.start[0]) / world_size)
+            self.on_speed = None
+
+
 def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
@@ -95,14 +112,15 @@ class Trainer:
     """One run: the constructor's checks, `setup()`, then `run()` (train() does all three).
 
     Over ~150 lines because it is where the pieces meet, read top to bottom: the checks,
-    the wiring of the pieces (built by train/setup.py, each stateful one registered with
+    the wiring of the pieces (built by train/assemble.py, each stateful one registered with
     the checkpointer), the step's counting, the loop and its bookkeeping. Every method is
     short; what a piece does lives in its own module (step.py, faults.py, adaptive.py,
     state.py, progress.py, checkpointer.py)."""
 
     def __init__(self, preset: Optional[Preset], budget: int, out_dir: Path, resume: bool,
-                 reporter: Optional[Reporter]):
+                 reporter: Optional[Reporter], on_speed: Optional[Callable[[Preset, float], None]] = None):
         self.out, self.budget, self.stored = Path(out_dir), budget, None
+        self.speed = SpeedReport(on_speed)
         if resume:  # the stored preset is the run's, whatever the caller passed (the picker passes None)
             self.stored = load_run_state(self.out / RUN_STATE)
             preset, _ = preset_from_dict(self.stored["preset"], f"{self.out / RUN_STATE} (stored preset)")
@@ -323,6 +341,8 @@ class Trainer:
                                  "skipped_steps": self.faults.skipped_steps}, source_loss, out["aux"], out["metrics"])
         self.metrics.write(row)
         self.rep.update(tokens, loss, lr, tokens_per_s, detail)
+        if self.d.is_main:
+            self.speed.observe(self.preset, tokens, self.d.world_size)
         window.restart(tokens)
 
     def _evaluate(self, samples: bool) -> dict:
@@ -341,11 +361,13 @@ class Trainer:
 
 
 def train(preset: Optional[Preset], budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,
-          reporter: Optional[Reporter] = None) -> RunResult:
+          reporter: Optional[Reporter] = None, on_speed: Optional[Callable[[Preset, float], None]] = None) -> RunResult:
     """Train `preset` for `budget` tokens (the product always uses TOKEN_BUDGET; tests pass
     less). With resume=True, continue the interrupted run saved in out_dir/run_state.pth
-    (its stored preset is used). Raises PresetError, AllSourcesFailed, TokenizerError,
-    CheckpointError or TrainError for problems the user can fix."""
-    trainer = Trainer(preset, budget, Path(out_dir), resume, reporter)
+    (its stored preset is used). `on_speed(preset, tokens_per_s)` is called once, when the
+    run has trained for a minute past its first progress update, with the tokens/s of one
+    process. Raises PresetError, AllSourcesFailed, TokenizerError, CheckpointError or
+    TrainError for problems the user can fix."""
+    trainer = Trainer(preset, budget, Path(out_dir), resume, reporter, on_speed)
     trainer.setup()
     return trainer.run()

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from presets import TrainConfig
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

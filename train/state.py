@@ -13,7 +13,7 @@ import torch
 from data.registry import as_rng_state
 from model import map_state
 
-from .checkpoint import CheckpointError
+from .checkpoint_files import CheckpointError
 
 
 @dataclass

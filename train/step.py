@@ -1,7 +1,7 @@
 """One optimizer step: forward and backward over the step's micro-batches, the global
 gradient-norm clip, then the optimizer and schedule step. Out of memory cuts the
 micro-batches into more row groups and redoes the step; a non-finite gradient skips it
-(train/faults.py has both rules)."""
+(train/bad_steps.py has both rules)."""
 from __future__ import annotations
 
 import math
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 from model import detach_state
 
+from .bad_steps import Faults
 from .distributed import Dist
-from .faults import Faults
 from .state import CarriedState, join_rows, take_rows
 
 

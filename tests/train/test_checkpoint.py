@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from train.checkpoint import (
+from train.checkpoint_files import (
     CURRENT,
     NEXT,
     PREV,

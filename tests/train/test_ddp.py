@@ -9,13 +9,13 @@ import textwrap
 import torch
 
 from tests.conftest import ROOT, tiny_preset_dict
-from train.checkpoint import CURRENT, load_checkpoint
+from train.checkpoint_files import CURRENT, load_checkpoint
 
 SCRIPT = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {root!r})
     from train.loop import Trainer
-    from train.preset import preset_from_dict
+    from presets import preset_from_dict
     preset, _ = preset_from_dict(json.loads({preset!r}), "tiny")
     t = Trainer(preset, {budget}, {out!r}, resume=False, reporter=None)
     t.setup()

@@ -4,7 +4,7 @@ more than the work since the last save."""
 import pytest
 
 from tests import faults
-from tests.presets import CORPUS
+from tests.sample_presets import CORPUS
 
 pytestmark = pytest.mark.skipif(not (CORPUS / "books").is_dir(), reason=f"real-text corpus not found at {CORPUS}")
 

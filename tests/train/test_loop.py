@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from model.spike_kda import SpikeKDA
+from program.first_question import load_finished
 from tests.conftest import InterruptAt
 from tests.model.helpers import tensors
 from train import train
-from train.after import load_finished
-from train.checkpoint import CURRENT, LEGACY_MIRROR, PREV, PREV2, RUN_STATE, load_checkpoint
+from train.checkpoint_files import CURRENT, PREV, PREV2, RUN_STATE, load_checkpoint
 from train.progress import Reporter
 
 
@@ -44,7 +44,7 @@ def test_loss_falls_on_real_text_and_checkpoints_appear(tiny_preset, tmp_path, a
     assert losses[-1] < losses[0] - 1.0, losses
     assert rows(tmp_path, "eval")[-1]["eval_loss"] < 6.0  # ln(512) = 6.24: better than uniform
     assert all(k in rows(tmp_path, "train")[0] for k in ("tokens", "loss", "lr", "tokens_per_s"))
-    assert (tmp_path / CURRENT).exists() and (tmp_path / LEGACY_MIRROR).exists()
+    assert (tmp_path / CURRENT).exists()
     assert not (tmp_path / RUN_STATE).exists()
     if arch == "hatchling":  # the preset's spike floor reaches the saved model and the one loaded back
         assert load_checkpoint(tmp_path / CURRENT)["model_config"]["alpha_spike_floor"] == 1.0
@@ -98,7 +98,7 @@ def test_damaged_current_falls_back_to_prev(tiny_preset, tmp_path, capsys):
     train(preset, budget=512, out_dir=tmp_path)
     prev_weights = load_checkpoint(tmp_path / PREV)["model"]
     (tmp_path / CURRENT).write_bytes(b"PK\x03\x04 not really a checkpoint")
-    from train.checkpoint import load_latest
+    from train.checkpoint_files import load_latest
 
     warnings = []
     name, ckpt = load_latest(tmp_path, warn=warnings.append)

@@ -1,6 +1,6 @@
 """Evaluate a finished model: held-out cross-entropy, perplexity and bits per byte on the
 preset's own held-out documents (the same documents and windows training evaluated on,
-through train/evaluate.py), then the lm-eval tasks of the preset's `eval` section. The
+through train/heldout.py), then the lm-eval tasks of the preset's `eval` section. The
 results go to `<checkpoint>.eval.json` beside the checkpoint and to a table on screen."""
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from rich.table import Table
 def heldout(fin, log=print) -> dict:
     """eval_loss (nats/token), eval_ppl, eval_bpb (bits per UTF-8 byte), eval_tokens."""
     from data import eval_documents, eval_windows, open_sources
-
-    from .evaluate import evaluate
+    from train.heldout import evaluate
 
     preset, tok, cfg = fin.preset, fin.tokenizer, fin.preset.train
     sources = open_sources(preset.data, log=log)
@@ -67,7 +66,7 @@ def assess(fin, console: Optional[Console] = None) -> dict:
             log(f"[eval] offline ({reason}): tasks whose data is not cached are skipped")
             os.environ["HF_HUB_OFFLINE"] = "1"
             os.environ["HF_DATASETS_OFFLINE"] = "1"
-        from .lm_eval_model import TrainerLM, run_tasks
+        from .lm_eval_adapter import TrainerLM, run_tasks
 
         include = e.include_path
         if include and not Path(include).is_absolute():

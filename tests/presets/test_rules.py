@@ -1,15 +1,15 @@
-"""Every numeric preset key has a valid range, and the replaced trainer's preset
-vocabulary loads with notices."""
+"""Every numeric preset key has a valid range on its field, and the accepted vocabulary
+(other names for our keys) loads with notices."""
 import dataclasses
 import json
 import typing
 
 import pytest
 
+from presets import PresetError, load_preset, preset_from_dict
+from presets.rules import field_ranges
+from presets.schema import Preset
 from tests.conftest import ROOT
-from train.config import Preset
-from train.preset import PresetError, load_preset, preset_from_dict
-from train.preset_rules import RANGES
 
 BASE = {"name": "x", "data": {"sources": ["my_data"]}}
 
@@ -31,7 +31,7 @@ def numeric_fields(cls, seen=None):
 
 
 def test_every_numeric_key_has_a_range():
-    missing = [f"{c.__name__}.{k}" for c, k in numeric_fields(Preset) if k not in RANGES.get(c, {})]
+    missing = [f"{c.__name__}.{k}" for c, k in numeric_fields(Preset) if k not in field_ranges(c)]
     assert not missing, missing
 
 
@@ -70,7 +70,7 @@ SEED = {"name": "qa_plus_wiki",
                       "adaptive_min_weight": 0.5, "adaptive_max_weight": 3.0, "adaptive_smoothing": 0.9}}
 
 
-def test_the_replaced_trainers_preset_loads_with_its_meaning(tmp_path):
+def test_a_preset_in_the_other_vocabulary_loads_with_its_meaning(tmp_path):
     path = tmp_path / "seed.json"
     path.write_text(json.dumps(SEED))
     preset, notices = load_preset(path)
@@ -103,7 +103,7 @@ def test_real_presets_still_validate():
         load_preset(path)
 
 
-def test_the_replaced_trainers_preset_trains_and_logs_all_four_auxiliary_terms(tmp_path, corpus):
+def test_a_preset_in_the_other_vocabulary_trains_and_logs_all_four_auxiliary_terms(tmp_path, corpus):
     import copy
 
     from train import train

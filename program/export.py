@@ -49,7 +49,7 @@ def export_state(model: torch.nn.Module) -> dict:
 
 
 def export(fin, out: Path) -> Path:
-    """Write the Hugging Face folder for a loaded finished model (train.after.Finished)."""
+    """Write the Hugging Face folder for a loaded finished model (program.first_question.Finished)."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
@@ -73,7 +73,7 @@ def export(fin, out: Path) -> Path:
 
     shutil.copyfile(HF_DIR / "configuration_hatchling.py", out / "configuration_hatchling.py")
     code = (HF_DIR / "modeling_hatchling.py").read_text(encoding="utf-8")
-    marker = "_PACKAGE = None  # filled in by train/export.py"
+    marker = "_PACKAGE = None  # filled in by program/export.py"
     assert marker in code
     code = code.replace(marker, "_PACKAGE = None  # the trainer's model/ package, set at the end of this file")
     code += f"\n\n# the trainer's model/ package (zip, base64), unpacked on first import\n_PACKAGE = {package_source()!r}\n"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from presets import PresetError, load_preset, preset_from_dict
 from tests.conftest import ROOT
-from train.preset import PresetError, load_preset, preset_from_dict
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False) | st.text(max_size=12),
@@ -85,7 +85,7 @@ def test_odd_text_files_are_read_without_crashing(tmp_path):
 
 def test_checkpoint_of_another_architecture_is_reported(tiny_preset, tmp_path, capsys):
     from train import train
-    from train.checkpoint import CURRENT, load_checkpoint
+    from train.checkpoint_files import CURRENT, load_checkpoint
 
     train(tiny_preset(), budget=512, out_dir=tmp_path)
     hatch = {"arch": "hatchling", "d_model": 64, "n_layers": 2, "n_heads": 2, "global_every": 2}
@@ -96,7 +96,7 @@ def test_checkpoint_of_another_architecture_is_reported(tiny_preset, tmp_path, c
 
 
 def test_file_that_is_not_a_checkpoint_is_refused(tmp_path):
-    from train.checkpoint import CheckpointError, load_checkpoint
+    from train.checkpoint_files import CheckpointError, load_checkpoint
 
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a checkpoint of this trainer"):

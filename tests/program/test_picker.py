@@ -9,10 +9,10 @@ import sys
 import time
 
 from tests.conftest import ROOT
-from tests.presets import tiny_preset
+from tests.sample_presets import tiny_preset
 from tests.userpath import make_project
 
-PICK = ("import sys; sys.path.insert(0, {root!r}); from pathlib import Path; from train.ui import choose_preset; "
+PICK = ("import sys; sys.path.insert(0, {root!r}); from pathlib import Path; from program.picker import choose_preset; "
         "from rich.console import Console; p = choose_preset(Path({root!r}) / 'configs', Console(width=200)); "
         "print('PICKED', p.stem if p else None)")
 
@@ -82,7 +82,7 @@ def test_no_terminal_takes_the_default_and_says_so():
 
 
 def test_ctrl_c_at_the_picker_exits_quietly(tmp_path):
-    code_ = ("import sys; sys.path.insert(0, {root!r}); import train; sys.exit(train.run({root!r}))"
+    code_ = ("import sys; sys.path.insert(0, {root!r}); import program; sys.exit(program.run({root!r}))"
              .format(root=str(ROOT)))
     code, out = run_in_pty(code_, b"\x03", b"Preset to train")
     assert code == 130, out

@@ -5,7 +5,7 @@
 
 The network itself is the trainer's own `model/` package. In an exported folder this file
 carries that package's source (a zip, base64, in `_PACKAGE` at the bottom, written by
-train/export.py); on first import it is unpacked into the Hugging Face modules cache under
+program/export.py); on first import it is unpacked into the Hugging Face modules cache under
 a name of its own, so the export needs nothing from the trainer's repository. Inside the
 repository (`_PACKAGE` is None) the repository's `model` package is used.
 
@@ -27,7 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_hatchling import HatchlingConfig
 
-_PACKAGE = None  # filled in by train/export.py
+_PACKAGE = None  # filled in by program/export.py
 
 
 def _model_package():

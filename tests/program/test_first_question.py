@@ -21,10 +21,10 @@ import pexpect
 import pytest
 import torch
 
+from presets import preset_from_dict
 from tests.conftest import ROOT
 from train import train
-from train.checkpoint import CURRENT, PREV
-from train.preset import preset_from_dict
+from train.checkpoint_files import CURRENT, PREV
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar"]
 THINGS = ["apples", "boats", "candles", "drums", "eggs", "flutes", "grapes", "hats", "ink", "jars", "kites", "lamps"]
@@ -93,7 +93,7 @@ def project(request, tmp_path_factory):
     arch = request.param
     root = tmp_path_factory.mktemp(f"after_{arch}")
     shutil.copy(ROOT / "main.py", root / "main.py")
-    for name in ("model", "data", "train"):
+    for name in ("model", "data", "presets", "train", "program"):
         (root / name).symlink_to(ROOT / name)
     write_facts(root / "facts_a", 30, seed=0)
     write_facts(root / "facts_b", 30, seed=1)
@@ -173,7 +173,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_generates(project):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from model import generate
-    from train.after import load_finished
+    from program.first_question import load_finished
 
     code, out = drive(project.root, [(MENU, DOWN * 3 + ENTER), ("Which model?", ENTER), ("exported to", ""), QUIT])
     assert code == 0, out
@@ -226,7 +226,7 @@ def test_ctrl_c_at_the_first_question_exits_quietly(project):
 def test_no_terminal_takes_the_default_in_one_line(project, capsys):
     from rich.console import Console
 
-    from train.after import first_question
+    from program.first_question import first_question
 
     assert first_question(project.root, Console(width=200)) is None  # pytest's stdin is no terminal
     out = capsys.readouterr().out

@@ -3,7 +3,6 @@
 Files in the checkpoint folder:
   run_state.pth      the in-run save of an unfinished run (crash recovery, resume)
   lm_current.pth     the newest finished run;  lm_prev.pth, lm_prev2.pth the two before
-  simple_lm_trained.pth   legacy mirror of lm_current.pth
   lm_next.pth        a finished run's checkpoint, fully written, waiting to be rotated in
 
 Every write goes to a temporary file that is fsync'ed and then renamed over its target,
@@ -14,7 +13,6 @@ train/checkpointer.py's business."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,7 +20,6 @@ import torch
 
 RUN_STATE = "run_state.pth"
 CURRENT, PREV, PREV2, NEXT = "lm_current.pth", "lm_prev.pth", "lm_prev2.pth", "lm_next.pth"
-LEGACY_MIRROR = "simple_lm_trained.pth"
 ROLLING = (CURRENT, PREV, PREV2)
 
 
@@ -111,18 +108,7 @@ def recover_rotation(folder: Path) -> bool:
         os.replace(cur, prev)
     os.replace(nxt, cur)
     _fsync_dir(folder)
-    _mirror_legacy(folder)
     return True
-
-
-def _mirror_legacy(folder: Path) -> None:
-    """simple_lm_trained.pth: a copy of lm_current.pth for tools that expect that name."""
-    tmp = folder / f".{LEGACY_MIRROR}.tmp{os.getpid()}"
-    try:
-        shutil.copyfile(folder / CURRENT, tmp)
-        os.replace(tmp, folder / LEGACY_MIRROR)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a convenience copy: never fail a finished run over it
 
 
 def rotate_checkpoints(final: dict, folder: Path) -> None:

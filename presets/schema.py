@@ -11,28 +11,34 @@ from model import AuxHeadsConfig, ModelConfig
 TOKEN_BUDGET = 100_000_000
 
 
+def ranged(default, interval: str):
+    """A numeric preset key's field: its default and its valid interval ("[0, 1)": 0
+    allowed, 1 not), which the preset validator checks (presets/rules.py)."""
+    return field(default=default, metadata={"range": interval})
+
+
 @dataclass
 class TrainConfig:
-    seq_length: int = 256  # tokens per stream per step (T)
-    batch_size: int = 16  # parallel streams per rank (B)
-    grad_accum_steps: int = 1  # micro-steps per optimizer step
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    seq_length: int = ranged(256, "[1, 1048576]")  # tokens per stream per step (T)
+    batch_size: int = ranged(16, "[1, 1048576]")  # parallel streams per rank (B)
+    grad_accum_steps: int = ranged(1, "[1, 1048576]")  # micro-steps per optimizer step
+    lr: float = ranged(3e-4, "(0, 10]")
+    min_lr_ratio: float = ranged(0.1, "[0, 1]")  # final lr = lr * min_lr_ratio
     schedule: Literal["wsd", "cosine"] = "wsd"  # warmup-stable-decay, or warmup-cosine
-    warmup_tokens: int = 2_000_000
-    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    warmup_tokens: int = ranged(2_000_000, "[0, 1000000000000]")
+    decay_fraction: float = ranged(0.2, "[0, 1]")  # wsd: share of the run spent decaying
+    weight_decay: float = ranged(0.1, "[0, 10]")
+    grad_clip: float = ranged(1.0, "(0, 1e6]")
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 1337
-    log_every_steps: int = 10
-    eval_every_tokens: int = 5_000_000
-    eval_tokens: int = 65_536  # held-out tokens per evaluation
-    checkpoint_every_tokens: int = 5_000_000  # in-run saves for crash recovery
-    samples: int = 2  # generated samples shown at each evaluation
-    sample_tokens: int = 48
+    seed: int = ranged(1337, "[0, 4294967295]")
+    log_every_steps: int = ranged(10, "[1, 1e9]")
+    eval_every_tokens: int = ranged(5_000_000, "[1, 1000000000000]")
+    eval_tokens: int = ranged(65_536, "[1, 1000000000000]")  # held-out tokens per evaluation
+    checkpoint_every_tokens: int = ranged(5_000_000, "[1, 1000000000000]")  # in-run saves for crash recovery
+    samples: int = ranged(2, "[0, 100]")  # generated samples shown at each evaluation
+    sample_tokens: int = ranged(48, "[0, 100000]")
     # training phase (hatchling): A backbone + working memory; B adds procedural memory;
     # C adds episodic memory; E lifelong (soft resets keep committed memories across
     # documents, and the memory contents are saved with lm_current.pth)
@@ -44,20 +50,20 @@ class AuxiliaryConfig(AuxHeadsConfig):
     """The `auxiliary` section: the auxiliary heads' keys (AuxHeadsConfig) plus adaptive source weights."""
 
     enable_adaptive_sources: bool = False
-    adaptive_interval_tokens: int = 1_000_000
-    adaptive_min_weight: float = 0.1
-    adaptive_max_weight: float = 5.0
-    adaptive_smoothing: float = 0.5
+    adaptive_interval_tokens: int = ranged(1_000_000, "[1, 1000000000000]")
+    adaptive_min_weight: float = ranged(0.1, "(0, 1000]")
+    adaptive_max_weight: float = ranged(5.0, "(0, 1000]")
+    adaptive_smoothing: float = ranged(0.5, "[0, 1)")
 
 
 @dataclass
 class GenerateConfig:
-    """The `generate` section: sampling when you talk to a finished model (train/chat.py)."""
+    """The `generate` section: sampling when you talk to a finished model (program/talk.py)."""
 
-    temperature: float = 0.8
-    top_p: float = 0.9
-    max_tokens: int = 128  # most tokens of one reply
-    no_repeat_ngram: int = 3  # a token that would repeat an n-gram already in the text is never sampled (0 = off)
+    temperature: float = ranged(0.8, "[0, 100]")
+    top_p: float = ranged(0.9, "(0, 1]")
+    max_tokens: int = ranged(128, "[1, 1048576]")  # most tokens of one reply
+    no_repeat_ngram: int = ranged(3, "[0, 64]")  # a token that would repeat an n-gram already in the text is never sampled (0 = off)
 
 
 # lm-eval tasks suited to 50-150M-parameter models trained on 100M tokens
@@ -66,12 +72,12 @@ DEFAULT_EVAL_TASKS = ["lambada_openai", "wikitext", "hellaswag", "arc_easy", "pi
 
 @dataclass
 class EvalConfig:
-    """The `eval` section: what "Evaluate it" runs on a finished model (train/assess.py)."""
+    """The `eval` section: what "Evaluate it" runs on a finished model (program/evaluate.py)."""
 
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_TASKS))  # lm-eval task names ([] = none)
-    num_fewshot: int = 0
-    limit: Optional[int] = None  # at most this many examples per task (null = all)
-    batch_size: int = 16  # sequences per forward pass
+    num_fewshot: int = ranged(0, "[0, 1000]")
+    limit: Optional[int] = ranged(None, "[1, 1e12]")  # at most this many examples per task (null = all)
+    batch_size: int = ranged(16, "[1, 65536]")  # sequences per forward pass
     include_path: Optional[str] = None  # a folder of your own lm-eval task YAML files
 
 

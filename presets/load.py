@@ -17,8 +17,9 @@ from typing import Any, Literal, Union
 
 from data import HFSourceSpec, PdfSourceSpec, check_format
 
-from .config import IGNORED_KEYS, Preset
-from .preset_rules import range_problems, resolve_aliases
+from .rules import range_problems
+from .schema import IGNORED_KEYS, Preset
+from .vocabulary import resolve_aliases
 
 
 class PresetError(Exception):

@@ -11,11 +11,9 @@ import pexpect
 import pytest
 import torch
 
-from tests.conftest import InterruptAt
-from tests.presets import CORPUS, tiny_preset
+from tests.sample_presets import CORPUS, tiny_preset
 from tests.userpath import make_project, run_main, spawn_main, start_main
-from train import preset_from_dict, train
-from train.checkpoint import CURRENT, RUN_STATE, atomic_save, load_checkpoint
+from train.checkpoint_files import CURRENT, RUN_STATE, atomic_save, load_checkpoint
 from train.progress import human
 
 pytestmark = pytest.mark.skipif(not (CORPUS / "books").is_dir(), reason=f"real-text corpus not found at {CORPUS}")
@@ -159,7 +157,7 @@ def test_a_damaged_run_state_is_reported_and_a_new_run_starts(tmp_path):
     (lambda s: s["preset"]["model"].update(arch="hatchling"), "holds weights that do not fit its own stored model"),
     (lambda s: s.pop("ranks"), "is not an interrupted run of this trainer (it lacks ranks)"),
     (lambda s: s.update(format=99), "is an interrupted run in format 99, which this version of the trainer cannot "
-                                    "read (it reads formats 1, 2)"),
+                                    "read (it reads format 2)"),
 ])
 def test_a_run_state_that_cannot_resume_here_is_refused_and_kept(tmp_path, edit, expected):
     project = interrupted_project(tmp_path)
@@ -175,45 +173,6 @@ def test_a_run_state_that_cannot_resume_here_is_refused_and_kept(tmp_path, edit,
         return
     assert proc.returncode == 2 and expected in out and "Traceback" not in out, out
     assert path.read_bytes() == before
-
-
-def as_format_1(state: dict) -> dict:
-    """A run state in the layout the trainer wrote before its state became components
-    (format 1: one flat dict, the per-rank carried state under "model_state")."""
-    return {
-        "format": 1, "kind": "run_state", "model": state["model"], "model_config": state["model_config"],
-        "optimizer": state["optimizer"], "scheduler": state["scheduler"], "step": state["counters"]["step"],
-        "tokens": state["counters"]["tokens"], "budget": state["budget"], "world_size": state["world_size"],
-        "preset": state["preset"], "tokenizer": state["tokenizer"], "next_eval": state["counters"]["next_eval"],
-        "next_save": state["counters"]["next_save"],
-        "ranks": [{"streams": r["streams"], "model_state": r["carried"]["value"], "rng": r["rng"]}
-                  for r in state["ranks"]],
-        "lr_scale": state["faults"]["lr_scale"], "skipped_steps": state["faults"]["skipped_steps"],
-        "splits": state["faults"]["splits"], "reweighter": None,
-        "next_adapt": state["preset"]["auxiliary"]["adaptive_interval_tokens"], "run_id": state["run_id"],
-    }
-
-
-def test_a_run_state_of_the_previous_format_resumes_as_if_it_were_new(tmp_path):
-    """An interrupted run saved in format 1 resumes through main.py and ends exactly where
-    the same run saved in today's format ends (carried recurrent state included)."""
-    raw = tiny_preset(arch="hatchling", train={"checkpoint_every_tokens": 10**9})
-    new, old = make_project(tmp_path / "new", [raw]), make_project(tmp_path / "old", [raw])
-    stopped = train(preset_from_dict(raw, "tiny")[0], budget=4096, out_dir=new / "checkpoints",
-                    reporter=InterruptAt(2048))
-    assert not stopped.finished and stopped.tokens == 2048
-    state = load_checkpoint(new / "checkpoints" / RUN_STATE)
-    assert state["format"] == 2 and state["ranks"][0]["carried"]["value"] is not None
-    (old / "checkpoints").mkdir()
-    atomic_save(as_format_1(state), old / "checkpoints" / RUN_STATE)
-    for project in (new, old):
-        proc = run_main(project)
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0 and "[resume] continuing at 2.0k/4.1k tokens, step 16" in out, out
-        assert "Traceback" not in out, out
-    a, b = (load_checkpoint(p / "checkpoints" / CURRENT) for p in (new, old))
-    assert a["tokens"] == b["tokens"] == 4096
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the migrated run diverged"
 
 
 def test_a_damaged_lm_current_is_reported_and_the_run_starts_fresh(tmp_path):

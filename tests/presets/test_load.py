@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import TOKEN_BUDGET
-from train.preset import PresetError, load_preset
+from presets import PresetError, load_preset
+from presets.schema import TOKEN_BUDGET
 
 ROOT = Path(__file__).resolve().parents[2]
 

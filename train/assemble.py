@@ -24,10 +24,10 @@ from data import (
 )
 from data.registry import AllSourcesDied, DocumentMixer
 
-from .checkpoint import load_latest
+from .checkpoint_files import load_latest
 from .distributed import Dist, any_rank, broadcast_object
 from .errors import TrainError
-from .estimate import memory_problem, param_count, vocab_size_guess
+from .memory_check import memory_problem, param_count, vocab_size_guess
 from .progress import human
 
 # The fields of two model configs that must agree for one's weights to be worth

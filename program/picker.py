@@ -13,13 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 from data import hub_status, needs_hub
+from presets import TOKEN_BUDGET, Preset, PresetError, load_preset
+from train.checkpoint_files import RUN_STATE, CheckpointError, load_checkpoint
+from train.checkpointer import run_summary
+from train.memory_check import memory_problem, param_count, vocab_size_guess
+from train.progress import human
 
-from .checkpoint import RUN_STATE, CheckpointError, load_checkpoint
-from .checkpointer import run_summary
-from .config import TOKEN_BUDGET, Preset
-from .estimate import STEP_TIMES, human_duration, measured_tokens_per_s, memory_problem, param_count, vocab_size_guess
-from .preset import PresetError, load_preset
-from .progress import human
+from .step_times import STEP_TIMES, human_duration, tokens_per_s
 
 DEFAULT_PRESET = "00_best_general"
 
@@ -44,15 +44,17 @@ def _estimate(preset: Preset, cache: Optional[Path], on_measure=None) -> tuple[s
     problem = memory_problem(preset.model, n, vocab, t.batch_size, t.seq_length, device)
     if problem:
         return human(n), "", problem
-    rate = measured_tokens_per_s(preset.model, vocab, t.seq_length, t.batch_size, cache, on_measure=on_measure)
-    return human(n), human_duration(TOKEN_BUDGET / rate), None
+    rate, kind = tokens_per_s(preset.model, vocab, t.seq_length, t.batch_size, cache, on_measure=on_measure)
+    return human(n), human_duration(TOKEN_BUDGET / rate) + (" (run)" if kind == "run" else ""), None
 
 
 def preset_table(paths: list[Path], console: Console, cache: Optional[Path] = STEP_TIMES) -> tuple[Table, set[str]]:
     """The picker's table, and the presets that cannot run here (invalid, too big, or
     needing the Hugging Face hub when it is unreachable). One bad preset marks its own row."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    table = Table(title=f"Presets (each trains {TOKEN_BUDGET:,} tokens; time measured on this {device})")
+    table = Table(title=f"Presets (each trains {TOKEN_BUDGET:,} tokens; time measured on this {device})",
+                  caption="est. time: from a timed training step, relative to a reference step timed now; "
+                          "(run): the speed a real run of the preset reached here", caption_justify="left")
     table.add_column("preset", no_wrap=True, style="bold")
     table.add_column("params", no_wrap=True, justify="right")
     table.add_column("est. time", no_wrap=True, justify="right")

@@ -1,9 +1,9 @@
 """After training: the first question `python main.py` asks when a finished model exists.
 
     Train (Enter)   today's behaviour: resume an interrupted run, else pick a preset
-    Talk to it      a streaming prompt loop (train/chat.py)
-    Evaluate it     held-out loss / perplexity / bits per byte and lm-eval tasks (train/assess.py)
-    Export it       a Hugging Face folder (train/export.py)
+    Talk to it      a streaming prompt loop (program/talk.py)
+    Evaluate it     held-out loss / perplexity / bits per byte and lm-eval tasks (program/evaluate.py)
+    Export it       a Hugging Face folder (program/export.py)
     Quit
 
 Talk, Evaluate and Export act on one of the finished checkpoints (lm_current.pth, and
@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 from rich.console import Console
 
-from .checkpoint import ROLLING, CheckpointError, load_checkpoint
-from .config import Preset
+from presets import Preset
+from train.checkpoint_files import ROLLING, CheckpointError, load_checkpoint
 
 TRAIN, TALK, EVALUATE, EXPORT, QUIT = "Train", "Talk to it", "Evaluate it", "Export it", "Quit"
 
@@ -58,7 +58,7 @@ def stored_preset(ckpt: dict, path: Path, configs: Optional[Path] = None, warn=p
     """The preset stored in a checkpoint; its `generate` and `eval` sections are taken from
     the preset file in `configs/` with the same name when there is one, so editing the
     preset changes how a finished model is sampled and evaluated."""
-    from .preset import PresetError, load_preset, preset_from_dict
+    from presets import PresetError, load_preset, preset_from_dict
 
     preset, _ = preset_from_dict(ckpt["preset"], f"{path} (stored preset)")
     if configs is not None and Path(configs).is_dir():
@@ -107,7 +107,7 @@ def load_finished(path: Path, configs: Optional[Path] = None, device: Optional[t
 
 def describe(path: Path) -> str:
     """'lm_current.pth: tiny, transformer, 48.0k tokens, held-out loss 4.21, 2026-12-01 23:51'"""
-    from .progress import human
+    from train.progress import human
 
     try:
         ck = load_checkpoint(path)
@@ -175,11 +175,11 @@ def act(choice: str, path: Path, root: Path, console: Console) -> None:
     with console.status(f"loading {path.name} ..."):
         fin = load_finished(path, root / "configs", warn=warn)
     if choice == TALK:
-        from .chat import talk
+        from .talk import talk
 
         talk(fin, console)
     elif choice == EVALUATE:
-        from .assess import assess
+        from .evaluate import assess
 
         assess(fin, console)
     elif choice == EXPORT:
