@@ -298,7 +298,7 @@ def test_checkpoint_without_heads_loads_with_heads_missing():
 
 
 def test_trainer_tolerant_load_reports_the_head_keys_as_missing():
-    from train.setup import tolerant_load
+    from train.assemble import tolerant_load
 
     class Rep:
         def __init__(self):
@@ -338,8 +338,6 @@ def test_config_checks():
     assert AuxHeadsConfig().check_heads(4) == []
     bad = AuxHeadsConfig(policy_kl_weight=0.1, policy_layer=9, dynamics_steps=4, span_mask_fraction=1.0,
                          span_temperature=0.0, value_horizon=0, value_weight=-1.0)
-    keys = {k for k, _ in bad.check_heads(4)}
-    assert keys == {"policy_layer", "dynamics_steps", "span_mask_fraction", "span_temperature", "value_horizon",
-                    "value_weight"}
+    assert {k for k, _ in bad.check_heads(4)} == {"policy_layer"}  # the rest: ranges on the fields
     with pytest.raises(ValueError, match="policy_layer"):
         AuxHeads(bad, model_cfg("transformer"), V)
