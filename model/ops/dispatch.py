@@ -33,7 +33,7 @@ import torch
 
 from . import check, fla as fla_glue, library
 from .reference import forms
-from .reference.kda import chunk_form, kda_chunk, kda_recurrent, kda_step, prepare_chunks
+from .reference.kda import kda_chunk, kda_recurrent, kda_step, prepare_inputs
 from .reference.layer import (
     depthwise_conv_reference,
     gated_rmsnorm_reference,
@@ -262,12 +262,9 @@ def kda(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, ch
             return fla_glue.kda_varlen(q, k, v, log_alpha, beta, initial_state, scale, reset)
         return kda_chunk(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        c = prepare_chunks(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)
-        if not c.fast:  # some chunk decays by more than e^-80 even at 16 tokens: the sub-chunk form
-            return chunk_form(c, v.dtype)
-        o, S, _ = library.kda_fwd(c.q, c.k, c.v, c.g, c.beta, c.S0, None if c.seg is None else c.seg.flatten(2),
-                                  c.chunk)
-    return o[:, :, :c.T].to(v.dtype), S
+        o, S, _, _ = library.kda_fwd(*prepare_inputs(q, k, v, log_alpha, beta, initial_state, scale, reset),
+                                     chunk_size)
+    return o.to(v.dtype), S
 
 
 def kda_step_op(q, k, v, log_alpha, beta, state=None, scale=None, reset=None, mode: str = "auto"):

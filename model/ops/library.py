@@ -3,7 +3,9 @@ traces through them (a fake implementation each) instead of breaking its graph.
 
 Each op is a kernel form (model/ops/reference/forms.py states them in PyTorch): a forward
 op (`lif_fwd`, `conv_fwd`, `split_fwd`, `norm_fwd`, `kda_fwd`) with autograd registered,
-whose backward is another op (`*_bwd`). Their kernel is the same on every device: it asks
+whose backward is another op (`*_bwd`). `kda_fwd` takes the chunked KDA's inputs before
+the data-dependent part of their preparation (the chunk choice, padding, segments), which
+it does itself at run time. Their kernel is the same on every device: it asks
 `provider` (model/ops/dispatch.py's `kernel`, set when that module loads) for the
 implementation of the op for these tensors - the compiled C loop on CPU, the Triton kernel
 on CUDA, the PyTorch form where neither serves or the first-call check turned the fast
@@ -12,10 +14,13 @@ a ValueError naming the one that is wrong, before any pointer reaches a kernel.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from .reference.kda import chunk_form, chunk_inputs, chunk_sizes
 
 provider: Optional[Callable] = None  # (op, device, dtype, head) -> module of kernel forms
 
@@ -250,54 +255,97 @@ def _norm_backward(ctx, gy, _g_rstd):
 norm_fwd.register_autograd(_norm_backward, setup_context=_norm_setup)
 
 
-# ------------------------------------------------------------------ chunked KDA (prepared chunks)
+# ------------------------------------------------------------------ chunked KDA
+
+
+def _smallest_chunk(chunk_size: int) -> int:
+    return chunk_sizes(chunk_size)[-1]
 
 
 @torch.library.custom_op("spike_ops::kda_fwd", mutates_args=())
-def kda_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S0: Tensor, seg: Optional[Tensor],
-            chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """model/ops/reference/kda.py's prepared chunks (q scaled; q, k, g [B, H, T, dk]; v [B, H, T, dv];
-    beta [B, H, T]; S0 [B, H, dk, dv]; seg [B, H, T] int64 or None; T a multiple of chunk, no
-    chunk decaying by more than e^-80) -> (O [B, H, T, dv], S_end, starts [B, H, T / chunk, dk, dv])."""
-    if q.dim() != 4 or q.shape[2] % chunk:
-        _fail("kda", f"q has shape {list(q.shape)}, expected [B, H, T, dk] with T a multiple of {chunk}")
+def kda_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S0: Tensor, reset: Optional[Tensor],
+            chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The chunked KDA over reference/kda.py's prepare_inputs (q scaled; q, k, g [B, H, T, dk];
+    v [B, H, T, dv]; beta [B, H, T]; S0 [B, H, dk, dv]; reset [B, H, T] bool or None; float32)
+    -> (O [B, H, T, dv], S_end, starts [B, H, N, dk, dv] the state each chunk starts from (N
+    for the smallest chunk the call may take), chunk [1] int64: the chunk taken, negative
+    when no chunk decays by at most e^-80 and the PyTorch sub-chunk form ran). The chunk is
+    chosen here, at run time, from the decays: a data-dependent choice that torch.compile
+    need not see."""
+    if q.dim() != 4 or q.shape[2] == 0:
+        _fail("kda", f"q has shape {list(q.shape)}, expected [B, H, T > 0, dk]")
     B, H, T, dk = q.shape
     dv = v.shape[-1]
-    for name, t, shape in (("k", k, q.shape), ("g", g, q.shape), ("v", v, (B, H, T, dv)), ("beta", beta, (B, H, T)),
-                           ("S0", S0, (B, H, dk, dv))):
-        _want("kda", name, t, shape, q, q.dtype)
-    _want("kda", "seg", seg, (B, H, T), q, torch.int64)
-    return _c(*_impl("kda", q, max(dk, dv)).kda_fwd(q, k, v, g, beta, S0, seg, chunk))
+    for name, t, shape in (("q", q, q.shape), ("k", k, q.shape), ("g", g, q.shape), ("v", v, (B, H, T, dv)),
+                           ("beta", beta, (B, H, T)), ("S0", S0, (B, H, dk, dv))):
+        _want("kda", name, t, shape, q, torch.float32)
+    _want("kda", "reset", reset, (B, H, T), q, torch.bool)
+    c = chunk_inputs(q, k, v, g, beta, S0, reset, chunk_size)
+    starts = q.new_zeros(B, H, -(-T // _smallest_chunk(chunk_size)), dk, dv)
+    if not c.fast:  # some chunk decays by more than e^-80 even at the smallest chunk: the sub-chunk form
+        with torch.no_grad():
+            O, S = chunk_form(c, torch.float32)
+        return O.contiguous(), S.contiguous(), starts, torch.tensor([-c.chunk])
+    seg = None if c.seg is None else c.seg.flatten(2)
+    O, S, st = _impl("kda", q, max(dk, dv)).kda_fwd(c.q, c.k, c.v, c.g, c.beta, c.S0, seg, c.chunk)
+    starts[:, :, :st.shape[2]] = st
+    return O[:, :, :T].contiguous(), S.contiguous(), starts, torch.tensor([c.chunk])
 
 
 @kda_fwd.register_fake
-def _(q, k, v, g, beta, S0, seg, chunk):
+def _(q, k, v, g, beta, S0, reset, chunk_size):
     B, H, T, dk = q.shape
     dv = v.shape[-1]
-    return q.new_empty(B, H, T, dv), q.new_empty(B, H, dk, dv), q.new_empty(B, H, T // chunk, dk, dv)
+    return (q.new_empty(B, H, T, dv), q.new_empty(B, H, dk, dv),
+            q.new_empty(B, H, -(-T // _smallest_chunk(chunk_size)), dk, dv), q.new_empty(1, dtype=torch.int64))
+
+
+def _sub_chunk_backward(q, k, v, g, beta, S0, reset, chunk_size, dO, dS_end):
+    """The sub-chunk form's gradients by autograd, in a worker thread (autograd is off inside
+    a custom op's kernel)."""
+    def work():
+        inputs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, S0)]
+        c = chunk_inputs(*inputs, reset, chunk_size)
+        O, S = chunk_form(c, torch.float32)
+        return torch.autograd.grad((O, S), inputs, (dO, dS_end), allow_unused=True)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="model.ops.kda") as pool:
+        grads = pool.submit(work).result()
+    return [torch.zeros_like(x) if d is None else d for x, d in zip((q, k, v, g, beta, S0), grads)]
 
 
 @torch.library.custom_op("spike_ops::kda_bwd", mutates_args=())
-def kda_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, seg: Optional[Tensor], starts: Tensor,
-            dO: Tensor, dS_end: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _c(*_impl("kda", q, max(q.shape[-1], v.shape[-1])).kda_bwd(q, k, v, g, beta, seg, starts, dO, dS_end, chunk))
+def kda_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S0: Tensor, reset: Optional[Tensor],
+            starts: Tensor, chunk: Tensor, dO: Tensor, dS_end: Tensor,
+            chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T = q.shape[2]
+    C = int(chunk.item())
+    if C < 0:
+        return _c(*_sub_chunk_backward(q, k, v, g, beta, S0, reset, chunk_size, dO, dS_end))
+    c = chunk_inputs(q, k, v, g, beta, S0, reset, chunk_size, chunk=C)
+    N = c.q.shape[2] // C
+    dO = torch.nn.functional.pad(dO.float(), (0, 0, 0, c.q.shape[2] - T))
+    seg = None if c.seg is None else c.seg.flatten(2)
+    dq, dk, dv, dg, dbeta, dS0 = _impl("kda", q, max(q.shape[-1], v.shape[-1])).kda_bwd(
+        c.q, c.k, c.v, c.g, c.beta, seg, starts[:, :, :N], dO, dS_end, C)
+    return _c(dq[:, :, :T], dk[:, :, :T], dv[:, :, :T], dg[:, :, :T], dbeta[:, :, :T], dS0)
 
 
 @kda_bwd.register_fake
-def _(q, k, v, g, beta, seg, starts, dO, dS_end, chunk):
+def _(q, k, v, g, beta, S0, reset, starts, chunk, dO, dS_end, chunk_size):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
-            torch.empty_like(beta), starts.new_empty(starts[:, :, 0].shape))
+            torch.empty_like(beta), torch.empty_like(S0))
 
 
 def _kda_setup(ctx, inputs, output):
-    q, k, v, g, beta, S0, seg, chunk = inputs
-    ctx.save_for_backward(q, k, v, g, beta, seg, output[2])
-    ctx.chunk = chunk
+    q, k, v, g, beta, S0, reset, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, beta, S0, reset, output[2], output[3])
+    ctx.chunk_size = chunk_size
 
 
-def _kda_backward(ctx, dO, dS_end, _d_starts):
-    q, k, v, g, beta, seg, starts = ctx.saved_tensors
-    grads = kda_bwd(q, k, v, g, beta, seg, starts, dO, dS_end, ctx.chunk)
+def _kda_backward(ctx, dO, dS_end, _d_starts, _d_chunk):
+    q, k, v, g, beta, S0, reset, starts, chunk = ctx.saved_tensors
+    grads = kda_bwd(q, k, v, g, beta, S0, reset, starts, chunk, dO, dS_end, ctx.chunk_size)
     return (*grads, None, None)
 
 

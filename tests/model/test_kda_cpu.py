@@ -7,18 +7,32 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.ops import cpu as cpu_kernels, dispatch, library
+from model.ops import cpu as cpu_kernels, dispatch
 from model.ops.cpu import kda as kda_cpu
 from model.ops.reference.kda import _KDAChunkFn, _sub_chunk
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler here: no compiled loops")
 
 
+class _KDAChunkCPU(torch.autograd.Function):
+    """The compiled loop's two functions (model/ops/cpu/kda.py) as one differentiable op."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, s0, seg, chunk):
+        o, s, starts = kda_cpu.kda_fwd(q, k, v, g, beta, s0, seg, chunk)
+        ctx.save_for_backward(q, k, v, g, beta, starts)
+        ctx.seg, ctx.chunk = seg, chunk
+        return o, s
+
+    @staticmethod
+    def backward(ctx, dO, dS):
+        q, k, v, g, beta, starts = ctx.saved_tensors
+        return (*kda_cpu.kda_bwd(q, k, v, g, beta, ctx.seg, starts, dO, dS, ctx.chunk), None, None)
+
+
 def kda_chunk_cpu(q, k, v, g, beta, s0, seg, chunk):
-    """The custom op spike_ops::kda_fwd on the compiled loop (differentiable): (O, S_end)."""
-    with dispatch.forcing("kda", "cpu"):
-        o, s, _ = library.kda_fwd(q, k, v, g, beta, s0, seg, chunk)
-    return o, s
+    """The compiled loop, differentiable: (O, S_end)."""
+    return _KDAChunkCPU.apply(q, k, v, g, beta, s0, seg, chunk)
 
 
 def chunk_inputs(B, H, N, C, dk, dv, dtype, seed=0, resets=True):
@@ -46,8 +60,7 @@ def outputs_and_grads(fn, inputs, seed=1):
     o, s = fn(*inputs)
     g = torch.Generator().manual_seed(seed)
     w_o, w_s = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (o, s))
-    with dispatch.forcing("kda", "cpu"):
-        grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
+    grads = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), inputs)
     return [o.detach(), s.detach(), *grads]
 
 

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model import ops
 from model.ops import cpu, dispatch, library
@@ -161,6 +162,18 @@ def test_the_ops_check_their_arguments_at_the_boundary():
         ops.split_heads(torch.zeros(1, 2, 10), 2)
 
 
+def kda_inputs(g, T=21, strong=False):
+    """prepare_inputs' results for a small problem with a reset (20 nats a token when strong:
+    no chunk can be factored, the sub-chunk form runs)."""
+    q, k = (F.normalize(torch.randn(2, 2, T, 8, generator=g), dim=-1) for _ in range(2))
+    v = torch.randn(2, 2, T, 8, generator=g)
+    la = -torch.rand(2, 2, T, 8, generator=g) * (20.0 if strong else 0.5)
+    beta, s0 = torch.rand(2, 2, T, generator=g), torch.randn(2, 2, 8, 8, generator=g) * 0.1
+    reset = torch.zeros(2, 2, T, dtype=torch.bool)
+    reset[0, :, 9] = True
+    return [x.requires_grad_() for x in (q * 8 ** -0.5, k, v, la, beta, s0)] + [reset]
+
+
 @needs_cc
 @pytest.mark.parametrize("impl", ["cpu", "reference"])
 def test_custom_op_registrations_pass_opcheck(impl):
@@ -178,6 +191,7 @@ def test_custom_op_registrations_pass_opcheck(impl):
         "gated_rmsnorm": (library.norm_fwd, (torch.randn(2, 2, 5, 8, generator=g).transpose(1, 2).requires_grad_(),
                                              torch.randn(2, 5, 2, 8, generator=g, requires_grad=True),
                                              torch.ones(8, requires_grad=True), 1e-6)),
+        "kda": (library.kda_fwd, (*kda_inputs(g), 16)),
     }
     for op, (fn, args) in cases.items():
         with dispatch.forcing(op, impl):
@@ -187,8 +201,9 @@ def test_custom_op_registrations_pass_opcheck(impl):
 
 @needs_cc
 def test_torch_compile_traces_through_the_ops_without_a_graph_break():
-    """fullgraph=True fails on any graph break: the LIF, conv, split and norm ops forward and
-    backward in one graph (aot_eager: AOTAutograd traces the backward ops too)."""
+    """fullgraph=True fails on any graph break: the LIF, conv, split, norm and KDA ops forward
+    and backward in one graph (aot_eager: AOTAutograd traces the backward ops too); the KDA's
+    chunk choice (data-dependent) happens inside its op."""
     torch._dynamo.reset()
     drive, a, beta_logit, reset = lif_inputs(D=8)
     xx, w = torch.randn(2, 23, 48, requires_grad=True), torch.randn(48, 4, requires_grad=True)
@@ -197,8 +212,9 @@ def test_torch_compile_traces_through_the_ops_without_a_graph_break():
     def layer(drive, a, beta_logit, xx, w, norm_w):
         spikes, m, log_alpha, beta = ops.lif_modulate(drive, a, beta_logit, 0.9, 1.0, reset=reset)
         q, k, v = ops.split_heads(ops.short_conv(xx, w), 2)
-        y = ops.gated_rmsnorm(q.transpose(1, 2) + v.transpose(1, 2), k.transpose(1, 2), norm_w, 1e-6)
-        return y.sum() + log_alpha.sum() + beta.sum() + m.sum()
+        o, S = ops.kda(q, k, v, -torch.sigmoid(v).detach() * 0.3, torch.sigmoid(q[..., 0]), chunk_size=16)
+        y = ops.gated_rmsnorm(o.transpose(1, 2), k.transpose(1, 2), norm_w, 1e-6)
+        return y.sum() + log_alpha.sum() + beta.sum() + m.sum() + S.sum()
 
     inputs = [drive, a, beta_logit, xx, w, norm_w]
     eager = torch.autograd.grad(layer(*inputs), inputs)
@@ -206,8 +222,26 @@ def test_torch_compile_traces_through_the_ops_without_a_graph_break():
     got = torch.autograd.grad(compiled(*inputs), inputs)
     for x, y in zip(got, eager):
         torch.testing.assert_close(x, y)
-    assert set(ops.report()) == {"lif_modulate", "short_conv", "split_heads", "gated_rmsnorm"}
+    assert set(ops.report()) == {"lif_modulate", "short_conv", "split_heads", "gated_rmsnorm", "kda"}
     assert all(v == "compiled C loop (cpu, float32)" for v in ops.report().values())
+
+
+@needs_cc
+@pytest.mark.parametrize("strong", [False, True])
+def test_kda_op_matches_the_recurrence_whichever_chunk_it_takes(strong):
+    """The op picks its chunk from the decays at run time; where none can be factored (20
+    nats a token) it runs the sub-chunk form, its backward by autograd in a worker thread."""
+    from model.ops.reference.kda import kda_recurrent
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v, la, beta, s0, reset = kda_inputs(g, T=37, strong=strong)
+    o, S, _, chunk = library.kda_fwd(q, k, v, la, beta, s0, reset, 32)
+    assert (chunk.item() < 0) == strong
+    got = [o, S, *grads_of([o, S], [q, k, v, la, beta, s0])]
+    o2, S2 = kda_recurrent(q, k, v, la, beta, s0, 1.0, reset)
+    want = [o2, S2, *grads_of([o2, S2], [q, k, v, la, beta, s0])]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
 
 def test_split_heads_form_matches_its_reference():

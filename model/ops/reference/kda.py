@@ -15,9 +15,9 @@ Three forms of the same function, all computing in float32:
 - `kda_recurrent`: the specification, one token at a time (a loop over `kda_step`).
 - `kda_chunk`: the chunked parallel form used for training; exact, not an approximation.
   Its usual case (no chunk decaying by more than e^-80) is one autograd Function with a
-  hand-written backward (`_KDAChunkFn`); the rest goes through autograd. `prepare_chunks`
-  is its preparation (float32, scale, chunk choice, padding, segments), shared with the
-  fast forms (model/ops/dispatch.py), which this module never imports.
+  hand-written backward (`_KDAChunkFn`); the rest goes through autograd. `prepare_inputs`
+  and `chunk_inputs` are its preparation (float32, scale; chunk choice, padding, segments),
+  shared with the fast forms (model/ops/library.py), which this module never imports.
 - `kda_step`: one token, for generation.
 
 Shapes (batch first, heads second): q, k [B, H, T, dk]; v [B, H, T, dv];
@@ -186,9 +186,7 @@ def _factorable_chunk(g: torch.Tensor, chunk_size: int, limit: float) -> Optiona
     64-token chunk (more than 1.25 a token, common at initialisation) would otherwise send
     the whole call to the sub-chunk scores; halving the chunk keeps it on the fast path.
     A data-dependent choice: kept out of torch.compile's graphs, like _span_at_most."""
-    sizes = [chunk_size]
-    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= 16:
-        sizes.append(sizes[-1] // 2)
+    sizes = chunk_sizes(chunk_size)
     grain, T = sizes[-1], g.shape[2]
     pad = (-T) % chunk_size
     sums = torch.nn.functional.pad(g, (0, 0, 0, pad)).unflatten(2, (-1, grain)).sum(-2)  # [B, H, T' / grain, dk]
@@ -530,21 +528,38 @@ class Chunks(NamedTuple):
     T: int
 
 
-def prepare_chunks(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None,
-                   chunk_size: int = 64) -> Chunks:
-    """The preparation of kda_chunk (arguments as kda_recurrent's), for this module's forms
-    and the fast ones alike."""
+def prepare_inputs(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None):
+    """The data-independent half of the preparation (arguments as kda_recurrent's): (q scaled,
+    k, v, g, beta float32 contiguous [B, H, T, d] / [B, H, T]; S0 float32 [B, H, dk, dv];
+    reset [B, H, T] bool contiguous or None)."""
     B, H, T, dk = q.shape
     dv = v.shape[-1]
     scale = dk ** -0.5 if scale is None else scale
     # contiguous [B, H, T, d] once (callers pass [B, T, H, d] transposed): the elementwise work
     # below runs several times faster on contiguous memory
     q, k, v, g, beta = (x.float().contiguous() for x in (q, k, v, log_alpha, beta))
-    C = _factorable_chunk(g, chunk_size, _FACTOR_MAX)
-    fast = C is not None
-    C = C or chunk_size
     q = q * scale
     reset = _reset_bht(reset, B, H, T)
+    S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float().contiguous()
+    return q, k, v, g, beta, S0, None if reset is None else reset.contiguous()
+
+
+def chunk_sizes(chunk_size: int) -> list[int]:
+    """chunk_size, chunk_size / 2, ... (halving while even and >= 16): the chunks a call may take."""
+    sizes = [chunk_size]
+    while sizes[-1] % 2 == 0 and sizes[-1] // 2 >= 16:
+        sizes.append(sizes[-1] // 2)
+    return sizes
+
+
+def chunk_inputs(q, k, v, g, beta, S0, reset, chunk_size: int, chunk: Optional[int] = None) -> Chunks:
+    """The data-dependent half (prepare_inputs' results in): the chunk (`chunk` if given, else
+    the longest of chunk_sizes(chunk_size) whose chunks decay by at most e^-80), padding to
+    a multiple of it, and the segment ids of the resets."""
+    B, H, T, _ = q.shape
+    C = chunk if chunk is not None else _factorable_chunk(g, chunk_size, _FACTOR_MAX)
+    fast = C is not None
+    C = C or chunk_size
     pad = (-T) % C
     if pad:  # padded tokens: no decay (g = 0) and no write (beta = 0) leave the state as is
         q, k, v, g = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
@@ -553,8 +568,14 @@ def prepare_chunks(q, k, v, log_alpha, beta, initial_state=None, scale=None, res
             reset = torch.nn.functional.pad(reset, (0, pad))
     N = (T + pad) // C
     seg = None if reset is None else reset.unflatten(2, (N, C)).long().cumsum(-1)  # [B, H, N, C]
-    S0 = q.new_zeros(B, H, dk, dv) if initial_state is None else initial_state.float()
     return Chunks(q, k, v, g, beta, S0, seg, C, fast, T)
+
+
+def prepare_chunks(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None,
+                   chunk_size: int = 64) -> Chunks:
+    """The preparation of kda_chunk (arguments as kda_recurrent's): prepare_inputs, then
+    chunk_inputs."""
+    return chunk_inputs(*prepare_inputs(q, k, v, log_alpha, beta, initial_state, scale, reset), chunk_size)
 
 
 @_float32
