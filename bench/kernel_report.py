@@ -230,7 +230,7 @@ def compile_launch(rec: dict, arch: int, config: dict) -> dict:
             else:
                 signature[p.name] = t
     options = {k: v for k, v in {**rec["options"], **config}.items()
-               if k in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
+               if k in ("num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion")}
     options.setdefault("num_warps", 4)
     t0 = time.time()
     ck = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),

@@ -2,7 +2,9 @@
 model/ops/reference/forms.py's lif_fwd / lif_bwd): one program per (batch row, head),
 the head's D channels in one block, a sequential loop over tokens carrying the membrane
 (forward) or its gradient (backward) in registers. A head's spike count is a sum of 0/1
-values, exact in any order."""
+values, exact in any order. The forward is compiled without multiply-add fusion
+(enable_fp_fusion=False), so `drive + decay * m` rounds as the reference's (and the C
+loop's, built with -ffp-contract=off) and the spikes are the reference's, bit for bit."""
 from __future__ import annotations
 
 import torch
@@ -109,7 +111,8 @@ def lif_fwd(drive, a, beta_logit, membrane, keep, decay: float, threshold: float
     BD = block(D)
     lif_fwd_kernel[(B * H,)](x, x if a is None else a, bl, x if k is None else k, m0, v_all, spikes,
                              x if log_alpha is None else log_alpha, beta, m, T, H, D, float(decay), float(threshold),
-                             HAS_A=a is not None, HAS_KEEP=k is not None, BLOCK_D=BD, num_warps=warps(BD))
+                             HAS_A=a is not None, HAS_KEEP=k is not None, BLOCK_D=BD, num_warps=warps(BD),
+                             enable_fp_fusion=False)
     return spikes, m, log_alpha, beta, v_all
 
 
