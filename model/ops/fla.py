@@ -1,6 +1,6 @@
 """The chunked (tensor-core) KDA training kernel: flash-linear-attention's `chunk_kda`.
 
-`fla.ops.kda.chunk_kda` (PyPI `fla-core`, Triton) computes exactly model/kda.py's
+`fla.ops.kda.chunk_kda` (PyPI `fla-core`, Triton) computes exactly reference/kda.py's
 recurrence given our log_alpha and beta: q, k `[B, T, H, K]`, g = log-decay per key
 channel `[B, T, H, K]`, beta `[B, T, H]`, float32 initial_state `[N, H, K, V]`, and
 `cu_seqlens` (B = 1) for variable-length sequences. This module is the glue between that
@@ -16,7 +16,7 @@ API and ours (`[B, H, T, d]`, per-stream document resets, per-stream carried sta
 
 The kernel is a parameter (`kernel=`) with chunk_kda's signature, so the CPU tests run
 this same glue with `reference_chunk_kda` (our PyTorch recurrence, per segment) in its
-place and compare against model/kda.py directly, forward and gradients.
+place and compare against reference/kda.py directly, forward and gradients.
 
 Per-head resets ([B, H, T]) cannot be cut into shared segments; `unsupported()` says so
 and the dispatcher (dispatch.py) runs the reference. `fla` is optional: imported on first
@@ -110,7 +110,7 @@ def kda_varlen(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=N
 
 def reference_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None,
                         **_):
-    """chunk_kda's contract computed by model/kda.py's recurrence, segment by segment:
+    """chunk_kda's contract computed by reference/kda.py's recurrence, segment by segment:
     the stand-in that lets the CPU tests check `kda_varlen`'s mapping."""
     from .reference.kda import kda_recurrent
 

@@ -45,7 +45,7 @@ def lif_modulate_reference(
 
 def kda_reference(q, k, v, log_alpha, beta, initial_state=None, scale=None, reset=None, chunk_size: int = 64,
                   impl: str = "chunk"):
-    """model/kda.py: `kda_recurrent` for impl == "recurrent", else `kda_chunk`."""
+    """kda.py: `kda_recurrent` for impl == "recurrent", else `kda_chunk`."""
     if impl == "recurrent":
         return kda_recurrent(q, k, v, log_alpha, beta, initial_state, scale, reset)
     return kda_chunk(q, k, v, log_alpha, beta, initial_state, scale, reset, chunk_size)

@@ -93,7 +93,7 @@ def lif_scan_reference(
 def _lif_forward(drive, membrane, keep, decay, threshold):
     """The membrane loop of both scans' forward: (v_all, spikes, final membrane), v_all the
     pre-reset potentials [B, T, ...] the backward needs. `decay * m` is rounded before the
-    add, as in the reference (and in model/csrc_cpu/lif_scan.c)."""
+    add, as in the reference (and in model/ops/cpu/csrc/lif_scan.c)."""
     v_all = torch.empty_like(drive)
     m = membrane
     for t, (drive_t, v) in enumerate(zip(drive.unbind(1), v_all.unbind(1))):
