@@ -28,11 +28,11 @@ def run(root: str | Path = ".") -> int:
 
     console = Console()
     root = Path(root)
-    d = init_distributed()
+    ddp = init_distributed()
     old_term = _terminate_as_interrupt()
     try:
         plan = None
-        if d.is_main:
+        if ddp.is_main:
             try:
                 from .first_question import first_question  # talk to / evaluate / export a finished model
 
@@ -45,7 +45,7 @@ def run(root: str | Path = ".") -> int:
             except CheckpointError as e:  # an interrupted run this version cannot resume: kept as it is
                 console.print(f"error: {e}", style="red", markup=False, highlight=False)
                 plan = "error"
-        plan = broadcast_object(plan, d)
+        plan = broadcast_object(plan, ddp)
         if plan is None:
             return 130  # Ctrl-C at a question: quiet exit
         if plan == "error":
@@ -57,21 +57,21 @@ def run(root: str | Path = ".") -> int:
             return 0
         return 143 if result.stop_signal == signal.SIGTERM else 130  # 128 + the signal, as shells report it
     except AllSourcesFailed as e:
-        if d.is_main:
+        if ddp.is_main:
             console.print(f"{e}\nstopped before touching any checkpoint.", style="red", markup=False, highlight=False)
             if any("unreachable" in reason or "HF_HUB_OFFLINE" in reason for _, reason in e.failures):
                 console.print(f"hint: {OFFLINE_HINT}", style="yellow", markup=False, highlight=False)
         return 2
     except AllSourcesDied as e:
-        if d.is_main:
+        if ddp.is_main:
             console.print(f"{e}\nthe run stopped; its last save is kept.", style="red", markup=False, highlight=False)
         return 2
     except (PresetError, TokenizerError, CheckpointError, TrainError) as e:
-        if d.is_main:
+        if ddp.is_main:
             console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 2
     except KeyboardInterrupt as e:
-        if d.is_main:
+        if ddp.is_main:
             console.print("terminated." if isinstance(e, Terminated) else "interrupted.")
         return 143 if isinstance(e, Terminated) else 130
     finally:

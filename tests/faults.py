@@ -345,7 +345,7 @@ DDP_CHILD = textwrap.dedent("""
     preset, _ = preset_from_dict(json.loads({preset!r}), "faults")
     t = Trainer(preset, 10**6, {out!r}, resume=False, reporter=None)
     t.setup()
-    if t.d.rank == 1:
+    if t.ddp.rank == 1:
         real = t.train_step
         def dying():
             if t.counters.step == 5:

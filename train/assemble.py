@@ -37,30 +37,30 @@ from .progress import human
 BACKBONE = ("arch", "d_model", "n_layers", "n_heads")
 
 
-def pick_device(pref: str, d: Dist) -> torch.device:
+def pick_device(pref: str, ddp: Dist) -> torch.device:
     if pref == "cpu" or (pref == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise TrainError('train.device is "cuda" but no CUDA device is available; use "auto"')
-    return torch.device("cuda", d.local_rank)
+    return torch.device("cuda", ddp.local_rank)
 
 
-def check_training_documents(sources, data_cfg, d: Dist, device: torch.device) -> None:
+def check_training_documents(sources, data_cfg, ddp: Dist, device: torch.device) -> None:
     """Stop before anything is built when this rank's share of the data holds no
     training document (every file shorter than data.min_text_length, or fewer
     documents than ranks): a fresh reader of the opened sources must yield one."""
     try:
-        DocumentMixer(sources, data_cfg, d.rank, d.world_size, log=lambda m: None).next_document()
+        DocumentMixer(sources, data_cfg, ddp.rank, ddp.world_size, log=lambda m: None).next_document()
         empty = False
     except AllSourcesDied:
         empty = True
-    if not any_rank(empty, d, device):
+    if not any_rank(empty, ddp, device):
         return
     names = ", ".join(s.name for s in sources)
-    if d.enabled:
+    if ddp.enabled:
         raise TrainError(f"a rank got no training documents: {names} hold too few documents (of at least "
                          f"data.min_text_length = {data_cfg.min_text_length} characters, outside the held-out "
-                         f"share) for {d.world_size} processes; add text or use fewer processes")
+                         f"share) for {ddp.world_size} processes; add text or use fewer processes")
     raise TrainError(f"there is nothing to train on: {names} hold no document of at least data.min_text_length = "
                      f"{data_cfg.min_text_length} characters outside the held-out share; add text "
                      "(or lower data.min_text_length)")
@@ -126,7 +126,7 @@ def interruptible(fn, *args):
     return box["value"]
 
 
-def choose_tokenizer(preset, sources, stored: Optional[dict], stored_in: Optional[str], d: Dist, rep) -> TextTokenizer:
+def choose_tokenizer(preset, sources, stored: Optional[dict], stored_in: Optional[str], ddp: Dist, reporter) -> TextTokenizer:
     """The tokenizer stored with the run being resumed or continued (`stored`, from the
     file `stored_in` when continuing), else a fresh one: rank 0 builds it (a BPE is
     learned from the sources) and the other ranks receive it."""
@@ -135,18 +135,18 @@ def choose_tokenizer(preset, sources, stored: Optional[dict], stored_in: Optiona
         t = preset.tokenizer
         wanted = {"type": t.type, "name": t.name, "path": t.path, "vocab_size": t.vocab_size}
         if stored_in is not None and stored["spec"] != wanted:
-            rep.warn(f"keeping the tokenizer stored in {stored_in} ({stored['spec']['type']}, vocab "
-                     f"{tok.vocab_size}) instead of the preset's, so the weights stay meaningful")
+            reporter.warn(f"keeping the tokenizer stored in {stored_in} ({stored['spec']['type']}, vocab "
+                          f"{tok.vocab_size}) instead of the preset's, so the weights stay meaningful")
         return tok
     built = None
-    if d.is_main:
+    if ddp.is_main:
         tcfg = preset.tokenizer
         t0 = time.time()
         texts = sample_texts(sources, preset.data, tcfg.train_chars) if tcfg.type == "bpe" else None
         tok = interruptible(build_tokenizer, tcfg, texts)
-        rep.log(f"[tokenizer] {tcfg.type}: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
+        reporter.log(f"[tokenizer] {tcfg.type}: vocab {tok.vocab_size} ({time.time() - t0:.1f}s)")
         built = (tok.to_json(), tok.spec)
-    js, spec = broadcast_object(built, d)
+    js, spec = broadcast_object(built, ddp)
     return TextTokenizer.from_json(js, spec)
 
 
@@ -165,27 +165,27 @@ def tolerant_load(model: torch.nn.Module, state: dict, report) -> int:
     return len(fitting)
 
 
-def wrap_for_training(model: torch.nn.Module, compile: bool, d: Dist, device: torch.device) -> torch.nn.Module:
+def wrap_for_training(model: torch.nn.Module, compile: bool, ddp: Dist, device: torch.device) -> torch.nn.Module:
     """The module the training step calls: compiled when asked, data-parallel under torchrun."""
     wrapped = torch.compile(model) if compile else model
-    if d.enabled:
+    if ddp.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(wrapped, device_ids=[device.index] if device.type == "cuda" else None)
     return wrapped
 
 
-def training_streams(sources, preset, tokenizer: TextTokenizer, d: Dist, log) -> PackedStreams:
+def training_streams(sources, preset, tokenizer: TextTokenizer, ddp: Dist, log) -> PackedStreams:
     """This rank's B persistent token streams over its share of the training documents."""
     cfg = preset.train
-    documents = make_document_stream(sources, preset.data, d.rank, d.world_size, tokenizer=tokenizer,
-                                     log=log if d.is_main else None)
+    documents = make_document_stream(sources, preset.data, ddp.rank, ddp.world_size, tokenizer=tokenizer,
+                                     log=log if ddp.is_main else None)
     return PackedStreams(documents, tokenizer.encode_batch, tokenizer.eot_id, cfg.batch_size, cfg.seq_length)
 
 
-def held_out(sources, preset, tokenizer: TextTokenizer, d: Dist, rep) -> tuple[list, list]:
+def held_out(sources, preset, tokenizer: TextTokenizer, ddp: Dist, reporter) -> tuple[list, list]:
     """(evaluation windows, sample prompts), on rank 0 only (the others evaluate nothing)."""
-    if not d.is_main:
+    if not ddp.is_main:
         return [], []
     cfg = preset.train
     per_source = max(20_000, cfg.eval_tokens * 8 // max(1, len(sources)))
@@ -194,8 +194,8 @@ def held_out(sources, preset, tokenizer: TextTokenizer, d: Dist, rep) -> tuple[l
     windows = eval_windows(iter(ids), tokenizer.eot_id, min(cfg.batch_size, 8), cfg.seq_length, cfg.eval_tokens)
     prompts = [x[:16] for x in ids[: cfg.samples] if len(x) >= 16]
     if not windows:
-        rep.warn("no held-out text for evaluation (raise data.eval_fraction); evaluation is skipped")
+        reporter.warn("no held-out text for evaluation (raise data.eval_fraction); evaluation is skipped")
     else:
         n = sum(w[:, 1:].numel() for w in windows)
-        rep.log(f"[eval] {len(docs)} held-out documents, {human(n)} tokens per evaluation")
+        reporter.log(f"[eval] {len(docs)} held-out documents, {human(n)} tokens per evaluation")
     return windows, prompts

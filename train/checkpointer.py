@@ -41,16 +41,16 @@ class Checkpointer:
     """The run's stateful pieces under their names: `shared` ones are the same on every
     rank and saved once (by rank 0); `per_rank` ones are gathered from every rank."""
 
-    def __init__(self, d: Dist, identity: dict, shared: dict[str, Stateful], per_rank: dict[str, Stateful]):
+    def __init__(self, ddp: Dist, identity: dict, shared: dict[str, Stateful], per_rank: dict[str, Stateful]):
         missing = [k for k in IDENTITY if k not in identity]
         if missing:
             raise ValueError(f"the run's identity lacks {', '.join(missing)}")
-        self.d, self.identity, self.shared, self.per_rank = d, identity, shared, per_rank
+        self.ddp, self.identity, self.shared, self.per_rank = ddp, identity, shared, per_rank
 
     def state_dict(self) -> Optional[dict]:
         """The whole save on rank 0, None on the others. Every rank must call it."""
-        ranks = gather_objects({name: piece.state_dict() for name, piece in self.per_rank.items()}, self.d)
-        if not self.d.is_main:
+        ranks = gather_objects({name: piece.state_dict() for name, piece in self.per_rank.items()}, self.ddp)
+        if not self.ddp.is_main:
             return None
         return {"kind": RUN_STATE_KIND, "format": FORMAT, **self.identity,
                 **{name: piece.state_dict() for name, piece in self.shared.items()}, "ranks": ranks}
@@ -62,7 +62,7 @@ class Checkpointer:
         for name, piece in self.shared.items():
             if name not in keep and state.get(name) is not None:
                 piece.load_state_dict(state[name])
-        mine = state["ranks"][self.d.rank]
+        mine = state["ranks"][self.ddp.rank]
         for name, piece in self.per_rank.items():
             if name not in keep:
                 piece.load_state_dict(mine[name])

@@ -31,13 +31,13 @@ def init_distributed(device_pref: str = "auto", timeout_s: int = 600) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    ddp = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device_pref != "cpu"
         if use_cuda:
-            torch.cuda.set_device(d.local_rank)
+            torch.cuda.set_device(ddp.local_rank)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
-    return d
+    return ddp
 
 
 def shutdown() -> None:
@@ -45,39 +45,39 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_object(obj, d: Dist):
+def broadcast_object(obj, ddp: Dist):
     """rank 0's obj on every rank."""
-    if not d.enabled:
+    if not ddp.enabled:
         return obj
-    box = [obj if d.is_main else None]
+    box = [obj if ddp.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def gather_objects(obj, d: Dist) -> list | None:
+def gather_objects(obj, ddp: Dist) -> list | None:
     """Every rank's obj, as a list on rank 0 (None elsewhere)."""
-    if not d.enabled:
+    if not ddp.enabled:
         return [obj]
-    out = [None] * d.world_size if d.is_main else None
+    out = [None] * ddp.world_size if ddp.is_main else None
     dist.gather_object(obj, out, dst=0)
     return out
 
 
-def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
+def all_reduce_sum(t: torch.Tensor, ddp: Dist) -> torch.Tensor:
+    if ddp.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
-def any_rank(flag: bool, d: Dist, device) -> bool:
+def any_rank(flag: bool, ddp: Dist, device) -> bool:
     """True on every rank if it is True on any (e.g. one rank got Ctrl-C)."""
-    if not d.enabled:
+    if not ddp.enabled:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
-def barrier(d: Dist) -> None:
-    if d.enabled:
+def barrier(ddp: Dist) -> None:
+    if ddp.enabled:
         dist.barrier()

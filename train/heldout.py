@@ -1,4 +1,5 @@
-"""Held-out evaluation (cross-entropy, perplexity) and generated samples."""
+"""Held-out evaluation (cross-entropy, perplexity) and generated samples; `Evaluation` is
+the run's component that does both at its evaluation points."""
 from __future__ import annotations
 
 import math
@@ -44,3 +45,30 @@ def generate_samples(model, tokenizer, prompts: list[list[int]], max_new_tokens:
                        no_repeat_ngram=3, stop_token=tokenizer.eot_id, generator=gen)
         out.append((tokenizer.decode(p), tokenizer.decode(new)))
     return out
+
+
+class Evaluation:
+    """The run's held-out windows and sample prompts (rank 0 holds them; the others
+    evaluate nothing): `run` evaluates, writes an `eval` row and shows samples."""
+
+    def __init__(self, windows: list, prompts: list, tokenizer, sample_tokens: int, device, autocast, ddp, metrics,
+                 reporter):
+        self.windows, self.prompts, self.tokenizer, self.sample_tokens = windows, prompts, tokenizer, sample_tokens
+        self.device, self.autocast, self.ddp, self.metrics, self.reporter = device, autocast, ddp, metrics, reporter
+
+    def run(self, model, counters, samples: bool) -> dict:
+        from .distributed import barrier
+        from .progress import human
+
+        row: dict = {}
+        if self.ddp.is_main and self.windows:
+            row = evaluate(model, self.windows, self.tokenizer.eot_id, self.device, self.autocast)
+            self.metrics.write({"kind": "eval", "step": counters.step, "tokens": counters.tokens, **row})
+            self.reporter.log(f"[eval] {human(counters.tokens)} tokens: held-out loss {row['eval_loss']:.3f}, "
+                              f"perplexity {row['eval_ppl']:.1f}")
+            if samples and self.prompts:
+                for prompt, text in generate_samples(model, self.tokenizer, self.prompts, self.sample_tokens,
+                                                     seed=counters.step):
+                    self.reporter.log(f"  [sample] {prompt!r} -> {text!r}", style="dim")
+        barrier(self.ddp)
+        return row

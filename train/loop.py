@@ -3,11 +3,12 @@ evaluation, in-run saves and the end-of-run checkpoint rotation.
 
 `train()` makes a Trainer. Its constructor checks what can be checked before anything
 heavy starts (the stored run when resuming, the sources, the memory); `setup()` builds
-the pieces (train/assemble.py) and registers each stateful one with the checkpointer
-(train/checkpointer.py), which restores them all when resuming; `run()` is the loop:
-one `train_step()`, then its bookkeeping (progress and metrics, adaptive source weights,
-evaluation, the in-run save, a requested stop), and at the budget the final evaluation
-and the checkpoint rotation."""
+the pieces (train/assemble.py) and the components that keep the run's books, each owning
+its state: the progress log (progress.py), adaptive source weights (source_weights.py),
+the held-out evaluation (heldout.py), and the checkpointer (checkpointer.py) that every
+stateful piece is registered with and that restores them all when resuming. `run()` is
+the loop: one step, each component's `after_step`, an evaluation and an in-run save when
+due, a requested stop; at the budget the final evaluation and the checkpoint rotation."""
 from __future__ import annotations
 
 import math
@@ -39,12 +40,12 @@ from .assemble import (
 from .bad_steps import MAX_BAD_STEPS, Faults
 from .checkpoint_files import RUN_STATE, CheckpointError, atomic_save, recover_rotation, rotate_checkpoints
 from .checkpointer import Checkpointer, finished_checkpoint, load_run_state
-from .distributed import all_reduce_sum, any_rank, barrier, init_distributed
+from .distributed import any_rank, barrier, init_distributed
 from .errors import TrainError
-from .heldout import evaluate, generate_samples
+from .heldout import Evaluation
 from .metrics import CurveLog
 from .optim import build_optimizer, build_scheduler
-from .progress import Reporter, Window, human, train_row
+from .progress import ProgressLog, Reporter, SpeedReport, human
 from .source_weights import AdaptiveSources
 from .state import CarriedState, Counters, ModelWeights, RngState
 from .step import TrainStep
@@ -86,36 +87,12 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-class SpeedReport:
-    """Calls `on_speed(preset, tokens/s of one process)` once, measured from the first
-    progress update (past the warm-up steps) until `after_s` seconds later."""
-
-    def __init__(self, on_speed: Optional[Callable[[Preset, float], None]], after_s: float = 60.0):
-        self.on_speed, self.after_s, self.start = on_speed, after_s, None
-
-    def observe(self, preset: Preset, tokens: int, world_size: int) -> None:
-        if self.on_speed is None:
-            return
-        now = time.perf_counter()
-        if self.start is None:
-            self.start = (now, tokens)
-        elif now - self.start[0] >= self.after_s:
-            self.on_speed(preset, (tokens - self.start[1]) / (now - self.start[0]) / world_size)
-            self.on_speed = None
-
-
 def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 class Trainer:
-    """One run: the constructor's checks, `setup()`, then `run()` (train() does all three).
-
-    Over ~150 lines because it is where the pieces meet, read top to bottom: the checks,
-    the wiring of the pieces (built by train/assemble.py, each stateful one registered with
-    the checkpointer), the step's counting, the loop and its bookkeeping. Every method is
-    short; what a piece does lives in its own module (step.py, faults.py, adaptive.py,
-    state.py, progress.py, checkpointer.py)."""
+    """One run: the constructor's checks, `setup()`, then `run()` (train() does all three)."""
 
     def __init__(self, preset: Optional[Preset], budget: int, out_dir: Path, resume: bool,
                  reporter: Optional[Reporter], on_speed: Optional[Callable[[Preset, float], None]] = None):
@@ -127,70 +104,73 @@ class Trainer:
             self.budget = self.stored["budget"]
         elif preset is None:
             raise TrainError("no preset to train and no interrupted run to resume")
-        self.d = init_distributed(preset.train.device)
-        self.rep = reporter or Reporter(enabled=self.d.is_main)
-        if not self.d.is_main:
-            self.rep.enabled = False
-        if resume and self.stored["world_size"] != self.d.world_size:
+        self.ddp = init_distributed(preset.train.device)
+        self.reporter = reporter or Reporter(enabled=self.ddp.is_main)
+        if not self.ddp.is_main:
+            self.reporter.enabled = False
+        if resume and self.stored["world_size"] != self.ddp.world_size:
             raise TrainError(f"the interrupted run used {self.stored['world_size']} process(es), this start has "
-                             f"{self.d.world_size}: resume it with the same number, or move "
+                             f"{self.ddp.world_size}: resume it with the same number, or move "
                              f"{self.out / RUN_STATE} away to start a new run")
         self.preset, self.cfg = preset, preset.train
-        self.device = pick_device(self.cfg.device, self.d)
+        self.device = pick_device(self.cfg.device, self.ddp)
         # data first: when no source opens, the run stops here, before any file is touched
-        self.sources = open_sources(preset.data, log=self.rep.log if self.d.is_main else (lambda m: None))
-        check_training_documents(self.sources, preset.data, self.d, self.device)
+        self.sources = open_sources(preset.data, log=self.reporter.log if self.ddp.is_main else (lambda m: None))
+        check_training_documents(self.sources, preset.data, self.ddp, self.device)
         check_memory(preset, self.device)
-        if self.d.is_main:
+        if self.ddp.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if recover_rotation(self.out):
-                self.rep.warn("finished an interrupted checkpoint rotation from the previous run")
-        barrier(self.d)
+                self.reporter.warn("finished an interrupted checkpoint rotation from the previous run")
+        barrier(self.ddp)
         # a run's rows in metrics.jsonl carry its id; a resumed run keeps the id it started with
         self.run_id = (self.stored or {}).get("run_id") or time.strftime("%Y%m%d-%H%M%S")
-        self.metrics = CurveLog(self.out / "metrics.jsonl", enabled=self.d.is_main, run=self.run_id,
-                                log=self.rep.log)  # + TensorBoard files and a terminal loss curve
-        self.metrics.write({"kind": "run_start", "preset": preset.name, "resumed": resume, "world_size": self.d.world_size,
+        self.metrics = CurveLog(self.out / "metrics.jsonl", enabled=self.ddp.is_main, run=self.run_id,
+                                log=self.reporter.log)  # + TensorBoard files and a terminal loss curve
+        self.metrics.write({"kind": "run_start", "preset": preset.name, "resumed": resume, "world_size": self.ddp.world_size,
                             "tokens": self.stored["counters"]["tokens"] if self.stored else 0, "budget": self.budget})
 
     def setup(self) -> None:
         """Build the run's pieces; when resuming, the checkpointer restores every stateful one."""
-        cfg, d, rep, preset = self.cfg, self.d, self.rep, self.preset
-        self.autocast = seed_and_precision(cfg, d.rank, self.device)
-        rep.log(f"[data] {len(self.sources)} source(s): {', '.join(s.name for s in self.sources)}")
-        start = None if self.stored else continue_from(self.out, asdict(preset.model), rep.warn)
+        cfg, ddp, reporter, preset = self.cfg, self.ddp, self.reporter, self.preset
+        self.autocast = seed_and_precision(cfg, ddp.rank, self.device)
+        reporter.log(f"[data] {len(self.sources)} source(s): {', '.join(s.name for s in self.sources)}")
+        start = None if self.stored else continue_from(self.out, asdict(preset.model), reporter.warn)
         stored = self.stored or (start[1] if start else None)
-        self.tokenizer = choose_tokenizer(preset, self.sources, stored and stored["tokenizer"], start and start[0], d, rep)
+        self.tokenizer = choose_tokenizer(preset, self.sources, stored and stored["tokenizer"], start and start[0], ddp, reporter)
         self.model = build_model(preset.model, self.tokenizer.vocab_size, preset.auxiliary)
         if start is not None:
-            loaded = tolerant_load(self.model, start[1]["model"], rep)
-            rep.log(f"[model] continuing from {start[0]} ({loaded} tensors loaded)")
+            loaded = tolerant_load(self.model, start[1]["model"], reporter)
+            reporter.log(f"[model] continuing from {start[0]} ({loaded} tensors loaded)")
         self.model.to(self.device)
         self.n_params = count_params(self.model)
-        rep.log(f"[model] {preset.model.arch}: {self.n_params / 1e6:.2f}M parameters, vocab {self.tokenizer.vocab_size}, "
-                f"device {self.device}, world size {d.world_size}")
-        self.train_model = wrap_for_training(self.model, cfg.compile, d, self.device)
+        reporter.log(f"[model] {preset.model.arch}: {self.n_params / 1e6:.2f}M parameters, vocab {self.tokenizer.vocab_size}, "
+                     f"device {self.device}, world size {ddp.world_size}")
+        self.train_model = wrap_for_training(self.model, cfg.compile, ddp, self.device)
 
-        self.tokens_per_step = cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps * d.world_size
+        self.tokens_per_step = cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps * ddp.world_size
         self.total_steps = math.ceil(self.budget / self.tokens_per_step)
-        self.faults = Faults(cfg.batch_size, cfg.grad_accum_steps, d.enabled, rep.warn)
+        self.faults = Faults(cfg.batch_size, cfg.grad_accum_steps, ddp.enabled, reporter.warn)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step,
                                          scale=lambda: self.faults.lr_scale)
-        self.streams = training_streams(self.sources, preset, self.tokenizer, d, rep.log)
+        self.streams = training_streams(self.sources, preset, self.tokenizer, ddp, reporter.log)
         self.counters = Counters(next_eval=cfg.eval_every_tokens, next_save=cfg.checkpoint_every_tokens)
         self.carried = CarriedState(self.device)
         if start is not None and start[1].get("memory") and getattr(self.model, "lifelong", False):
             # lifelong mode: a new run starts with the memory contents the last one ended with
             self.carried.value = self.model.state_from_memory(start[1]["memory"], cfg.batch_size, self.device)
-            rep.log("[model] lifelong: starting with the stored procedural/episodic memory contents")
+            reporter.log("[model] lifelong: starting with the stored procedural/episodic memory contents")
         self.one_step = TrainStep(self.model, self.train_model, self.optimizer, self.scheduler, self.faults,
-                                  self.carried, self.autocast, cfg, d, self.device, self.tokenizer.eot_id,
+                                  self.carried, self.autocast, cfg, ddp, self.device, self.tokenizer.eot_id,
                                   len(self.sources))
-        aux = preset.auxiliary
+        aux, names = preset.auxiliary, [s.name for s in self.sources]
         self.adaptive = None
         if aux.enable_adaptive_sources and len(self.sources) > 1:
-            self.adaptive = AdaptiveSources(aux, len(self.sources), self.device)
+            self.adaptive = AdaptiveSources(aux, names, self.device, self.ddp, self.streams.documents, self.metrics,
+                                            reporter.log)
+        self.progress = ProgressLog(cfg.log_every_steps, names, self.device, self.ddp, self.scheduler, self.faults,
+                                    self.metrics, reporter, self.speed, preset)
 
         model_cfg = preset.model
         refusal = (f"{self.out / RUN_STATE} holds weights that do not fit its own stored model ({model_cfg.arch} "
@@ -203,14 +183,16 @@ class Trainer:
             shared["adaptive"] = self.adaptive
         identity = {"preset": preset.to_dict(), "model_config": asdict(model_cfg),
                     "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
-                    "budget": self.budget, "world_size": d.world_size, "run_id": self.run_id}
-        self.checkpointer = Checkpointer(d, identity, shared, {"streams": self.streams, "carried": self.carried,
+                    "budget": self.budget, "world_size": ddp.world_size, "run_id": self.run_id}
+        self.checkpointer = Checkpointer(ddp, identity, shared, {"streams": self.streams, "carried": self.carried,
                                                                "rng": RngState(self.device)})
         if self.stored is not None:
             self.checkpointer.load_state_dict(self.stored)
-            rep.log(f"[resume] continuing at {human(self.counters.tokens)}/{human(self.budget)} tokens, "
-                    f"step {self.counters.step}")
-        self.eval_batches, self.prompts = held_out(self.sources, preset, self.tokenizer, d, rep)
+            reporter.log(f"[resume] continuing at {human(self.counters.tokens)}/{human(self.budget)} tokens, "
+                         f"step {self.counters.step}")
+        windows, prompts = held_out(self.sources, preset, self.tokenizer, ddp, reporter)
+        self.evaluation = Evaluation(windows, prompts, self.tokenizer, cfg.sample_tokens, self.device, self.autocast,
+                                     ddp, self.metrics, reporter)
 
     # -- one training step ---------------------------------------------------------------
     def train_step(self) -> dict:
@@ -232,132 +214,99 @@ class Trainer:
         path = self.out / RUN_STATE
         if path.exists():
             self.checkpointer.load_state_dict(load_run_state(path), keep=("faults",))
-            self.rep.warn(f"{MAX_BAD_STEPS} bad steps in a row: rolled back to the save at "
-                          f"{human(self.counters.tokens)} tokens, learning rate x{self.faults.lr_scale:g}")
+            self.reporter.warn(f"{MAX_BAD_STEPS} bad steps in a row: rolled back to the save at "
+                               f"{human(self.counters.tokens)} tokens, learning rate x{self.faults.lr_scale:g}")
         else:
-            self.rep.warn(f"{MAX_BAD_STEPS} bad steps in a row before any save: learning rate "
-                          f"x{self.faults.lr_scale:g}")
+            self.reporter.warn(f"{MAX_BAD_STEPS} bad steps in a row before any save: learning rate "
+                               f"x{self.faults.lr_scale:g}")
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> RunResult:
-        cfg, d, rep, n = self.cfg, self.d, self.rep, self.counters
-        rep.log(f"[train] {human(self.budget)} tokens in {self.total_steps} steps of {human(self.tokens_per_step)} tokens "
-                f"({d.world_size} x {cfg.grad_accum_steps} x {cfg.batch_size} streams x {cfg.seq_length})")
-        rep.start(self.budget, n.tokens)
-        window = Window(len(self.sources), self.device, n.tokens)
+        """Steps until the budget; after each, the components' bookkeeping (progress, source
+        weights, evaluation, the in-run save) and a requested stop. Then the final
+        evaluation and the checkpoint rotation, or the stop save."""
+        cfg, counters = self.cfg, self.counters
+        self.reporter.log(f"[train] {human(self.budget)} tokens in {self.total_steps} steps of "
+                          f"{human(self.tokens_per_step)} tokens ({self.ddp.world_size} x {cfg.grad_accum_steps} x "
+                          f"{cfg.batch_size} streams x {cfg.seq_length})")
+        self.reporter.start(self.budget, counters.tokens)
+        self.progress.restart(counters.tokens)
         last_eval: dict = {}
         stopped = False
         self.model.train()
         try:
             with StopFlag() as stop:
-                while n.tokens < self.budget:
+                while counters.tokens < self.budget:
                     out = self.train_step()
-                    if not out["skipped"]:
-                        window.add(out)
-                        if self.adaptive is not None:
-                            self.adaptive.add(out["src_loss"], out["src_count"])
-                            if self.adaptive.due(n.tokens):
-                                self._reweight()
-                    if n.step % cfg.log_every_steps == 0 or n.tokens >= self.budget:
-                        self._log(window, out)
-                    if n.tokens >= n.next_eval and n.tokens < self.budget:
-                        last_eval = self._evaluate(samples=True)
-                        n.next_eval += cfg.eval_every_tokens
-                    if n.tokens >= n.next_save and n.tokens < self.budget:
+                    self.progress.after_step(out, counters, self.budget)
+                    if self.adaptive is not None:
+                        self.adaptive.after_step(out, counters)
+                    if counters.tokens >= counters.next_eval and counters.tokens < self.budget:
+                        last_eval = self.evaluation.run(self.model, counters, samples=True)
+                        counters.next_eval += cfg.eval_every_tokens
+                    if counters.tokens >= counters.next_save and counters.tokens < self.budget:
                         self.save_run_state()
-                        n.next_save += cfg.checkpoint_every_tokens
-                    if any_rank(stop.requested, d, self.device):
+                        counters.next_save += cfg.checkpoint_every_tokens
+                    if any_rank(stop.requested, self.ddp, self.device):
                         stopped = True
                         break
         finally:
-            rep.close()
+            self.reporter.close()
             close = getattr(self.streams.documents, "close", None)
             if close is not None:
                 close()  # background data workers
         if stopped:
-            if not self.save_run_state():
-                rep.warn("the stop could not be saved; the run resumes from its previous save")
-            rep.log(f"[stop] saved the run at {human(n.tokens)}/{human(self.budget)} tokens to "
-                    f"{self.out / RUN_STATE}; start again and press Enter to resume")
-            return RunResult(n.tokens, n.step, False, last_eval, self.out / RUN_STATE, stop.signum)
-        last_eval = self._evaluate(samples=True)
-        if d.is_main:
+            return self._stop(last_eval, stop.signum)
+        return self._finish(self.evaluation.run(self.model, counters, samples=True))
+
+    def _stop(self, last_eval: dict, signum: Optional[int]) -> RunResult:
+        """The stop save, and how to resume."""
+        n = self.counters
+        if not self.save_run_state():
+            self.reporter.warn("the stop could not be saved; the run resumes from its previous save")
+        self.reporter.log(f"[stop] saved the run at {human(n.tokens)}/{human(self.budget)} tokens to "
+                          f"{self.out / RUN_STATE}; start again and press Enter to resume")
+        return RunResult(n.tokens, n.step, False, last_eval, self.out / RUN_STATE, signum)
+
+    def _finish(self, last_eval: dict) -> RunResult:
+        """The finished run's checkpoint rotated in, its in-run save removed."""
+        n = self.counters
+        if self.ddp.is_main:
             if not all_finite(self.model.parameters()):
                 raise TrainError("the final weights are not finite; they were not saved (the last in-run save is "
                                  f"kept in {self.out / RUN_STATE})")
             rotate_checkpoints(self.final_checkpoint(last_eval), self.out)
             (self.out / RUN_STATE).unlink(missing_ok=True)
-            rep.log(f"[done] {human(n.tokens)} tokens; checkpoint {self.out / 'lm_current.pth'}"
-                    + (f"; held-out loss {last_eval['eval_loss']:.3f} (ppl {last_eval['eval_ppl']:.1f})" if last_eval else ""))
-        barrier(d)
+            self.reporter.log(f"[done] {human(n.tokens)} tokens; checkpoint {self.out / 'lm_current.pth'}"
+                              + (f"; held-out loss {last_eval['eval_loss']:.3f} (ppl {last_eval['eval_ppl']:.1f})"
+                                 if last_eval else ""))
+        barrier(self.ddp)
         return RunResult(n.tokens, n.step, True, last_eval, self.out / "lm_current.pth")
 
-    # -- the bookkeeping ----------------------------------------------------------------------
+    # -- saves ------------------------------------------------------------------------------
     def save_run_state(self) -> bool:
         """The in-run save (every rank takes part). Never writes non-finite weights; a failed
         write (disk full) is reported and training goes on, the previous save intact. True if saved."""
         state = self.checkpointer.state_dict()
         saved = False
-        if self.d.is_main:
+        if self.ddp.is_main:
             if not all_finite(self.model.parameters()):
-                self.rep.warn("weights are not finite: this save is skipped (the previous one is kept)")
+                self.reporter.warn("weights are not finite: this save is skipped (the previous one is kept)")
             else:
                 try:
                     atomic_save(state, self.out / RUN_STATE)
                     saved = True
                 except CheckpointError as e:
-                    self.rep.warn(f"in-run save failed: {e}; training goes on")
-        barrier(self.d)
+                    self.reporter.warn(f"in-run save failed: {e}; training goes on")
+        barrier(self.ddp)
         return saved
 
     def final_checkpoint(self, eval_row: dict) -> dict:
         memory = None  # in lifelong mode the memory contents are part of what was learned
         if getattr(self.model, "lifelong", False) and self.carried.value is not None:
             memory = map_state(self.model.memory_state(self.carried.value), lambda t: t.cpu())
-        return finished_checkpoint(self.weights.state_dict(), self.preset, self.tokenizer, self.counters.tokens, eval_row, memory)
-
-    def _reweight(self) -> None:
-        """New adaptive source weights for the document stream; a metrics row and a log line."""
-        weights, losses = self.adaptive.update(self.d)
-        self.streams.documents.set_weights(weights)
-        named = {s.name: round(w, 3) for s, w in zip(self.sources, weights)}
-        self.metrics.write({"kind": "source_weights", "step": self.counters.step, "tokens": self.counters.tokens,
-                            "weights": named, "source_loss": {s.name: l for s, l in zip(self.sources, losses)}})
-        self.rep.log(f"[data] source weights at {human(self.counters.tokens)} tokens: "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in named.items()))
-
-    def _log(self, window: Window, out: dict) -> None:
-        """A progress update: the window's figures summed over ranks, to metrics.jsonl and the display."""
-        packed = all_reduce_sum(window.packed(), self.d)
-        n_src, tokens = len(self.sources), self.counters.tokens
-        tokens_per_s = (tokens - window.tokens) / max(1e-9, time.perf_counter() - window.t)
-        loss = packed[0].item() / max(1, tokens - window.tokens)
-        lr = self.scheduler.get_last_lr()[0]
-        src_l, src_c = packed[1:1 + n_src], packed[1 + n_src:]
-        source_loss = {s.name: (src_l[i] / src_c[i]).item() if src_c[i] > 0 else None
-                       for i, s in enumerate(self.sources)}
-        row, detail = train_row({"step": self.counters.step, "tokens": tokens, "loss": loss, "lr": lr,
-                                 "tokens_per_s": tokens_per_s, "grad_norm": float(out["grad_norm"]),
-                                 "skipped_steps": self.faults.skipped_steps}, source_loss, out["aux"], out["metrics"])
-        self.metrics.write(row)
-        self.rep.update(tokens, loss, lr, tokens_per_s, detail)
-        if self.d.is_main:
-            self.speed.observe(self.preset, tokens, self.d.world_size)
-        window.restart(tokens)
-
-    def _evaluate(self, samples: bool) -> dict:
-        row: dict = {}
-        if self.d.is_main and self.eval_batches:
-            row = evaluate(self.model, self.eval_batches, self.tokenizer.eot_id, self.device, self.autocast)
-            self.metrics.write({"kind": "eval", "step": self.counters.step, "tokens": self.counters.tokens, **row})
-            self.rep.log(f"[eval] {human(self.counters.tokens)} tokens: held-out loss {row['eval_loss']:.3f}, "
-                         f"perplexity {row['eval_ppl']:.1f}")
-            if samples and self.prompts:
-                for prompt, text in generate_samples(self.model, self.tokenizer, self.prompts, self.cfg.sample_tokens,
-                                                     seed=self.counters.step):
-                    self.rep.log(f"  [sample] {prompt!r} -> {text!r}", style="dim")
-        barrier(self.d)
-        return row
+        return finished_checkpoint(self.weights.state_dict(), self.preset, self.tokenizer, self.counters.tokens,
+                                   eval_row, memory)
 
 
 def train(preset: Optional[Preset], budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,

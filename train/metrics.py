@@ -15,12 +15,29 @@ When tensorboard is not installed, one line says so and only metrics.jsonl is wr
 from __future__ import annotations
 
 import atexit
+import json
 import re
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .progress import MetricsLog
+
+class MetricsLog:
+    """Appends one JSON object per line to `metrics.jsonl` (read it with pandas.read_json(lines=True))."""
+
+    def __init__(self, path: Path, enabled: bool = True, run: str | None = None):
+        self.path, self.enabled = Path(path), enabled
+        self.run = run  # every row names the run it belongs to (a resumed run keeps its id)
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.run is not None:
+            row = {"run": self.run, **row}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=float) + "\n")
+
 
 SPARK = "▁▂▃▄▅▆▇█"
 RENAME = {"loss": "train/loss", "lr": "train/lr", "tokens_per_s": "train/tokens_per_s", "grad_norm": "train/grad_norm",

@@ -1,15 +1,16 @@
 """What a run shows while it trains: a rich progress bar on a terminal, plain log lines
-elsewhere (CI, a pipe, a log file), the metrics log `metrics.jsonl`, and what goes into
-them at each progress update (the `train` row and the progress line's detail text)."""
+elsewhere (CI, a pipe, a log file), and the progress updates (ProgressLog) that feed it and
+the metrics: the `train` row, the progress line's detail text, the run's speed."""
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
+
+from presets import Preset
 
 
 def human(n: float) -> str:
@@ -85,23 +86,6 @@ class Reporter:
             self.progress = None
 
 
-class MetricsLog:
-    """Appends one JSON object per line to `metrics.jsonl` (read it with pandas.read_json(lines=True))."""
-
-    def __init__(self, path: Path, enabled: bool = True, run: str | None = None):
-        self.path, self.enabled = Path(path), enabled
-        self.run = run  # every row names the run it belongs to (a resumed run keeps its id)
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.run is not None:
-            row = {"run": self.run, **row}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=float) + "\n")
-
-
 class Window:
     """This rank's training loss and per-source loss and token sums since the last
     progress update, and when that was."""
@@ -161,3 +145,63 @@ def train_row(figures: dict, source_loss: dict, aux: dict, metrics: dict) -> tup
     detail = "  ".join(f"{k.split('/', 1)[1]} {float(v):.3g} ({100 * float(v) / max(total, 1e-12):.1f}%)"
                        for k, v in aux.items())
     return row, detail + block_summary(metrics)
+
+
+class SpeedReport:
+    """Calls `on_speed(preset, tokens/s of one process)` once, measured from the first
+    progress update (past the warm-up steps) until `after_s` seconds later."""
+
+    def __init__(self, on_speed: Optional[Callable[[Preset, float], None]], after_s: float = 60.0):
+        self.on_speed, self.after_s, self.start = on_speed, after_s, None
+
+    def observe(self, preset: Preset, tokens: int, world_size: int) -> None:
+        if self.on_speed is None:
+            return
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, tokens)
+        elif now - self.start[0] >= self.after_s:
+            self.on_speed(preset, (tokens - self.start[1]) / (now - self.start[0]) / world_size)
+            self.on_speed = None
+
+
+class ProgressLog:
+    """The run's progress updates: each step's figures go into this rank's window, and
+    every `every` steps (and at the budget) the window, summed over ranks, becomes a
+    `train` row in the metrics, the progress line, and the run's speed report."""
+
+    def __init__(self, every: int, source_names: list[str], device: torch.device, ddp, scheduler, faults, metrics,
+                 reporter: Reporter, speed: SpeedReport, preset):
+        self.every, self.names, self.ddp, self.scheduler, self.faults = every, source_names, ddp, scheduler, faults
+        self.metrics, self.reporter, self.speed, self.preset = metrics, reporter, speed, preset
+        self.window = Window(len(source_names), device, 0)
+
+    def restart(self, tokens: int) -> None:
+        self.window.restart(tokens)
+
+    def after_step(self, out: dict, counters, budget: int) -> None:
+        if not out["skipped"]:
+            self.window.add(out)
+        if counters.step % self.every == 0 or counters.tokens >= budget:
+            self.update(out, counters)
+
+    def update(self, out: dict, counters) -> None:
+        """A progress update: the window's figures summed over ranks, to the metrics and the display."""
+        from .distributed import all_reduce_sum
+
+        window, tokens, n_src = self.window, counters.tokens, len(self.names)
+        packed = all_reduce_sum(window.packed(), self.ddp)
+        tokens_per_s = (tokens - window.tokens) / max(1e-9, time.perf_counter() - window.t)
+        loss = packed[0].item() / max(1, tokens - window.tokens)
+        lr = self.scheduler.get_last_lr()[0]
+        src_l, src_c = packed[1:1 + n_src], packed[1 + n_src:]
+        source_loss = {name: (src_l[i] / src_c[i]).item() if src_c[i] > 0 else None
+                       for i, name in enumerate(self.names)}
+        row, detail = train_row({"step": counters.step, "tokens": tokens, "loss": loss, "lr": lr,
+                                 "tokens_per_s": tokens_per_s, "grad_norm": float(out["grad_norm"]),
+                                 "skipped_steps": self.faults.skipped_steps}, source_loss, out["aux"], out["metrics"])
+        self.metrics.write(row)
+        self.reporter.update(tokens, loss, lr, tokens_per_s, detail)
+        if self.ddp.is_main:
+            self.speed.observe(self.preset, tokens, self.ddp.world_size)
+        window.restart(tokens)

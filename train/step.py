@@ -34,12 +34,12 @@ class TrainStep:
     and "roll_back" (the faults' verdict after a skipped step)."""
 
     def __init__(self, model, train_model, optimizer, scheduler, faults: Faults, carried: CarriedState,
-                 autocast: Callable, cfg, d: Dist, device: torch.device, eot_id: int, n_sources: int):
+                 autocast: Callable, cfg, ddp: Dist, device: torch.device, eot_id: int, n_sources: int):
         self.model, self.train_model, self.optimizer, self.scheduler = model, train_model, optimizer, scheduler
-        self.faults, self.carried, self.autocast, self.cfg, self.d, self.device = faults, carried, autocast, cfg, d, device
+        self.faults, self.carried, self.autocast, self.cfg, self.ddp, self.device = faults, carried, autocast, cfg, ddp, device
         self.eot_id, self.n_sources = eot_id, n_sources
         self.tokens_per_micro = cfg.batch_size * cfg.seq_length
-        self.tokens_per_step = self.tokens_per_micro * cfg.grad_accum_steps * d.world_size
+        self.tokens_per_step = self.tokens_per_micro * cfg.grad_accum_steps * ddp.world_size
 
     def __call__(self, batches, remaining: int, index: int) -> dict:
         out = self.faults.retry_out_of_memory(lambda: self._forward_backward(batches, remaining), self._clean_up)
@@ -64,7 +64,7 @@ class TrainStep:
         """Forward and backward over the micro-batches, each cut into `faults.splits` row
         groups (streams); gradients accumulate, and the carried state is cut and joined
         again, so splitting changes the memory a forward needs, not the result."""
-        d, B, T, dev = self.d, self.cfg.batch_size, self.cfg.seq_length, self.device
+        ddp, B, T, dev = self.ddp, self.cfg.batch_size, self.cfg.seq_length, self.device
         n_step = min(remaining, self.tokens_per_step)
         acc = {"loss_sum": torch.zeros((), device=dev), "src_loss": torch.zeros(self.n_sources, device=dev),
                "src_count": torch.zeros(self.n_sources, device=dev), "aux": {}, "metrics": {}}
@@ -76,13 +76,13 @@ class TrainStep:
             tokens = batch.tokens.to(dev, non_blocking=True)
             reset = batch.reset.to(dev, non_blocking=True)
             srcs = batch.sources[:, 1:].to(dev, non_blocking=True)
-            allowed = tokens_allowed(remaining, micro, d.rank, d.world_size, self.tokens_per_micro)
+            allowed = tokens_allowed(remaining, micro, ddp.rank, ddp.world_size, self.tokens_per_micro)
             mask = (torch.arange(self.tokens_per_micro, device=dev) < allowed).view(B, T)
             new_states = []
             for g, rows in enumerate(groups):
                 x, y = tokens[rows, :-1], tokens[rows, 1:]
                 last = micro == len(batches) - 1 and g == len(groups) - 1
-                with (self.train_model.no_sync() if d.enabled and not last else nullcontext()):
+                with (self.train_model.no_sync() if ddp.enabled and not last else nullcontext()):
                     with self.autocast():
                         out = self.train_model(x, state=take_rows(state, rows), reset_mask=reset[rows])
                     ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -91,7 +91,7 @@ class TrainStep:
                         keep = keep & (x != self.eot_id)
                     ce = ce * keep
                     # DDP averages gradients over ranks: scale by world size for a mean over all tokens
-                    loss = ce.sum() * (d.world_size / n_step)
+                    loss = ce.sum() * (ddp.world_size / n_step)
                     for key, value in out.aux.items():
                         if key.startswith("loss/"):
                             loss = loss + value / n_passes

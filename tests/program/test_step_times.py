@@ -66,7 +66,7 @@ def test_a_real_run_teaches_the_picker_its_speed(tmp_path, tiny_preset, monkeypa
     the program's recorder turns it into the picker's figure for that preset."""
     from program import record_speed
     from train import train
-    from train.loop import SpeedReport
+    from train.progress import SpeedReport
 
     monkeypatch.setattr(SpeedReport.__init__, "__defaults__", (0.0,))  # report at the second update
     seen = []

@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
     t.setup()
     result = t.run()
     torch.save({{"model": t.model.state_dict(), "first": first, "tokens": result.tokens}},
-               {out!r} + f"/rank{{t.d.rank}}.pt")
+               {out!r} + f"/rank{{t.ddp.rank}}.pt")
 """)
 
 
