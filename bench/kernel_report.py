@@ -22,7 +22,8 @@ chunk_kda, forward and backward, on small problems at the presets' head sizes un
 Triton's interpreter, recording every kernel launch (arguments' types, constexprs, every
 autotune configuration); this process then compiles each for each arch.
 
-    python bench/kernel_report.py                          # everything, a few minutes
+    python bench/kernel_report.py                          # everything: ~30 min on 2 CPU cores
+    python bench/kernel_report.py --max-configs 2          # fla's first two autotune configs a kernel
     python bench/kernel_report.py --arch 90 --only norm_fwd_kernel --no-fla
 """
 from __future__ import annotations
@@ -252,6 +253,8 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default=None, help="head sizes (default: the shipped presets')")
     ap.add_argument("--only", default=None, help="kernel names to compile (comma-separated)")
     ap.add_argument("--no-fla", action="store_true", help="our kernels only")
+    ap.add_argument("--max-configs", type=int, default=0,
+                    help="compile at most this many autotune configs a kernel (0: all; all at 4 archs takes ~30 min)")
     ap.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     heads = [int(h) for h in args.heads.split(",")] if args.heads else preset_head_sizes()
@@ -274,6 +277,8 @@ def main(argv=None) -> int:
             continue
         ours = rec["module"].startswith("model.")
         configs = rec["configs"] or [{}]
+        if args.max_configs:
+            configs = configs[:args.max_configs]
         for arch in archs:
             results = []
             for config in configs:
