@@ -289,8 +289,14 @@ def short_conv(xx, weight, mode: str = "auto"):
 
 
 def split_heads(qkv, heads: int, mode: str = "auto"):
-    """qkv [B, T, 3 H D] -> q, k, v [B, H, T, D], q and k L2-normalised over D (float32)."""
+    """qkv [B, T, 3 H D] -> q, k, v [B, H, T, D], q and k L2-normalised over D (float32).
+    Where no fast form exists for the device (CUDA: a view, a norm and a transpose, which
+    torch.compile fuses itself), the reference, outside any custom op."""
     if _reference(mode, "split_heads", qkv):
+        return split_heads_reference(qkv, heads)
+    if not FAST["split_heads"].get(qkv.device.type):
+        if not _ran.get("split_heads"):
+            _record("split_heads", "reference", qkv.device.type, qkv.dtype)
         return split_heads_reference(qkv, heads)
     q, k, v, _ = library.split_fwd(qkv, heads)
     return q, k, v

@@ -252,3 +252,13 @@ def test_split_heads_form_matches_its_reference():
     want = split_heads_reference(x, 2)
     for a, b in zip([*got, *got_g], [*want, *grads_of(want, [x])]):
         torch.testing.assert_close(a, b)
+
+
+def test_an_op_with_no_fast_form_for_the_device_runs_the_reference_outside_the_custom_ops(monkeypatch):
+    """As split_heads on CUDA: no custom op in the way of torch.compile's own fusion."""
+    monkeypatch.setitem(dispatch.FAST, "split_heads", {})
+    monkeypatch.setattr(library, "split_fwd", None)  # never reached
+    x = torch.randn(2, 5, 3 * 2 * 4)
+    for a, b in zip(ops.split_heads(x, 2), split_heads_reference(x, 2)):
+        assert torch.equal(a, b)
+    assert ops.report() == {"split_heads": "PyTorch reference (cpu, float32)"}
