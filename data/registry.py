@@ -124,7 +124,9 @@ class DocumentMixer:
     dropped, AllSourcesDied is raised. The retry count resets after each good document.
 
     `state_dict()` records how far each source has been read, so a restarted run replays
-    to the same place without tokenising what it skips.
+    to the same place without tokenising what it skips. A run resumed on another number
+    of readers (data/reshard.py) starts each source's epoch with the ids of the documents
+    the old readers had already taken in it (`skip`): they are passed over in that epoch.
     """
 
     def __init__(self, sources: list[Source], cfg: DataConfig, shard: int = 0, num_shards: int = 1,
@@ -144,11 +146,16 @@ class DocumentMixer:
         self.dead: dict[int, str] = {}  # dropped sources and why
         self._failures = [0] * len(sources)  # consecutive failures of each source
         self._iters: list[Optional[Iterator[Document]]] = [None] * len(sources)
+        self.skip: list[set[str]] = [set() for _ in sources]  # doc ids passed over in epoch skip_epoch[i]
+        self.skip_epoch = [-1] * len(sources)
 
     # -- per-source filtered iteration -------------------------------------------------
     def _filtered(self, i: int) -> Iterator[Document]:
         seen: set[bytes] = set()
+        skip = self.skip[i] if self.skip_epoch[i] == self.epoch[i] else ()
         for doc in self.sources[i].documents(self.shard, self.num_shards):
+            if doc.doc_id in skip:
+                continue
             if len(doc.text.strip()) < self.cfg.min_text_length:
                 continue
             if is_heldout(doc.doc_id, self.cfg.eval_fraction):
@@ -195,6 +202,7 @@ class DocumentMixer:
                 return None
             self.epoch[i] += 1
             self.consumed[i] = 0
+            self.skip[i] = set()  # that epoch is over
             return None
         self._failures[i] = 0
         self.consumed[i] += 1
@@ -242,16 +250,20 @@ class DocumentMixer:
     def state_dict(self) -> dict:
         return {"epoch": list(self.epoch), "consumed": list(self.consumed), "turn": self.turn,
                 "weights": list(self.weights), "rng": self.rng.getstate(), "strategy": self.strategy,
-                "dead": [[i, r] for i, r in sorted(self.dead.items())]}
+                "dead": [[i, r] for i, r in sorted(self.dead.items())],
+                "skip": [sorted(s) for s in self.skip], "skip_epoch": list(self.skip_epoch)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.consumed = list(state["epoch"]), list(state["consumed"])
         self.turn, self.weights = state["turn"], list(state["weights"])
-        self.rng.setstate(as_rng_state(state["rng"]))
+        if state.get("rng") is not None:  # None: a re-sharded start keeps this reader's own seed
+            self.rng.setstate(as_rng_state(state["rng"]))
         self.strategy = state.get("strategy", self.strategy)
         self.dead = {int(i): r for i, r in state.get("dead", [])}
         self._failures = [0] * len(self.sources)
         self._iters = [None] * len(self.sources)
+        self.skip = [set(ids) for ids in state.get("skip", [[] for _ in self.sources])]
+        self.skip_epoch = list(state.get("skip_epoch", [-1] * len(self.sources)))
 
 
 def as_rng_state(state):

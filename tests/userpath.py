@@ -3,7 +3,7 @@ own (copied main.py, the packages linked, presets of the test's choosing), on a
 pseudo-terminal or with no terminal at all.
 
 The one change from a user's machine is the token budget: a child process sets
-`train.TOKEN_BUDGET` before running main.py, so a run finishes in seconds. Nothing else
+`program.TOKEN_BUDGET` before running main.py, so a run finishes in seconds. Nothing else
 is handed in: the preset comes from the picker, resumption from the resume question.
 The fault trials (tests/faults.py) use the same helpers for their kill -9s; the tiny
 preset they all train is tests/sample_presets.py's."""
@@ -73,3 +73,18 @@ def spawn_main(project: Path, budget: int = 4096, timeout: float = 120):
                           dimensions=(50, 160))
     child.logfile_read = io.StringIO()  # everything the program printed, for checks after EOF
     return child
+
+
+def torchrun_main(project: Path, budget: int, port: int, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
+                  extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`torchrun ... main.py` in `project` with no terminal, in a session of its own (so a
+    test can signal the launcher's whole process group, as a terminal's Ctrl-C does);
+    several "nodes" on this machine share 127.0.0.1:port (static rendezvous: node_rank 0
+    holds global rank 0). stderr joined to stdout."""
+    script = project / "main_with_budget.py"  # main.py under the test's budget: torchrun runs a file
+    script.write_text(MAIN.format(root=str(ROOT), budget=budget, main=str(project / "main.py")).replace("; ", "\n"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+           f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={port}", *extra, str(script)]
+    return subprocess.Popen(cmd, cwd=project, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=env(OMP_NUM_THREADS="1"))

@@ -64,7 +64,7 @@ class Checkpointer:
                 piece.load_state_dict(state[name])
         mine = state["ranks"][self.ddp.rank]
         for name, piece in self.per_rank.items():
-            if name not in keep:
+            if name not in keep and mine.get(name) is not None:  # None: rebuilt fresh (a resized run's rng)
                 piece.load_state_dict(mine[name])
 
 

@@ -54,6 +54,24 @@ def broadcast_object(obj, ddp: Dist):
     return box[0]
 
 
+def from_rank_0(fn, ddp: Dist):
+    """fn() run on global rank 0 only, its result on every rank; an exception it raises
+    is raised on every rank (so no rank waits for a result that will not come). With
+    node-local disks only rank 0 is sure to hold the run's files."""
+    if not ddp.enabled:
+        return fn()
+    box = None
+    if ddp.is_main:
+        try:
+            box = ("ok", fn())
+        except Exception as e:  # sent to the others, then raised here too
+            box = ("error", e)
+    kind, value = broadcast_object(box, ddp)
+    if kind == "error":
+        raise value
+    return value
+
+
 def gather_objects(obj, ddp: Dist) -> list | None:
     """Every rank's obj, as a list on rank 0 (None elsewhere)."""
     if not ddp.enabled:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 
@@ -34,7 +35,12 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) 
     return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
 
 
-def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, tokens_per_step: int, scale=lambda: 1.0):
-    """LambdaLR over optimizer steps; `scale()` multiplies it (the trainer halves it after a roll-back)."""
+def build_scheduler(optimizer, cfg: TrainConfig, total_steps: int, tokens_per_step: int, scale=lambda: 1.0,
+                    position: Optional[Callable[[int], float]] = None):
+    """LambdaLR over optimizer steps; `scale()` multiplies it (the trainer halves it after a roll-back).
+    `position(s)`, when given, is where step s sits on a schedule of `total_steps` steps of
+    `tokens_per_step` (a run resumed with another global batch follows its schedule by tokens)."""
     warmup_steps = max(1, min(total_steps // 2, cfg.warmup_tokens // max(1, tokens_per_step)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: scale() * lr_factor(s, total_steps, warmup_steps, cfg))
+    at = position or (lambda s: s)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                             lambda s: scale() * lr_factor(at(s), total_steps, warmup_steps, cfg))
