@@ -21,6 +21,8 @@ from .rules import range_problems
 from .schema import IGNORED_KEYS, Preset
 from .vocabulary import resolve_aliases
 
+MAX_PRESET_BYTES = 2**20  # a preset file larger than this is refused
+
 
 class PresetError(Exception):
     """A preset that cannot be used. str() is the full, user-facing message."""
@@ -228,6 +230,11 @@ def load_preset(path: str | Path) -> tuple[Preset, list[str]]:
     path = Path(path)
     origin = str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_PRESET_BYTES:  # it would be read, validated and copied into every checkpoint
+            raise PresetError(origin, [f"the file is {size / 2**20:.1f} MB; a preset is at most "
+                                       f"{MAX_PRESET_BYTES // 2**20} MB (a long description or an inline list of "
+                                       "documents does not belong in it)"])
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise PresetError(origin, [f"cannot read the file: {e}"]) from None

@@ -7,6 +7,7 @@ and an exit code instead of a traceback: 0 finished, 2 a problem the message nam
 130/143 stopped by Ctrl-C / SIGTERM."""
 from __future__ import annotations
 
+import logging
 import signal
 from pathlib import Path
 
@@ -23,12 +24,15 @@ def run(root: str | Path = ".") -> int:
     from data import OFFLINE_HINT, AllSourcesDied, AllSourcesFailed, TokenizerError
     from train.checkpoint_files import CheckpointError
     from train.distributed import broadcast_object, init_distributed, shutdown
+    from train.run_lock import claim_folder, release_folder
 
     from .picker import choose_run
 
     console = Console()
     root = Path(root)
     ddp = init_distributed()
+    if not ddp.is_main:  # rank 0 says what the kernels are; the other ranks' copies would repeat it
+        logging.getLogger("model.ops").setLevel(logging.ERROR)
     old_term = _terminate_as_interrupt()
     try:
         plan = None
@@ -37,12 +41,13 @@ def run(root: str | Path = ".") -> int:
                 from .first_question import first_question  # talk to / evaluate / export a finished model
 
                 plan = first_question(root, console)  # None = train; an int = exit code
-                if plan is None:
+                if plan is None:  # one training run per folder: checked and locked before anything is asked or built
+                    claim_folder(root / "checkpoints")
                     plan = choose_run(root / "configs", root / "checkpoints", console)
             except PresetError as e:
                 console.print(str(e), style="red", markup=False, highlight=False)
                 plan = "error"
-            except CheckpointError as e:  # an interrupted run this version cannot resume: kept as it is
+            except CheckpointError as e:  # an interrupted run this version cannot resume (kept as it is), a folder in use
                 console.print(f"error: {e}", style="red", markup=False, highlight=False)
                 plan = "error"
         plan = broadcast_object(plan, ddp)
@@ -77,6 +82,7 @@ def run(root: str | Path = ".") -> int:
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        release_folder(root / "checkpoints")  # nothing when this process did not claim it
         shutdown()
 
 

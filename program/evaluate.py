@@ -77,9 +77,13 @@ def assess(fin, console: Optional[Console] = None) -> dict:
                            max_length=fin.preset.train.seq_length, progress=_progress_factory(progress))
             results["tasks"] = run_tasks(lm, e.tasks, e.num_fewshot, e.limit, include, log=progress.console.print)
     out = fin.path.with_name(f"{fin.path.stem}.eval.json")
-    out.write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
     console.print(results_table(results))
-    console.print(f"results written to {out}", markup=False, highlight=False)
+    try:  # a secondary write: the results are on the screen either way
+        out.write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
+        console.print(f"results written to {out}", markup=False, highlight=False)
+    except OSError as e:
+        console.print(f"warning: cannot write {out} ({e.strerror or e}): the results are only in the table above",
+                      style="yellow", markup=False, highlight=False)
     return results
 
 

@@ -70,6 +70,7 @@ def export(fin, out: Path) -> Path:
     config.save_pretrained(out)
 
     save_file(export_state(fin.model), str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copymode(out / "config.json", out / "model.safetensors")  # safetensors writes 0600; the folder is shared as a whole
 
     shutil.copyfile(HF_DIR / "configuration_hatchling.py", out / "configuration_hatchling.py")
     code = (HF_DIR / "modeling_hatchling.py").read_text(encoding="utf-8")

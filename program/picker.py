@@ -93,11 +93,12 @@ def preset_table(paths: list[Path], console: Console, cache: Optional[Path] = ST
 
 
 def choose_preset(configs: Path, console: Console, cache: Optional[Path] = STEP_TIMES) -> Optional[Path]:
-    """The preset file to train: picked with questionary, Enter = 00_best_general."""
+    """The preset file to train: picked with questionary, Enter = 00_best_general; None on
+    Ctrl-C. PresetError when there is none to pick (exit code 2: nothing to train)."""
     paths = sorted(Path(configs).glob("*.json"))
     if not paths:
-        console.print(f"[red]no presets in {configs}/[/]")
-        return None
+        raise PresetError(f"{configs}/", ["no presets here (a preset is a .json file): put one in this folder "
+                                          "(the README's Presets section shows one), then start again"])
     default = next((p for p in paths if p.stem == DEFAULT_PRESET), paths[0])
     table, unusable = preset_table(paths, console, cache)
     console.print(table)

@@ -14,7 +14,8 @@ What "survived" means for each fault:
                written, then each rename): the next start completes the rotation in order.
   sigterm      SIGTERM mid-run: the run saves and exits within the bound, and resumes.
   enospc       the disk fills during an in-run save: the previous save and rolling files are
-               intact, no partial file remains, training goes on.
+               intact, no partial file remains, the save is retried (and succeeds once there
+               is room again) and training goes on.
   nan          non-finite loss at chosen steps: those steps are skipped and counted; a streak
                rolls the run back to its last save with half the learning rate; nothing
                non-finite is ever saved.
@@ -238,6 +239,9 @@ def fault_enospc() -> dict:
         if calls[0] == 2:
             f.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
+        if calls[0] == 3:  # the retry, right after the failed write: what is on disk then
+            first["after"] = saved_tokens(out)
+            first["files"] = sorted(p.name for p in out.iterdir() if p.name != Path(f.name).name)  # not the retry's own
         return real(obj, f, *a, **k)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,9 +256,6 @@ def fault_enospc() -> dict:
                 ok = orig()
                 if ok and not first:
                     first.update(tokens=saved_tokens(out))
-                if calls[0] == 2 and "after" not in first:  # right after the failed write
-                    first["after"] = saved_tokens(out)
-                    first["files"] = sorted(p.name for p in out.iterdir())
                 return ok
             trainer.save_run_state = save
 

@@ -12,6 +12,7 @@ due, a requested stop; at the budget the final evaluation and the checkpoint rot
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -38,7 +39,7 @@ from .assemble import (
     wrap_for_training,
 )
 from .bad_steps import MAX_BAD_STEPS, Faults
-from .checkpoint_files import RUN_STATE, CheckpointError, atomic_save, recover_rotation, rotate_checkpoints
+from .checkpoint_files import NEXT, RUN_STATE, PrimaryWrites, atomic_save, recover_rotation, rotate_checkpoints
 from .checkpointer import Checkpointer, finished_checkpoint, load_run_state
 from .distributed import any_rank, barrier, init_distributed
 from .errors import TrainError
@@ -128,13 +129,17 @@ class Trainer:
         self.metrics = CurveLog(self.out / "metrics.jsonl", enabled=self.ddp.is_main, run=self.run_id,
                                 log=self.reporter.log)  # + TensorBoard files and a terminal loss curve
         self.metrics.write({"kind": "run_start", "preset": preset.name, "resumed": resume, "world_size": self.ddp.world_size,
-                            "tokens": self.stored["counters"]["tokens"] if self.stored else 0, "budget": self.budget})
+                            "tokens": self.stored["counters"]["tokens"] if self.stored else 0, "budget": self.budget,
+                            "sources": [s.name for s in self.sources]})
 
     def setup(self) -> None:
         """Build the run's pieces; when resuming, the checkpointer restores every stateful one."""
         cfg, ddp, reporter, preset = self.cfg, self.ddp, self.reporter, self.preset
         self.autocast = seed_and_precision(cfg, ddp.rank, self.device)
-        reporter.log(f"[data] {len(self.sources)} source(s): {', '.join(s.name for s in self.sources)}")
+        names = [s.name for s in self.sources]  # many sources: the first few, the rest in metrics.jsonl's run_start row
+        reporter.log(f"[data] {len(names)} source(s): " + (", ".join(names) if len(names) <= 8 else
+                     f"{', '.join(names[:5])} and {len(names) - 5} more (all of them in the run_start row of "
+                     f"{self.out / 'metrics.jsonl'})"))
         start = None if self.stored else continue_from(self.out, asdict(preset.model), reporter.warn)
         stored = self.stored or (start[1] if start else None)
         self.tokenizer = choose_tokenizer(preset, self.sources, stored and stored["tokenizer"], start and start[0], ddp, reporter)
@@ -271,12 +276,21 @@ class Trainer:
     def _finish(self, last_eval: dict) -> RunResult:
         """The finished run's checkpoint rotated in, its in-run save removed."""
         n = self.counters
+        failed = None  # why the rotation still fails after its retries
         if self.ddp.is_main:
             if not all_finite(self.model.parameters()):
                 raise TrainError("the final weights are not finite; they were not saved (the last in-run save is "
                                  f"kept in {self.out / RUN_STATE})")
-            rotate_checkpoints(self.final_checkpoint(last_eval), self.out)
-            (self.out / RUN_STATE).unlink(missing_ok=True)
+            final = self.final_checkpoint(last_eval)
+            failed = self.primary_writes().run(lambda: rotate_checkpoints(final, self.out), self.out / NEXT)
+        if any_rank(failed is not None, self.ddp, self.device):  # the finished run's state goes elsewhere (rc 2)
+            self.primary_writes().elsewhere(self.checkpointer.state_dict(), failed, "the finished run")
+        if self.ddp.is_main:
+            try:
+                (self.out / RUN_STATE).unlink(missing_ok=True)
+            except OSError as e:
+                self.reporter.warn(f"could not remove {self.out / RUN_STATE} ({e.strerror}): the run is finished; "
+                                   "remove the file, or the next start offers to resume it")
             self.reporter.log(f"[done] {human(n.tokens)} tokens; checkpoint {self.out / 'lm_current.pth'}"
                               + (f"; held-out loss {last_eval['eval_loss']:.3f} (ppl {last_eval['eval_ppl']:.1f})"
                                  if last_eval else ""))
@@ -285,21 +299,24 @@ class Trainer:
 
     # -- saves ------------------------------------------------------------------------------
     def save_run_state(self) -> bool:
-        """The in-run save (every rank takes part). Never writes non-finite weights; a failed
-        write (disk full) is reported and training goes on, the previous save intact. True if saved."""
+        """The in-run save and the stop save (every rank takes part). Never writes non-finite
+        weights. A failing write is retried (train/checkpoint_files.py PrimaryWrites); when
+        it keeps failing the state goes to a fallback folder and SavedElsewhere (or
+        NothingSaved) stops the run. True if saved."""
         state = self.checkpointer.state_dict()
-        saved = False
+        saved, failed = False, None
         if self.ddp.is_main:
             if not all_finite(self.model.parameters()):
                 self.reporter.warn("weights are not finite: this save is skipped (the previous one is kept)")
             else:
-                try:
-                    atomic_save(state, self.out / RUN_STATE)
-                    saved = True
-                except CheckpointError as e:
-                    self.reporter.warn(f"in-run save failed: {e}; training goes on")
-        barrier(self.ddp)
+                failed = self.primary_writes().run(lambda: atomic_save(state, self.out / RUN_STATE), self.out / RUN_STATE)
+                saved = failed is None
+        if any_rank(failed is not None, self.ddp, self.device):
+            self.primary_writes().elsewhere(state, failed)
         return saved
+
+    def primary_writes(self) -> PrimaryWrites:
+        return PrimaryWrites(self.out, self.reporter, self.ddp.enabled)
 
     def final_checkpoint(self, eval_row: dict) -> dict:
         memory = None  # in lifelong mode the memory contents are part of what was learned
@@ -316,7 +333,17 @@ def train(preset: Optional[Preset], budget: int = TOKEN_BUDGET, out_dir: str | P
     (its stored preset is used). `on_speed(preset, tokens_per_s)` is called once, when the
     run has trained for a minute past its first progress update, with the tokens/s of one
     process. Raises PresetError, AllSourcesFailed, TokenizerError, CheckpointError or
-    TrainError for problems the user can fix."""
-    trainer = Trainer(preset, budget, Path(out_dir), resume, reporter, on_speed)
-    trainer.setup()
-    return trainer.run()
+    TrainError for problems the user can fix (FolderError, a CheckpointError, when out_dir
+    cannot take a run or another run trains there: train/run_lock.py)."""
+    from .run_lock import claim_folder, release_folder
+
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun rank 0 holds the folder's lock
+    if main:
+        claim_folder(out_dir)
+    try:
+        trainer = Trainer(preset, budget, Path(out_dir), resume, reporter, on_speed)
+        trainer.setup()
+        return trainer.run()
+    finally:
+        if main:
+            release_folder(out_dir)

@@ -11,12 +11,18 @@ on in the same folder). Tags:
     source_loss/<source>, source_weight/<source>, metric/<name>/layer<i> (spike rates,
     memory figures, auxiliary metrics)
 
-When tensorboard is not installed, one line says so and only metrics.jsonl is written."""
+When tensorboard is not installed, one line says so and only metrics.jsonl is written.
+
+Both are secondary writes: they never stop a run. The first failure of each (a read-only
+or full disk) is said in one line with the reason and the path, and the run goes on
+without that output (the checkpoints, the primary writes, are handled apart:
+train/checkpoint_files.py)."""
 from __future__ import annotations
 
 import atexit
 import json
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,18 +31,25 @@ from typing import Callable, Optional
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (read it with pandas.read_json(lines=True))."""
 
-    def __init__(self, path: Path, enabled: bool = True, run: str | None = None):
+    def __init__(self, path: Path, enabled: bool = True, run: str | None = None,
+                 log: Optional[Callable[[str], None]] = None):
         self.path, self.enabled = Path(path), enabled
         self.run = run  # every row names the run it belongs to (a resumed run keeps its id)
+        self.log = log or print
+        self.failed = False  # a write failed: said once, then no more rows
 
     def write(self, row: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failed:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.run is not None:
             row = {"run": self.run, **row}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=float) + "\n")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+        except OSError as e:
+            self.failed = True
+            self.log(f"warning: cannot write {self.path} ({e.strerror or e}): the run goes on without it")
 
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -80,8 +93,7 @@ class CurveLog(MetricsLog):
     """metrics.jsonl + TensorBoard scalars + a terminal loss curve at each evaluation."""
 
     def __init__(self, path: Path, enabled: bool = True, log: Optional[Callable[[str], None]] = None, **kwargs):
-        super().__init__(path, enabled, **kwargs)
-        self.log = log or print
+        super().__init__(path, enabled, log=log, **kwargs)
         self.writer = None
         self.train_losses: list[float] = []
         self.eval_losses: list[float] = []
@@ -96,25 +108,44 @@ class CurveLog(MetricsLog):
             self.log(f"[curves] TensorBoard files not written ({e}); pip install tensorboard for them. "
                      f"metrics.jsonl has every figure")
             return
-        self.writer = SummaryWriter(str(self.logdir), flush_secs=30)
+        _quiet_writer_threads()  # before the writer exists: its first write happens in its constructor
+        try:
+            self.writer = SummaryWriter(str(self.logdir), flush_secs=30)
+        except Exception as e:  # a read-only or full disk: tensorboard's own errors as well as OSError
+            self._tensorboard_failed(e)
+            return
         atexit.register(self.close)
         self.log(f"[curves] tensorboard --logdir {self.path.parent / 'tensorboard'}")
+
+    def _tensorboard_failed(self, e: BaseException) -> None:
+        """The first TensorBoard failure: said once; no more event files this run."""
+        writer, self.writer = self.writer, None
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:160] or e.__class__.__name__
+        self.log(f"warning: cannot write TensorBoard files in {self.logdir} ({reason}): the run goes on without them")
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
 
     def write(self, row: dict) -> None:
         super().write(row)
         if not self.enabled:
             return
         step = int(row.get("tokens", 0))
-        if self.writer is not None and row.get("kind", "train") in CURVE_KINDS:
-            for tag, value in scalars(row).items():
-                self.writer.add_scalar(tag, value, step)
+        try:
+            if self.writer is not None and row.get("kind", "train") in CURVE_KINDS:
+                for tag, value in scalars(row).items():
+                    self.writer.add_scalar(tag, value, step)
+            if self.writer is not None and row.get("kind") == "eval":
+                self.writer.flush()
+        except Exception as e:  # the writer thread's OSError surfaces at the next add or flush
+            self._tensorboard_failed(e)
         if row.get("kind") == "train" and isinstance(row.get("loss"), (int, float)):
             self.train_losses.append(float(row["loss"]))
         if row.get("kind") == "eval" and isinstance(row.get("eval_loss"), (int, float)):
             self.eval_losses.append(float(row["eval_loss"]))
             self.show_curve()
-            if self.writer is not None:
-                self.writer.flush()
 
     def show_curve(self) -> None:
         """Two lines: the training loss so far and the held-out losses, as sparklines."""
@@ -126,5 +157,25 @@ class CurveLog(MetricsLog):
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except Exception as e:
+                self._tensorboard_failed(e)
             self.writer = None
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard writes from a thread of its own, which re-raises a failed write (after
+    keeping it for the next add_scalar, where CurveLog says it in one line); without this
+    the thread's exit would also print a traceback. Installed once; other threads' errors
+    go to the previous hook as before."""
+    if getattr(threading.excepthook, "_curves", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, Exception):
+            return
+        previous(args)
+    hook._curves = True
+    threading.excepthook = hook

@@ -181,6 +181,8 @@ def test_export_loads_in_transformers_with_equal_logits_and_generates(project):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", "modeling_hatchling.py", "configuration_hatchling.py"):
         assert (folder / name).is_file(), name
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir() if p.is_file()}
+    assert set(modes.values()) == {modes["config.json"]}, modes  # the weights too (safetensors writes 0600)
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"]
     hf = AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=True).eval()
     tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
