@@ -6,13 +6,15 @@ each end in one line and exit code 2; a preset with many sources is summarised."
 import json
 import re
 import signal
+import socket
 import time
+from collections import Counter
 
 import pytest
 
 from presets import PresetError, load_preset
 from tests.sample_presets import CORPUS, ROOT, tiny_preset
-from tests.userpath import make_project, run_main, start_main
+from tests.userpath import make_project, run_main, start_main, torchrun_main
 from tests.writefaults import ReadOnly, extra_only, main_with
 from train.checkpoint_files import RUN_STATE
 from train.run_lock import LOCK_FILE, FolderError, claim_folder, release_folder
@@ -154,3 +156,17 @@ def test_many_sources_are_summarised_in_the_start_line(tmp_path):
     start = json.loads((project / "checkpoints" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["kind"] == "run_start" and start["sources"] == [s["name"] for s in sources]
     assert len(line) < 200
+
+
+def test_under_torchrun_every_line_is_printed_once(tmp_path):
+    """Two ranks: rank 0 says everything (the kernels line included) and the other says nothing."""
+    project = make_project(tmp_path, [tiny_preset(arch="hatchling")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = torchrun_main(project, 1024, port, nproc=2)
+    out = proc.communicate(timeout=500)[0]
+    assert proc.returncode == 0, out
+    said = Counter(line for line in out.splitlines() if line.startswith(("model.ops:", "[", "no terminal")))
+    assert any(line.startswith("model.ops:") for line in said), out
+    assert [line for line, n in said.items() if n > 1] == [], out
