@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_kernel_report_compiles_the_norm_for_sm90():
+def test_kernel_report_compiles_the_norm_for_sm90(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")  # nothing written under the user's home
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "kernel_report.py"), "--arch", "90", "--only",
                           "norm_fwd_kernel", "--no-fla"], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
