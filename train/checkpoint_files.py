@@ -32,8 +32,11 @@ import torch
 RUN_STATE = "run_state.pth"
 CURRENT, PREV, PREV2, NEXT = "lm_current.pth", "lm_prev.pth", "lm_prev2.pth", "lm_next.pth"
 ROLLING = (CURRENT, PREV, PREV2)
-RETRY_SECONDS = 60.0  # with no terminal, how long a failing primary write is retried before the fallback
-RETRY_PAUSES = (1.0, 2.0, 4.0, 8.0, 15.0)  # seconds between those tries (the last one repeats)
+# with no terminal, how long a failing primary write is retried before the fallback: long
+# enough for a passing condition, short enough for a stop's grace period (30 s under
+# Kubernetes, 90 s under systemd) to leave time for the fallback write
+RETRY_SECONDS = 20.0
+RETRY_PAUSES = (1.0, 2.0, 4.0, 8.0)  # seconds between those tries (the last one repeats)
 
 
 class CheckpointError(Exception):
@@ -213,7 +216,10 @@ class PrimaryWrites:
                                        "some space or make the folder writable)")
                 if left <= 0:
                     return reason
-                time.sleep(min(pauses[0], left))
+                try:
+                    time.sleep(min(pauses[0], left))
+                except KeyboardInterrupt:  # a second Ctrl-C: stop waiting, the state goes elsewhere at once
+                    return reason
                 pauses = pauses[1:] or pauses
             first = False
 

@@ -184,3 +184,77 @@ def test_sigterm_stop_save_on_a_full_disk_goes_elsewhere(tmp_path):
     assert state["counters"]["tokens"] > 0
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert state["counters"]["tokens"] >= max(r["tokens"] for r in rows if r["kind"] == "train")
+
+
+class Said:
+    """A reporter that keeps what it was told."""
+
+    enabled, progress = True, None
+
+    def __init__(self):
+        self.lines = []
+
+    def log(self, message, style=None):
+        self.lines.append(message)
+
+    def warn(self, message):
+        self.lines.append(f"warning: {message}")
+
+
+def test_a_write_that_fails_twice_is_retried_and_said_once(tmp_path, monkeypatch):
+    import train.checkpoint_files as ck
+
+    monkeypatch.setattr(ck, "RETRY_PAUSES", (0.01,))
+    tries = []
+
+    def write():
+        tries.append(1)
+        if len(tries) < 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    said = Said()
+    assert ck.PrimaryWrites(tmp_path, said).run(write, tmp_path / RUN_STATE) is None
+    assert len(tries) == 3
+    assert said.lines == [f"warning: could not write {tmp_path / RUN_STATE} (No space left on device): retrying for "
+                          f"{ck.RETRY_SECONDS:g} s (free some space or make the folder writable)",
+                          f"[save] {tmp_path / RUN_STATE} written"]
+
+
+def test_ctrl_c_while_a_write_is_retried_goes_to_the_fallback_at_once(tmp_path, monkeypatch):
+    import train.checkpoint_files as ck
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.time, "sleep", interrupted)
+
+    def write():
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    assert ck.PrimaryWrites(tmp_path, Said()).run(write, tmp_path / RUN_STATE) == "Read-only file system"
+
+
+def test_the_fallback_takes_the_first_writable_place_else_says_what_is_lost(tmp_path, monkeypatch):
+    import train.checkpoint_files as ck
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")  # nothing can be made under a file
+    good = tmp_path / "cache"
+    state = {"model": {}, "counters": {"tokens": 3000}, "budget": 9000, "run_id": "r1"}
+    folder = tmp_path / "checkpoints"
+    monkeypatch.setattr(ck, "fallback_folders", lambda name: [blocked / "x", good / name])
+    with pytest.raises(ck.SavedElsewhere) as e:
+        ck.PrimaryWrites(folder, Said()).elsewhere(state, "No space left on device")
+    place = next(good.iterdir()) / RUN_STATE
+    assert f"the run, at 3,000/9,000 tokens, is saved in {place} instead" in str(e.value)
+    assert f"(mv {place} {folder / RUN_STATE})" in str(e.value)
+    assert load_checkpoint(place)["counters"]["tokens"] == 3000
+
+    monkeypatch.setattr(ck, "fallback_folders", lambda name: [blocked / "x", blocked / "y"])
+    ck.atomic_save({**state, "counters": {"tokens": 2000}}, folder / RUN_STATE)  # this run's last save
+    with pytest.raises(ck.NothingSaved, match=r"lost: the 1,000 tokens trained since the last save; .* \(at 2,000 "
+                                              r"tokens\) is kept"):
+        ck.PrimaryWrites(folder, Said()).elsewhere(state, "No space left on device")
+    ck.atomic_save({**state, "run_id": "an older run"}, folder / RUN_STATE)
+    with pytest.raises(ck.NothingSaved, match="lost: all 3,000 tokens this run trained"):
+        ck.PrimaryWrites(folder, Said()).elsewhere(state, "No space left on device")
