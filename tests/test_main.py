@@ -26,4 +26,5 @@ def test_default_preset_offline_fails_fast_and_clearly(tmp_path):
     assert "hint: offline?" in out
     assert "stopped before touching any checkpoint" in out
     assert "Traceback" not in out
-    assert not (tmp_path / "checkpoints").exists()
+    # checkpoints/ is made and locked before the picker (train.lock); no checkpoint is written
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["train.lock"]
