@@ -27,6 +27,7 @@ def run(root: str | Path = ".") -> int:
     from train.run_lock import claim_folder, release_folder
 
     from .picker import choose_run
+    from .torchrun import restarted_by_agent, stopped
 
     console = Console()
     root = Path(root)
@@ -40,7 +41,8 @@ def run(root: str | Path = ".") -> int:
             try:
                 from .first_question import first_question  # talk to / evaluate / export a finished model
 
-                plan = first_question(root, console)  # None = train; an int = exit code
+                # None = train; an int = exit code. A worker torchrun restarted goes back to training.
+                plan = None if restarted_by_agent() else first_question(root, console)
                 if plan is None:  # one training run per folder: checked and locked before anything is asked or built
                     claim_folder(root / "checkpoints")
                     plan = choose_run(root / "configs", root / "checkpoints", console)
@@ -60,7 +62,7 @@ def run(root: str | Path = ".") -> int:
         result = train(plan.preset, TOKEN_BUDGET, root / "checkpoints", resume=plan.resume, on_speed=record_speed)
         if result.finished:
             return 0
-        return 143 if result.stop_signal == signal.SIGTERM else 130  # 128 + the signal, as shells report it
+        return stopped(result.stop_signal)  # 128 + the signal, as shells report it (0 under torchrun)
     except AllSourcesFailed as e:
         if ddp.is_main:
             console.print(f"{e}\nstopped before touching any checkpoint.", style="red", markup=False, highlight=False)

@@ -20,6 +20,7 @@ from train.memory_check import memory_problem, param_count, vocab_size_guess
 from train.progress import human
 
 from .step_times import STEP_TIMES, human_duration, tokens_per_s
+from .torchrun import restarted_by_agent
 
 DEFAULT_PRESET = "00_best_general"
 
@@ -132,6 +133,9 @@ def ask_resume(checkpoints: Path, console: Console) -> Optional[bool]:
         return False
     name, tokens, budget = run_summary(state, path)  # a format this version cannot read: CheckpointError
     what = f"interrupted run of '{name}' at {human(tokens or 0)}/{human(budget or 0)} tokens"
+    if restarted_by_agent():
+        console.print(f"restarted by torchrun: resuming the {what}")
+        return True
     if not interactive():
         console.print(f"no terminal on stdin: resuming the {what}")
         return True

@@ -24,6 +24,7 @@ import torch
 
 from data import open_sources
 from model import build_model, count_params, map_state
+from model.ops import report as ops_report
 from presets import TOKEN_BUDGET, Preset, preset_from_dict
 
 from .assemble import (
@@ -41,12 +42,13 @@ from .assemble import (
 from .bad_steps import MAX_BAD_STEPS, Faults
 from .checkpoint_files import NEXT, RUN_STATE, PrimaryWrites, atomic_save, recover_rotation, rotate_checkpoints
 from .checkpointer import Checkpointer, finished_checkpoint, load_run_state
-from .distributed import any_rank, barrier, init_distributed
+from .distributed import any_rank, barrier, from_rank_0, init_distributed
 from .errors import TrainError
 from .heldout import Evaluation
 from .metrics import CurveLog
 from .optim import build_optimizer, build_scheduler
 from .progress import ProgressLog, Reporter, SpeedReport, human
+from .resize import kept_accumulation, resized_ranks
 from .source_weights import AdaptiveSources
 from .state import CarriedState, Counters, ModelWeights, RngState
 from .step import TrainStep
@@ -99,20 +101,17 @@ class Trainer:
                  reporter: Optional[Reporter], on_speed: Optional[Callable[[Preset, float], None]] = None):
         self.out, self.budget, self.stored = Path(out_dir), budget, None
         self.speed = SpeedReport(on_speed)
+        if preset is None and not resume:
+            raise TrainError("no preset to train and no interrupted run to resume")
+        self.ddp = init_distributed(preset.train.device if preset is not None else "auto")
         if resume:  # the stored preset is the run's, whatever the caller passed (the picker passes None)
-            self.stored = load_run_state(self.out / RUN_STATE)
+            # global rank 0 reads the save and sends it: other nodes' disks need not hold it
+            self.stored = from_rank_0(lambda: load_run_state(self.out / RUN_STATE), self.ddp)
             preset, _ = preset_from_dict(self.stored["preset"], f"{self.out / RUN_STATE} (stored preset)")
             self.budget = self.stored["budget"]
-        elif preset is None:
-            raise TrainError("no preset to train and no interrupted run to resume")
-        self.ddp = init_distributed(preset.train.device)
         self.reporter = reporter or Reporter(enabled=self.ddp.is_main)
         if not self.ddp.is_main:
             self.reporter.enabled = False
-        if resume and self.stored["world_size"] != self.ddp.world_size:
-            raise TrainError(f"the interrupted run used {self.stored['world_size']} process(es), this start has "
-                             f"{self.ddp.world_size}: resume it with the same number, or move "
-                             f"{self.out / RUN_STATE} away to start a new run")
         self.preset, self.cfg = preset, preset.train
         self.device = pick_device(self.cfg.device, self.ddp)
         # data first: when no source opens, the run stops here, before any file is touched
@@ -140,7 +139,9 @@ class Trainer:
         reporter.log(f"[data] {len(names)} source(s): " + (", ".join(names) if len(names) <= 8 else
                      f"{', '.join(names[:5])} and {len(names) - 5} more (all of them in the run_start row of "
                      f"{self.out / 'metrics.jsonl'})"))
-        start = None if self.stored else continue_from(self.out, asdict(preset.model), reporter.warn)
+        # the finished run this one continues from: rank 0's, sent to all (other nodes' disks need not hold it)
+        start = None if self.stored else from_rank_0(lambda: continue_from(self.out, asdict(preset.model),
+                                                                          reporter.warn), ddp)
         stored = self.stored or (start[1] if start else None)
         self.tokenizer = choose_tokenizer(preset, self.sources, stored and stored["tokenizer"], start and start[0], ddp, reporter)
         self.model = build_model(preset.model, self.tokenizer.vocab_size, preset.auxiliary)
@@ -153,12 +154,14 @@ class Trainer:
                      f"device {self.device}, world size {ddp.world_size}")
         self.train_model = wrap_for_training(self.model, cfg.compile, ddp, self.device)
 
+        self.schedule_anchor = (self.stored or {}).get("schedule")
+        if self.stored and self.stored["world_size"] != ddp.world_size:
+            self._resize()
         self.tokens_per_step = cfg.batch_size * cfg.seq_length * cfg.grad_accum_steps * ddp.world_size
         self.total_steps = math.ceil(self.budget / self.tokens_per_step)
         self.faults = Faults(cfg.batch_size, cfg.grad_accum_steps, ddp.enabled, reporter.warn)
         self.optimizer = build_optimizer(self.model, cfg, self.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step,
-                                         scale=lambda: self.faults.lr_scale)
+        self.scheduler = self._schedule()
         self.streams = training_streams(self.sources, preset, self.tokenizer, ddp, reporter.log)
         self.counters = Counters(next_eval=cfg.eval_every_tokens, next_save=cfg.checkpoint_every_tokens)
         self.carried = CarriedState(self.device)
@@ -188,7 +191,8 @@ class Trainer:
             shared["adaptive"] = self.adaptive
         identity = {"preset": preset.to_dict(), "model_config": asdict(model_cfg),
                     "tokenizer": {"json": self.tokenizer.to_json(), "spec": self.tokenizer.spec},
-                    "budget": self.budget, "world_size": ddp.world_size, "run_id": self.run_id}
+                    "budget": self.budget, "world_size": ddp.world_size, "run_id": self.run_id,
+                    "schedule": self.schedule_anchor}
         self.checkpointer = Checkpointer(ddp, identity, shared, {"streams": self.streams, "carried": self.carried,
                                                                "rng": RngState(self.device)})
         if self.stored is not None:
@@ -198,6 +202,47 @@ class Trainer:
         windows, prompts = held_out(self.sources, preset, self.tokenizer, ddp, reporter)
         self.evaluation = Evaluation(windows, prompts, self.tokenizer, cfg.sample_tokens, self.device, self.autocast,
                                      ddp, self.metrics, reporter)
+
+    def _resize(self) -> None:
+        """An interrupted run resumed on another number of processes: the global batch kept
+        where it divides, every rank's data re-sharded (rank 0 replays the old shares, the
+        others receive the result), one line saying what changed. When the global batch
+        cannot be kept, the learning-rate schedule is anchored here and followed by tokens."""
+        cfg, ddp, old_world = self.cfg, self.ddp, self.stored["world_size"]
+        old_accum = cfg.grad_accum_steps
+        accum = kept_accumulation(old_accum, old_world, ddp.world_size)
+        ranks, repeated = from_rank_0(lambda: resized_ranks(self.stored["ranks"], self.sources, self.preset.data,
+                                                            ddp.world_size, cfg.batch_size), ddp)
+        self.stored = {**self.stored, "ranks": ranks}
+        old_tokens_per_step = cfg.batch_size * cfg.seq_length * old_accum * old_world
+        if accum is not None:
+            cfg.grad_accum_steps = accum
+            batch = f"global batch kept (grad_accum_steps {old_accum} -> {accum})"
+        else:
+            anchor = self.schedule_anchor or {"tokens_per_step": old_tokens_per_step,
+                                              "total_steps": math.ceil(self.budget / old_tokens_per_step)}
+            counters = self.stored["counters"]
+            self.schedule_anchor = {**anchor, "step": counters["step"], "tokens": counters["tokens"]}
+            batch = (f"global batch {old_tokens_per_step} -> {old_tokens_per_step * ddp.world_size // old_world} "
+                     f"tokens a step (grad_accum_steps {old_accum} cannot keep it), the learning-rate schedule "
+                     "followed by tokens")
+        self.reporter.log(f"[resume] the run used {old_world} process(es), this start has {ddp.world_size}: {batch}; "
+                          f"data re-sharded over {ddp.world_size} reader(s), {repeated} document(s) will be read twice")
+        self.metrics.write({"kind": "resized", "from_world_size": old_world, "world_size": ddp.world_size,
+                            "grad_accum_steps": cfg.grad_accum_steps, "repeated_documents": repeated})
+
+    def _schedule(self):
+        """The learning-rate schedule: over this run's steps, or, after a resume that changed
+        the global batch, the original schedule followed by tokens from the anchor on."""
+        cfg, anchor = self.cfg, self.schedule_anchor
+        if anchor is None:
+            return build_scheduler(self.optimizer, cfg, self.total_steps, self.tokens_per_step,
+                                   scale=lambda: self.faults.lr_scale)
+
+        def position(s: int) -> float:  # the original schedule's step at the tokens step s reaches
+            return (anchor["tokens"] + (s - anchor["step"]) * self.tokens_per_step) / anchor["tokens_per_step"]
+        return build_scheduler(self.optimizer, cfg, anchor["total_steps"], anchor["tokens_per_step"],
+                               scale=lambda: self.faults.lr_scale, position=position)
 
     # -- one training step ---------------------------------------------------------------
     def train_step(self) -> dict:
@@ -237,12 +282,14 @@ class Trainer:
         self.reporter.start(self.budget, counters.tokens)
         self.progress.restart(counters.tokens)
         last_eval: dict = {}
-        stopped = False
+        stopped, kernels_said = False, False
         self.model.train()
         try:
             with StopFlag() as stop:
                 while counters.tokens < self.budget:
                     out = self.train_step()
+                    if not kernels_said:
+                        kernels_said = self._record_kernels()
                     self.progress.after_step(out, counters, self.budget)
                     if self.adaptive is not None:
                         self.adaptive.after_step(out, counters)
@@ -263,6 +310,15 @@ class Trainer:
         if stopped:
             return self._stop(last_eval, stop.signum)
         return self._finish(self.evaluation.run(self.model, counters, samples=True))
+
+    def _record_kernels(self) -> bool:
+        """After the first step that ran the fast ops, what ran for each (model.ops.report():
+        the compiled C loop, Triton, fla or the reference) goes into the metrics. True once written."""
+        ran = ops_report()
+        if not ran:  # a transformer has none
+            return False
+        self.metrics.write({"kind": "kernels", "step": self.counters.step, **ran})
+        return True
 
     def _stop(self, last_eval: dict, signum: Optional[int]) -> RunResult:
         """The stop save, and how to resume."""

@@ -153,7 +153,6 @@ def test_a_damaged_run_state_is_reported_and_a_new_run_starts(tmp_path):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (lambda s: s.update(world_size=2), "the interrupted run used 2 process(es), this start has 1"),
     (lambda s: s["preset"]["model"].update(arch="hatchling"), "holds weights that do not fit its own stored model"),
     (lambda s: s.pop("ranks"), "is not an interrupted run of this trainer (it lacks ranks)"),
     (lambda s: s.update(format=99), "is an interrupted run in format 99, which this version of the trainer cannot "

@@ -46,6 +46,8 @@ def test_loss_falls_on_real_text_and_checkpoints_appear(tiny_preset, tmp_path, a
     assert all(k in rows(tmp_path, "train")[0] for k in ("tokens", "loss", "lr", "tokens_per_s"))
     assert (tmp_path / CURRENT).exists()
     assert not (tmp_path / RUN_STATE).exists()
+    kernels = rows(tmp_path, "kernels")  # what ran for each fast op, recorded once
+    assert (len(kernels) == 1 and "lif_modulate" in kernels[0]) if arch == "hatchling" else not kernels
     if arch == "hatchling":  # the preset's spike floor reaches the saved model and the one loaded back
         assert load_checkpoint(tmp_path / CURRENT)["model_config"]["alpha_spike_floor"] == 1.0
         layers = [m for m in load_finished(tmp_path / CURRENT).model.modules() if isinstance(m, SpikeKDA)]
