@@ -315,12 +315,3 @@ def report() -> dict[str, str]:
 def report_lines() -> list[str]:
     """report() as one line per op, for the run's log."""
     return [f"[kernels] {op}: {what}" for op, what in report().items()]
-
-
-def reset_for_tests() -> None:
-    """Forget every verdict, turned-off implementation and report entry (tests only)."""
-    with _lock:
-        _verdicts.clear()
-        _off.clear()
-        _ran.clear()
-        _said.clear()

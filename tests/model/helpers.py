@@ -22,3 +22,13 @@ def kda_inputs(B=1, H=2, T=7, dk=8, dv=8, device="cpu", dtype=torch.float32, see
     beta = torch.rand(B, H, T, generator=g)
     s0 = torch.randn(B, H, dk, dv, generator=g)
     return [x.to(device=device, dtype=dtype if i < 5 else torch.float32) for i, x in enumerate((q, k, v, la, beta, s0))]
+
+
+def forget_dispatch() -> None:
+    """The dispatcher as a new process finds it: no verdicts, nothing turned off, nothing
+    reported or said (model/ops/dispatch.py keeps these per process)."""
+    from model.ops import dispatch
+
+    with dispatch._lock:
+        for kept in (dispatch._verdicts, dispatch._off, dispatch._ran, dispatch._said):
+            kept.clear()

@@ -18,6 +18,7 @@ from model.ops.reference.kda import _unit_lower_inverse, _unit_lower_solve, kda_
 from model.ops.reference.layer import gated_rmsnorm_reference, lif_modulate_reference
 from model.ops.reference.lif import _leaky_scan, lif_scan, lif_scan_reference, lif_scan_sequential
 
+from .helpers import forget_dispatch
 from .test_kda import assert_same, make_inputs, run_and_grad
 
 
@@ -164,7 +165,7 @@ def test_without_a_compiler_the_references_run_and_say_so(monkeypatch, tmp_path,
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
-    dispatch.reset_for_tests()
+    forget_dispatch()
     g = torch.Generator().manual_seed(2)
     drive = torch.randn(2, 40, 2, 3, generator=g) * 0.5 + 0.3
     a, beta_logit = torch.rand(2, 40, 2, 3, generator=g), torch.randn(2, 40, 2, generator=g)
@@ -176,7 +177,7 @@ def test_without_a_compiler_the_references_run_and_say_so(monkeypatch, tmp_path,
         assert sum("CPU loops unavailable" in r.getMessage() for r in caplog.records) == 1
         assert ops.report()["lif_modulate"].startswith("PyTorch reference (cpu, float32; compiled C loop: no C compiler")
     finally:
-        dispatch.reset_for_tests()
+        forget_dispatch()
     for x, y in zip(got, lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0)):
         torch.testing.assert_close(x, y)
 
@@ -264,7 +265,7 @@ def test_spike_kda_norm_takes_the_compiled_pass_for_float32_on_cpu():
     tensors and the PyTorch form for bf16; the report names both."""
     if not cpu_kernels.available():
         pytest.skip("no C compiler here")
-    dispatch.reset_for_tests()
+    forget_dispatch()
     o, gate, w = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 8), torch.rand(8)
     got = ops.gated_rmsnorm(o, gate, w, 1e-6)
     torch.testing.assert_close(got, gated_rmsnorm_reference(o, gate, w, 1e-6))

@@ -18,15 +18,16 @@ from model.ops.reference.layer import (
     lif_modulate_reference,
     split_heads_reference,
 )
+from tests.model.helpers import forget_dispatch
 
 needs_cc = pytest.mark.skipif(not cpu.available(), reason="no C compiler here: no compiled loops")
 
 
 @pytest.fixture(autouse=True)
 def fresh_dispatcher():
-    dispatch.reset_for_tests()
+    forget_dispatch()
     yield
-    dispatch.reset_for_tests()
+    forget_dispatch()
 
 
 def lif_inputs(seed=0, D=16):
