@@ -1,7 +1,8 @@
 """Shared fixtures: the real-text corpus beside the project, tiny presets over it, a
 reporter that interrupts a run in this process, and a test run that never touches the
 user's home: every cache (the picker's step times, Hugging Face's) goes to a temporary
-folder, for this process and every subprocess it starts."""
+folder, for this process and every subprocess it starts. Triton runs under its
+interpreter (see below)."""
 from __future__ import annotations
 
 import os
@@ -12,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# before anything imports triton (torch._dynamo does): tests/model/test_triton_*.py run our
+# kernels under Triton's interpreter, which is read once, at triton's import; on a CPU the
+# rest of the project never runs a Triton kernel, so the setting changes nothing else
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # before any project module computes a cache path from it
 REAL_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
 TEST_CACHE = Path(tempfile.mkdtemp(prefix="hatchling-test-cache-"))
