@@ -71,7 +71,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------ implementations
 
 
-def _serves(name: str, op: str, device: torch.device, dtype: torch.dtype, head: int) -> Optional[str]:
+def _why_not(name: str, op: str, device: torch.device, dtype: torch.dtype, head: int) -> Optional[str]:
     """None when implementation `name` can run `op` for these tensors, else why not."""
     if name == "cpu":
         if device.type != "cpu":
@@ -122,7 +122,7 @@ def _decide(op: str, device: torch.device, dtype: torch.dtype, head: int) -> str
     """The first fast implementation that serves and passes its first-call check, else "reference"."""
     for name in FAST[op].get(device.type, ()):
         key = (op, name, device.type, dtype, head)
-        why = _off.get(key) or _serves(name, op, device, dtype, head)
+        why = _off.get(key) or _why_not(name, op, device, dtype, head)
         if why is None:
             try:
                 _first_call_check(op, name, device, dtype, head)

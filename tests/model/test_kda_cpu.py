@@ -129,6 +129,6 @@ def test_the_same_bits_however_the_stream_heads_are_shared_among_threads(monkeyp
 def test_head_sizes_above_the_loops_limit_are_left_to_the_pytorch_form():
     """Head sizes above the loop's limit get the PyTorch form from the dispatcher."""
     limit = kda_cpu.max_dim()
-    assert dispatch._serves("cpu", "kda", torch.device("cpu"), torch.float32, limit) is None
-    assert "above the loop's limit" in dispatch._serves("cpu", "kda", torch.device("cpu"), torch.float32, limit + 1)
-    assert dispatch._serves("cpu", "kda", torch.device("cpu"), torch.bfloat16, 8) == "no bfloat16 loop"
+    assert dispatch._why_not("cpu", "kda", torch.device("cpu"), torch.float32, limit) is None
+    assert "above the loop's limit" in dispatch._why_not("cpu", "kda", torch.device("cpu"), torch.float32, limit + 1)
+    assert dispatch._why_not("cpu", "kda", torch.device("cpu"), torch.bfloat16, 8) == "no bfloat16 loop"

@@ -118,11 +118,6 @@ def available() -> bool:
     return _state["ok"]
 
 
-def serves(*tensors: torch.Tensor) -> bool:
-    """Whether the compiled loops take these tensors: CPU, float32 or float64, and built."""
-    return all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors) and available()
-
-
 def library(name: str) -> ctypes.CDLL:
     """The loaded csrc/<name>.c (its int64 helpers, e.g. kda_chunk_work_size, typed)."""
     if not available():
