@@ -24,7 +24,7 @@ import torch
 
 from data import open_sources
 from model import build_model, count_params, map_state
-from model.ops import report as ops_report
+from model.ops import report as ops_report, report_lines as ops_report_lines
 from presets import TOKEN_BUDGET, Preset, preset_from_dict
 
 from .assemble import (
@@ -313,10 +313,13 @@ class Trainer:
 
     def _record_kernels(self) -> bool:
         """After the first step that ran the fast ops, what ran for each (model.ops.report():
-        the compiled C loop, Triton, fla or the reference) goes into the metrics. True once written."""
+        the compiled C loop, Triton, fla or the reference): one line per op on the display
+        (rank 0) and a `kernels` row in the metrics. True once said."""
         ran = ops_report()
         if not ran:  # a transformer has none
             return False
+        for line in ops_report_lines():
+            self.reporter.log(line)
         self.metrics.write({"kind": "kernels", "step": self.counters.step, **ran})
         return True
 

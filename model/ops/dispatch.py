@@ -173,7 +173,7 @@ def _record(op: str, name: str, device_type: str, dtype: torch.dtype, why: Optio
         seen[desc] = None
         if (op, desc) not in _said:
             _said.add((op, desc))
-            _log.warning("model.ops: %s runs the %s", op, desc)
+            _log.info("model.ops: %s runs the %s", op, desc)  # the trainer prints report_lines() once
 
 
 def _why_reference(op: str, device_type: str, dtype, head: int) -> Optional[str]:

@@ -70,7 +70,7 @@ def test_reference_mode_runs_the_references_and_says_so():
 @needs_cc
 def test_auto_runs_the_compiled_loops_and_reports_one_line_per_op(caplog):
     drive, a, beta_logit, reset = lif_inputs()
-    with caplog.at_level(logging.WARNING, logger="model.ops"):
+    with caplog.at_level(logging.INFO, logger="model.ops"):
         for _ in range(2):
             got = ops.lif_modulate(drive, a, beta_logit, 0.9, 1.0, reset=reset)
     assert ops.report() == {"lif_modulate": "compiled C loop (cpu, float32)"}
