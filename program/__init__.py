@@ -77,6 +77,14 @@ def run(root: str | Path = ".") -> int:
         if ddp.is_main:
             console.print(f"error: {e}", style="red", markup=False, highlight=False)
         return 2
+    except RuntimeError as e:  # under torchrun: another process died and a collective failed here
+        if not (ddp.enabled and lost_a_peer(e)):
+            raise
+        first = " ".join(str(e).split())[:200]
+        console.print(f"error: rank {ddp.rank}: another process of this run stopped ({first}); this one stops too. "
+                      "The last save in checkpoints/ is kept: start the run again to resume it.",
+                      style="red", markup=False, highlight=False)
+        return 2
     except KeyboardInterrupt as e:
         if ddp.is_main:
             console.print("terminated." if isinstance(e, Terminated) else "interrupted.")
@@ -86,6 +94,14 @@ def run(root: str | Path = ".") -> int:
             signal.signal(signal.SIGTERM, old_term)
         release_folder(root / "checkpoints")  # nothing when this process did not claim it
         shutdown()
+
+
+def lost_a_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run went away."""
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or any(
+        k in str(e) for k in ("gloo", "NCCL", "Connection reset", "Connection closed", "connection closed"))
 
 
 def record_speed(preset, tokens_per_s: float) -> None:

@@ -148,7 +148,7 @@ def test_two_nodes_stop_on_ctrl_c_and_resume_as_if_never_stopped(tmp_path):
 
 def test_a_worker_restarted_by_torchrun_resumes_by_itself(tmp_path):
     project = make_project(tmp_path / "p", [PRESET])
-    proc = torchrun_main(project, 20_000, free_port(), nproc=2, extra=("--max-restarts=1",))
+    proc = torchrun_main(project, 20_000, None, nproc=2, extra=("--max-restarts=1",))
     state = project / "checkpoints" / RUN_STATE
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not state.exists():
@@ -159,3 +159,19 @@ def test_a_worker_restarted_by_torchrun_resumes_by_itself(tmp_path):
     assert code == 0, out
     assert "restarted by torchrun: resuming the interrupted run" in out, out
     assert load_checkpoint(project / "checkpoints" / CURRENT)["tokens"] == 20_000
+
+
+def test_a_killed_worker_stops_the_others_with_one_message_and_the_save_loads(tmp_path):
+    project = make_project(tmp_path / "p", [PRESET])
+    proc = torchrun_main(project, 200_000, None, nproc=2)
+    state = project / "checkpoints" / RUN_STATE
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not state.exists():
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)  # rank 1 dies; no restarts: the run must stop, not hang
+    code, out = finish(proc, limit=300)
+    assert code != 0
+    assert out.count("another process of this run stopped") == 1, out  # rank 0's one line
+    assert "[rank0]: Traceback" not in out, out  # torchrun's own failure report follows; no traceback of ours
+    assert load_checkpoint(state)["counters"]["tokens"] > 0  # rank 0's last save is whole
