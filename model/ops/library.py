@@ -25,6 +25,36 @@ from .reference.kda import chunk_form, chunk_inputs, chunk_sizes
 provider: Optional[Callable] = None  # (op, device, dtype, head) -> module of kernel forms
 
 
+class _Defined:
+    """An op another copy of this package already defined in this process (an exported
+    model's own `model` package imported beside the repository's): its callers use that
+    one, and nothing is registered twice (a second registration would replace the first
+    copy's kernels, fake functions and autograd with this copy's)."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __call__(self, *args):
+        return self.op(*args)
+
+    def register_fake(self, fn):
+        return fn
+
+    def register_autograd(self, *args, **kwargs) -> None:
+        pass
+
+
+def _define(name: str):
+    """torch.library.custom_op(name), or the op of that name another copy already defined."""
+    from torch._library.custom_ops import OPDEFS
+
+    def wrap(fn):
+        if name in OPDEFS:
+            return _Defined(OPDEFS[name])
+        return torch.library.custom_op(name, mutates_args=())(fn)
+    return wrap
+
+
 def _impl(op: str, x: Tensor, head: int):
     if provider is None:
         raise RuntimeError("model.ops.library: no kernel provider (import model.ops, not the library alone)")
@@ -59,7 +89,7 @@ def _c(*ts: Tensor):
 # ------------------------------------------------------------------ LIF scan with its modulation
 
 
-@torch.library.custom_op("spike_ops::lif_fwd", mutates_args=())
+@_define("spike_ops::lif_fwd")
 def lif_fwd(drive: Tensor, a: Optional[Tensor], beta_logit: Tensor, membrane: Tensor, keep: Optional[Tensor],
             decay: float, threshold: float, slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """drive, a [B, T, H, D]; beta_logit [B, T, H]; membrane [B, H, D]; keep [B, T] or None ->
@@ -85,7 +115,7 @@ def _(drive, a, beta_logit, membrane, keep, decay, threshold, slope):
             drive.new_empty(B, T, H), torch.empty_like(x))
 
 
-@torch.library.custom_op("spike_ops::lif_bwd", mutates_args=())
+@_define("spike_ops::lif_bwd")
 def lif_bwd(v_all: Tensor, a: Optional[Tensor], beta_logit: Tensor, keep: Optional[Tensor], g_spikes: Tensor,
             g_m: Tensor, g_log_alpha: Optional[Tensor], g_beta: Tensor, decay: float, threshold: float,
             slope: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -120,7 +150,7 @@ lif_fwd.register_autograd(_lif_backward, setup_context=_lif_setup)
 # ------------------------------------------------------------------ short causal depthwise convolution
 
 
-@torch.library.custom_op("spike_ops::conv_fwd", mutates_args=())
+@_define("spike_ops::conv_fwd")
 def conv_fwd(xx: Tensor, weight: Tensor) -> Tensor:
     """xx [B, T+K-1, D] (tail prepended), weight [D, K] -> y [B, T, D] in xx's dtype."""
     if xx.dim() != 3 or weight.dim() != 2 or weight.shape[0] != xx.shape[-1] or xx.shape[1] < weight.shape[1]:
@@ -136,7 +166,7 @@ def _(xx, weight):
     return xx.new_empty(B, TK - weight.shape[1] + 1, D)
 
 
-@torch.library.custom_op("spike_ops::conv_bwd", mutates_args=())
+@_define("spike_ops::conv_bwd")
 def conv_bwd(xx: Tensor, weight: Tensor, gy: Tensor) -> tuple[Tensor, Tensor]:
     gxx, gw = _impl("short_conv", xx, weight.shape[1]).conv_bwd(xx, weight, gy)
     return _c(gxx, gw.to(torch.promote_types(xx.dtype, torch.float32)))
@@ -164,7 +194,7 @@ conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
 # ------------------------------------------------------------------ q/k/v split with L2-normalised q and k
 
 
-@torch.library.custom_op("spike_ops::split_fwd", mutates_args=())
+@_define("spike_ops::split_fwd")
 def split_fwd(qkv: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """qkv [B, T, 3 H D] -> (q, k, v [B, H, T, D], inv [B, 2, H, T]); q, k, inv in float32
     (float64 for float64 qkv), v in qkv's dtype."""
@@ -183,7 +213,7 @@ def _(qkv, heads):
             qkv.new_empty(B, heads, T, D), qkv.new_empty(B, 2, heads, T, dtype=dt))
 
 
-@torch.library.custom_op("spike_ops::split_bwd", mutates_args=())
+@_define("spike_ops::split_bwd")
 def split_bwd(q: Tensor, k: Tensor, inv: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> Tensor:
     return _impl("split_heads", dv, q.shape[-1]).split_bwd(q, k, inv, dq, dk, dv, dv.dtype).to(dv.dtype).contiguous()
 
@@ -209,7 +239,7 @@ split_fwd.register_autograd(_split_backward, setup_context=_split_setup)
 # ------------------------------------------------------------------ gated RMSNorm
 
 
-@torch.library.custom_op("spike_ops::norm_fwd", mutates_args=())
+@_define("spike_ops::norm_fwd")
 def norm_fwd(o: Tensor, gate: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """o, gate [B, T, H, D] (o any strides), weight [D] -> (y [B, T, H, D], rstd [B, T, H]) in
     float32 (float64 for float64 o)."""
@@ -229,7 +259,7 @@ def _(o, gate, weight, eps):
     return o.new_empty(o.shape, dtype=dt), o.new_empty(o.shape[:3], dtype=dt)
 
 
-@torch.library.custom_op("spike_ops::norm_bwd", mutates_args=())
+@_define("spike_ops::norm_bwd")
 def norm_bwd(o: Tensor, gate: Tensor, weight: Tensor, rstd: Tensor, gy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     go, ggate, gw = _impl("gated_rmsnorm", o, o.shape[-1]).norm_bwd(o, gate, weight, rstd, gy)
     return _c(go, ggate.to(gate.dtype), gw.to(rstd.dtype))
@@ -262,7 +292,7 @@ def _smallest_chunk(chunk_size: int) -> int:
     return chunk_sizes(chunk_size)[-1]
 
 
-@torch.library.custom_op("spike_ops::kda_fwd", mutates_args=())
+@_define("spike_ops::kda_fwd")
 def kda_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S0: Tensor, reset: Optional[Tensor],
             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The chunked KDA over reference/kda.py's prepare_inputs (q scaled; q, k, g [B, H, T, dk];
@@ -314,7 +344,7 @@ def _sub_chunk_backward(q, k, v, g, beta, S0, reset, chunk_size, dO, dS_end):
     return [torch.zeros_like(x) if d is None else d for x, d in zip((q, k, v, g, beta, S0), grads)]
 
 
-@torch.library.custom_op("spike_ops::kda_bwd", mutates_args=())
+@_define("spike_ops::kda_bwd")
 def kda_bwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, S0: Tensor, reset: Optional[Tensor],
             starts: Tensor, chunk: Tensor, dO: Tensor, dS_end: Tensor,
             chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

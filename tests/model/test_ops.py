@@ -263,3 +263,32 @@ def test_an_op_with_no_fast_form_for_the_device_runs_the_reference_outside_the_c
     for a, b in zip(ops.split_heads(x, 2), split_heads_reference(x, 2)):
         assert torch.equal(a, b)
     assert ops.report() == {"split_heads": "PyTorch reference (cpu, float32)"}
+
+
+def test_a_second_copy_of_the_package_reuses_the_ops(tmp_path, monkeypatch):
+    """An exported model's own copy of `model` imported beside this one (transformers'
+    trust_remote_code) registers nothing twice: the ops stay this copy's (a second
+    registration replaced their kernels, and a later step crashed in the C loops)."""
+    import importlib
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from torch._library.custom_ops import OPDEFS
+
+    import model
+
+    before = {name: op for name, op in OPDEFS.items() if name.startswith("spike_ops::")}
+    shutil.copytree(Path(model.__file__).parent, tmp_path / "model_copy")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        copy = importlib.import_module("model_copy.ops.library")
+        assert {name: op for name, op in OPDEFS.items() if name.startswith("spike_ops::")} == before
+        assert copy.conv_fwd.op is before["spike_ops::conv_fwd"]
+        drive, a, beta_logit, reset = lif_inputs()
+        got = importlib.import_module("model_copy.ops").lif_modulate(drive, a, beta_logit, 0.9, 1.0, reset=reset)
+        for x, y in zip(got, lif_modulate_reference(drive, a, beta_logit, 0.9, 1.0, reset=reset)):
+            torch.testing.assert_close(x, y)
+    finally:
+        for name in [m for m in sys.modules if m == "model_copy" or m.startswith("model_copy.")]:
+            del sys.modules[name]
