@@ -20,11 +20,13 @@ baby-hatchling (seed 002's public Spike-KDA code, imported from a checkout given
 --peer, never copied here; see build_peer), hatchling-baseline (the phase-A hatchling of
 another checkout of this project, given by --baseline: before/after a change in one
 process; the hatchling row then reports `ratio_vs_baseline`). Hatchling phases also
-report `ratio_vs_phase_a`.
+report `ratio_vs_phase_a`. Any name with `-eager` appended (`hatchling-eager`) is that
+model never compiled: under --compile its compiled row reports `ratio_vs_eager`.
 
     python bench/train_throughput.py                                  # d 256, 8 layers, vocab 8192, 2048 tokens a step, T=256
     python bench/train_throughput.py --seq-lengths 256,1024,4096      # batch = tokens-per-step / T
     python bench/train_throughput.py --models transformer,hatchling --compile
+    python bench/train_throughput.py --models hatchling,hatchling-eager --compile   # compiled vs eager
     python bench/train_throughput.py --profile hatchling              # torch.profiler top ops of one step
     python bench/train_throughput.py --preset configs/00_best_general.json
     python bench/train_throughput.py --models transformer,hatchling,baby-hatchling --peer ../baby-hatchling
@@ -182,9 +184,10 @@ class Runner:
         d, layers, heads, seq, batch, vocab = dims
         self.name, self.seq, self.batch, self.dev = name, seq, batch, dev
         torch.manual_seed(0)
-        self.model, _, self.step_loss = build(name, d, layers, heads, seq, vocab, extra)
+        eager = name.endswith("-eager")  # the same model never compiled: compiled vs eager in one process
+        self.model, _, self.step_loss = build(name.removesuffix("-eager"), d, layers, heads, seq, vocab, extra)
         self.model.to(dev).train()
-        if compile_model:
+        if compile_model and not eager:
             if hasattr(self.step_loss, "compile"):
                 self.step_loss.compile()
             else:
@@ -266,6 +269,8 @@ def run_interleaved(names, dims, dev, args, extra) -> list[dict]:
             if ref in rows and name != ref and (key != "ratio_vs_phase_a" or name in PHASES) and \
                     (key != "ratio_vs_baseline" or name == "hatchling"):
                 row[key] = round(row["tokens_per_s"] / rows[ref]["tokens_per_s"], 3)
+        if f"{name}-eager" in rows:  # --compile: this model compiled against itself eager
+            row["ratio_vs_eager"] = round(row["tokens_per_s"] / rows[f"{name}-eager"]["tokens_per_s"], 3)
         print(json.dumps(row), flush=True)
     return list(rows.values())
 

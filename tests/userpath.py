@@ -75,18 +75,16 @@ def spawn_main(project: Path, budget: int = 4096, timeout: float = 120):
     return child
 
 
-def torchrun_main(project: Path, budget: int, port: int | None, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
+def torchrun_main(project: Path, budget: int, port: int, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
                   extra: tuple[str, ...] = ()) -> subprocess.Popen:
     """`torchrun ... main.py` in `project` with no terminal, in a session of its own (so a
     test can signal the launcher's whole process group, as a terminal's Ctrl-C does);
     several "nodes" on this machine share 127.0.0.1:port (static rendezvous: node_rank 0
-    holds global rank 0); port None: `--standalone` (one node, torchrun's own rendezvous,
-    which also serves its restarts). stderr joined to stdout."""
+    holds global rank 0). stderr joined to stdout."""
     script = project / "main_with_budget.py"  # main.py under the test's budget: torchrun runs a file
     script.write_text(MAIN.format(root=str(ROOT), budget=budget, main=str(project / "main.py")).replace("; ", "\n"))
-    where = (["--standalone"] if port is None else
-             [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"])
-    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}", *extra, str(script)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+           "--master_addr=127.0.0.1", f"--master_port={port}", f"--nproc_per_node={nproc}", *extra, str(script)]
     return subprocess.Popen(cmd, cwd=project, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env=env(OMP_NUM_THREADS="1"))
