@@ -69,11 +69,11 @@ def reshard_documents(sources: list[Source], cfg: DataConfig,
     for i in range(n_src):
         epoch[i] = min(st["epoch"][i] for _, _, st in states)
         for shard, num, st in states:
-            skip[i].update(_taken(sources, cfg, shard, num, st, i, epoch[i]))
+            taken = _taken(sources, cfg, shard, num, st, i, epoch[i])
+            skip[i].update(taken)
             ahead = st["epoch"][i] - epoch[i]
-            if ahead > 0:  # taken again when the new readers reach the reader's epoch
-                share = len(_taken(sources, cfg, shard, num, st, i, epoch[i]))
-                repeated += st["consumed"][i] + (ahead - 1) * share
+            if ahead > 0:  # taken again when the new readers reach the reader's epoch (its whole share was taken)
+                repeated += st["consumed"][i] + (ahead - 1) * len(taken)
     state = {"epoch": epoch, "consumed": [0] * n_src, "turn": first["turn"], "weights": list(first["weights"]),
              "rng": None, "strategy": first.get("strategy", cfg.mix_strategy), "dead": first.get("dead", []),
              "skip": [sorted(s) for s in skip], "skip_epoch": list(epoch)}
