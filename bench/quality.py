@@ -1,67 +1,74 @@
-"""Quality side by side: held-out loss and bits per byte of the transformer,
-the hatchling (phase A) and the hatchling with its spikes switched off, at equal
-parameters and equal training tokens, over several seeds.
+"""Quality side by side: held-out loss and bits per byte, domain by domain, of the
+transformer and the hatchling (and its variants) at equal parameters and equal training
+tokens, over several seeds, at points along each run (a scaling curve).
 
 Method
-  - Data: the folders of --corpus (default ../shared/corpus/books and .../library), one
-    `text` source each, read by the real data registry (8000-character documents,
-    round robin). The files named by --heldout are WHOLE documents kept out of training:
-    a corpus folder holding one is replaced, for training, by a temporary folder of
-    symlinks to its other files (same relative paths, so the same document ids). The
-    registry's own split (data.eval_fraction) hashes 8000-character pieces, so it holds
-    out pieces of books whose other pieces are trained on; here it is only used for the
-    loop's periodic eval curve (--curve-fraction of the training pieces).
+  - Training data: the folders of --train-folders in --corpus (default books, library),
+    one `text` source each, read by the real data registry (8000-character documents,
+    round robin), less every file a held-out domain names: a folder holding one is
+    replaced, for training, by a temporary folder of symlinks to its other files (same
+    relative paths, so the same document ids). About 1.75M tokens: runs past that repeat
+    the text (8M tokens is ~4.5 passes).
+  - Held-out domains (bench/domains.py): novels, satire, dialogue, paper (from the PDF),
+    qa (formatted records), technical (modern kernel docs), speeches (State of the Union
+    1981-2021, fetched once from npm into the cache). Each domain's documents, cut as
+    training cuts its files, are packed into `min(batch, 8)` streams of seq-token windows
+    (state carries from window to window, as in the loop's own evaluation); for
+    --eval-tokens per domain, whole documents evenly spaced through it are taken.
+    loss = mean cross-entropy (nats/token) over every predicted token; bpb = loss * tokens
+    / bytes / ln 2 with the exact UTF-8 bytes of the predicted tokens (a byte-level BPE
+    token of n symbols is n bytes; end-of-text is 0). "mean" is the plain mean over domains.
   - Tokenizer: one byte-level BPE (--vocab) learned once from the training files and
     cached beside the results file; every run loads it as `tokenizer.type: "file"`.
   - Models: hatchling = d_model x layers x heads, working-memory attention every 4th
     layer (window 2 x seq); hatchling_nospike = the same with `model.spiking: false`
-    (plain KDA: no LIF neurons, and one projection fewer per KDA layer);
-    hatchling_floor50 / hatchling_alphaonly = the hatchling with `model.beta_spike_floor`
-    0.5 / 1.0 (half of a head's write strength, or all of it, not gated by its spike
-    rate; the spikes still gate forgetting); hatchling_betaonly = the hatchling with
-    `model.alpha_spike_floor` 1.0 (every channel forgets at every token; the spikes gate
-    writing only: what the shipped hatchling presets use), hatchling_betaonly_floor50 = that with beta_spike_floor 0.5; transformer =
-    the same width and depth with its MLP widened until its parameter count matches the
-    hatchling's (up to the MLP's 64-wide rounding).
-  - Training: `train.train` (the real loop) on a preset built here, in a fresh temporary
-    folder per run; every model sees the same token streams (the stream order does not
-    depend on the seed; the seed sets the initialisation).
-  - Held-out figures: the finished checkpoint is loaded, and the held-out files, cut into
-    documents exactly as training cuts its files, are packed into `min(batch, 8)` streams
-    of seq-token windows (state carries from window to window, as in the loop's own
-    evaluation); for --eval-tokens, whole documents evenly spaced through the held-out
-    files are taken. loss = mean cross-entropy (nats/token) over every predicted token;
-    bpb = loss * tokens / bytes / ln 2, with the exact UTF-8 bytes of the predicted tokens
-    (a byte-level BPE token of n symbols is n bytes; end-of-text is 0).
-  - Budget: the default (1.2M tokens per run) is what lets the whole table (3 models x 2
-    seeds) finish in about 65 minutes on a shared 2-core CPU: each model trained at about
-    1,900 tokens/s there (d224 x 4, one thread, batch 16 x 128), so a run takes ~11
-    minutes with its evaluations. 2M tokens per run takes about 1h50 for the table: run it
-    in parts (--models / --seeds) and let the resume file join them.
+    (plain KDA); hatchling_floor50 / hatchling_alphaonly = `model.beta_spike_floor` 0.5 /
+    1.0; hatchling_betaonly = `model.alpha_spike_floor` 1.0 (the spikes gate writing only:
+    what the shipped hatchling presets use, the default here), hatchling_betaonly_floor50 =
+    that with beta_spike_floor 0.5; transformer = the same width and depth with its MLP
+    widened until its parameter count matches the hatchling's (up to the MLP's 64-wide
+    rounding).
+  - Training: `train.train` (the real loop) on a preset built here; every model sees the
+    same token streams (the seed sets the initialisation). The schedule (warmup, then
+    cosine to the budget) is the budget's.
+  - Points: --points scores the run at those token counts on its way to the budget
+    (`train(stop_at=...)` saves it as an interrupted run, scored from that save, and the
+    next point resumes it), so a curve's points share one schedule: the earlier points
+    are taken at a higher learning rate than a run of that length would end at.
+  - Budget: a hatchling at d224 x 4 trains at ~1,400 tokens/s on one thread of a shared
+    2-core CPU and the transformer at about twice that: 1.2M tokens is ~15 / 7 minutes, 8M
+    ~95 / 46 minutes, plus ~1 minute per point for the seven domains. Run two benches at
+    once (one thread each); they may share one results file.
 
 Output (stdout, JSON lines)
-  {"bench": "quality", "kind": "curve", "model", "seed", "row": "train"|"eval", "tokens", "loss"}
-      the loop's metrics.jsonl rows of each run trained now;
-  {"bench": "quality", "kind": "run", "model", "seed", "params", "tokens", "heldout_loss", "heldout_bpb", ...}
-      one per finished run, also appended to --results (the resume file);
-  {"bench": "quality", "kind": "summary", "model", "seeds", "heldout_loss_mean", ..._min, ..._max, ..._std, ...}
-      one per model over the seeds in the table, then the same as a plain table on stderr.
+  {"bench": "quality", "kind": "point", "model", "seed", "budget", "tokens", "domains": {name:
+   {"loss", "bpb", "tokens", "bytes"}}, "mean_loss", "mean_bpb", "tokens_per_s", ...}
+      one per point scored now, also appended to --results (the resume file; the final
+      point's row also holds the loop's loss curves);
+  {"bench": "quality", "kind": "summary", "model", "tokens", "seeds", "<domain>_loss": [mean, min,
+   max], ..., "vs_transformer_pct": {domain: percent}}
+      one per (model, point) over the seeds, then the same as a plain table on stderr;
+  --plot PATH draws loss against tokens, one panel per domain and one for the mean.
 Progress messages go to stderr.
 
-Resuming: a cell is (model, seed, budget, dims): dims are d_model, layers, heads, seq,
-batch, vocab, lr and the held-out files. A rerun skips every cell already in --results
-and trains only the missing ones, so a long table can be finished in parts (Ctrl-C
-stops the current run; nothing is recorded for it).
+Resuming: a point is (model, seed, budget, dims, tokens): dims are d_model, layers, heads,
+seq, batch, vocab, lr, the domains and --eval-tokens. A rerun skips every point already in
+--results. The run itself lives in <results folder>/runs/<cell> until its last point, so a
+run stopped by Ctrl-C (or --stop-after) resumes where it was; the folder is removed once
+the budget's point is scored.
 
-    python bench/quality.py                                  # 4 models (the default list) x seeds 0,1, ~1.5 hours
-    python bench/quality.py 20000 --seeds 0                  # a quick check that everything runs
-    python bench/quality.py --models hatchling,transformer --seeds 0,1,2
-    python bench/quality.py --results /tmp/q.jsonl --d-model 192 --lr 3e-3
+    python bench/quality.py                                   # the 1.2M table: transformer, hatchling x seeds 0,1
+    python bench/quality.py 8000000 --points 1e6,2e6,4e6 --seeds 0    # the curve (run the two models apart)
+    python bench/quality.py 8000000 --points 1e6,2e6,4e6 --seeds 1 --stop-after 2000000
+    python bench/quality.py 8000000 --points 1e6,2e6,4e6 --seeds 0,1 --report --plot curve.png  # no training
+    python bench/quality.py 20000 --seeds 0 --eval-tokens 4096        # a quick check that everything runs
 
 Flags: budget (positional, training tokens per run), --models, --seeds, --corpus,
---heldout, --d-model, --layers, --heads, --seq, --batch, --vocab, --lr, --eval-tokens,
---curve-fraction, --results, --threads (torch threads, default 1: on the shared 2-core
-machine one thread trained 2-3x faster than two), --verbose (show the loop's progress).
+--train-folders, --domains, --points, --stop-after, --d-model, --layers, --heads, --seq,
+--batch, --vocab, --lr, --eval-tokens, --curve-fraction, --results, --plot, --report (the
+table and plot of what --results holds, nothing trained), --threads (torch
+threads, default 1: on the shared 2-core machine one thread trained 2-3x faster than two),
+--verbose (show the loop's progress).
 """
 from __future__ import annotations
 
@@ -69,6 +76,7 @@ import argparse
 import hashlib
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,17 +89,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import (  # noqa: E402
-    DataConfig,
-    TextSourceSpec,
-    TextTokenizer,
-    TokenizerConfig,
-    build_tokenizer,
-    eval_windows,
-    open_sources,
-    sample_texts,
-)
-from data.registry import make_source  # noqa: E402
+from bench.domains import HeldOut, all_domains, heldout_set  # noqa: E402
+from data import DataConfig, TextSourceSpec, TokenizerConfig, build_tokenizer, open_sources, sample_texts  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from program.first_question import load_finished  # noqa: E402
 from train import preset_from_dict, train  # noqa: E402
@@ -102,7 +101,7 @@ from train.progress import Reporter  # noqa: E402
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
           "hatchling_betaonly", "hatchling_betaonly_floor50")
 CORPUS = ROOT.parent / "shared" / "corpus"
-DEFAULT_HELDOUT = "library/news_from_nowhere.txt,library/log_school_house.txt"
+DOMAINS = ("novels", "satire", "dialogue", "paper", "qa", "technical", "speeches")
 DEFAULT_BUDGET = 1_200_000  # ~11 minutes a run on a shared 2-core CPU (see Budget above)
 
 
@@ -140,29 +139,23 @@ def model_configs(args) -> dict[str, ModelConfig]:
 
 
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
-def split_corpus(corpora: list[Path], heldout: list[str], tmp: Path) -> tuple[list[Path], list[Path]]:
-    """(training folders, held-out files). `heldout` names files as '<corpus folder>/<path>'.
-    A folder holding a held-out file is replaced by a folder of symlinks to its other files."""
-    by_name = {c.name: c for c in corpora}
-    held: list[Path] = []
-    for name in heldout:
-        folder, _, rel = name.partition("/")
-        path = by_name.get(folder, Path("/nonexistent")) / rel
-        if not path.is_file():
-            sys.exit(f"held-out file not found: {name} (give '<corpus folder>/<file>', corpus folders: "
-                     f"{', '.join(by_name)})")
-        held.append(path)
+def split_corpus(corpora: list[Path], held: list[Path], tmp: Path) -> list[Path]:
+    """The training folders: each corpus folder that holds a held-out file is replaced by a
+    folder of symlinks to its other files (same relative paths, so the same document ids)."""
+    held = [h.resolve() for h in held]
     train_dirs = []
     for corpus in corpora:
-        if not any(corpus in h.parents for h in held):
+        if not any(corpus == h or corpus in h.parents for h in held):
             train_dirs.append(corpus)
             continue
         mirror = tmp / corpus.name
-        for f in sorted(p for p in corpus.rglob("*") if p.is_file() and p not in held):
+        for f in sorted(p for p in corpus.rglob("*") if p.is_file()):
+            if f.resolve() in held or any(h in f.resolve().parents for h in held):
+                continue
             (mirror / f.relative_to(corpus)).parent.mkdir(parents=True, exist_ok=True)
             (mirror / f.relative_to(corpus)).symlink_to(f.resolve())
         train_dirs.append(mirror)
-    return train_dirs, held
+    return train_dirs
 
 
 def text_sources(folders: list[Path]) -> list[dict]:
@@ -186,35 +179,16 @@ def shared_tokenizer(train_dirs: list[Path], vocab: int, cache_dir: Path) -> Pat
     return path
 
 
-def heldout_set(files: list[Path], tokenizer_path: Path, args) -> tuple[list, int, int]:
-    """(windows, predicted tokens' UTF-8 bytes, documents) of the held-out files, cut into
-    documents as training cuts its files (the text source's chunking, min length)."""
-    tok = build_tokenizer(TokenizerConfig(type="file", path=str(tokenizer_path)))
-    min_len = DataConfig().min_text_length
-    docs = [d.text for f in files for d in make_source(TextSourceSpec(type="text", path=str(f))).documents()
-            if len(d.text.strip()) >= min_len]
-    ids = tok.encode_batch(docs)
-    stride = max(1, math.ceil(sum(len(x) + 1 for x in ids) / args.eval_tokens))  # evenly spaced documents
-    ids = ids[::stride]
-    windows = eval_windows(iter(ids), tok.eot_id, min(args.batch, 8), args.seq, args.eval_tokens)
-    table = token_bytes(tok)
-    n_bytes = sum(table[w[:, 1:]].sum().item() for w in windows)
-    return windows, n_bytes, len(ids)
-
-
-def token_bytes(tok: TextTokenizer) -> torch.Tensor:
-    """UTF-8 bytes per token id of a byte-level BPE (one symbol = one byte; end-of-text 0)."""
-    table = torch.tensor([len(tok.tok.id_to_token(i) or "") for i in range(tok.vocab_size)])
-    table[tok.eot_id] = 0
-    return table
-
-
-# -- one run ---------------------------------------------------------------------------------
+# -- one run, evaluated at points along it ----------------------------------------------------
 def cell_key(model: str, seed: int, args) -> str:
     dims = {"d_model": args.d_model, "layers": args.layers, "heads": args.heads, "seq": args.seq,
-            "batch": args.batch, "vocab": args.vocab, "lr": args.lr, "heldout": sorted(args.heldout),
+            "batch": args.batch, "vocab": args.vocab, "lr": args.lr, "domains": args.domains,
             "eval_tokens": args.eval_tokens}
     return json.dumps({"model": model, "seed": seed, "budget": args.budget, **dims}, sort_keys=True)
+
+
+def point_key(model: str, seed: int, tokens: int, args) -> str:
+    return json.dumps({"cell": cell_key(model, seed, args), "tokens": tokens})
 
 
 def preset_for(model: str, cfg: ModelConfig, seed: int, train_dirs: list[Path], tokenizer_path: Path, args):
@@ -222,8 +196,9 @@ def preset_for(model: str, cfg: ModelConfig, seed: int, train_dirs: list[Path], 
     raw = {
         "name": f"quality-{model}-s{seed}", "model": asdict(cfg),
         "train": {"seq_length": args.seq, "batch_size": args.batch, "lr": args.lr, "seed": seed,
-                  "warmup_tokens": max(1, t // 20), "eval_every_tokens": max(1, t // 4), "eval_tokens": 16384,
-                  "checkpoint_every_tokens": 10**12, "samples": 0, "log_every_steps": 10, "device": "cpu"},
+                  "warmup_tokens": max(1, min(t // 20, 60_000)), "eval_every_tokens": max(1, t // 8),
+                  "eval_tokens": 16384, "checkpoint_every_tokens": 500_000, "samples": 0, "log_every_steps": 10,
+                  "device": "cpu"},
         "data": {"sources": text_sources(train_dirs), "eval_fraction": args.curve_fraction},
         "tokenizer": {"type": "file", "path": str(tokenizer_path)},
     }
@@ -241,34 +216,69 @@ def curve(metrics: Path) -> dict[str, list]:
             "eval": [[r["tokens"], round(r["eval_loss"], 4)] for r in rows if r.get("kind") == "eval"]}
 
 
-def run_cell(model: str, cfg: ModelConfig, seed: int, setup: dict, args) -> dict | None:
-    """Train one (model, seed), evaluate it on the held-out files; its row (None if stopped)."""
-    preset = preset_for(model, cfg, seed, setup["train_dirs"], setup["tokenizer"], args)
-    with tempfile.TemporaryDirectory(prefix=f"quality-{model}-") as out:
+def score(checkpoint: Path, sets: list[HeldOut]) -> dict:
+    """Held-out loss (nats/token) and bits per byte of a saved model, domain by domain."""
+    fin = load_finished(checkpoint, warn=log)
+    out = {}
+    for held in sets:
+        r = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device)
+        out[held.name] = {"loss": round(r["eval_loss"], 4),
+                          "bpb": round(r["eval_loss"] * r["eval_tokens"] / held.bytes / math.log(2), 4),
+                          "tokens": r["eval_tokens"], "bytes": held.bytes}
+    return out
+
+
+def run_cell(model: str, cfg: ModelConfig, seed: int, points: list[int], setup: dict, done: dict, args) -> bool:
+    """Train one (model, seed) to each missing point in turn, in a run folder kept in the
+    cache (stop_at saves the run there as interrupted; the next point resumes it); score
+    each point on every domain and append its row. False if stopped by the user."""
+    run_dir = Path(args.results).parent / "runs" / hashlib.blake2b(cell_key(model, seed, args).encode(),
+                                                                   digest_size=8).hexdigest()
+    for tokens in points:
+        key = point_key(model, seed, tokens, args)
+        if key in done:
+            continue
+        final = tokens >= args.budget
+        if not (run_dir / "run_state.pth").exists() and not (final and (run_dir / "lm_current.pth").exists()):
+            if run_dir.exists() and any(run_dir.iterdir()) and not final:
+                log(f"{model} seed {seed}: the run is past {tokens:,} tokens; that point cannot be scored now")
+                continue
+            resume = False
+        else:
+            resume = (run_dir / "run_state.pth").exists()
         t0 = time.perf_counter()
-        result = train(preset, budget=args.budget, out_dir=out, reporter=Reporter(enabled=args.verbose))
+        if resume or not (run_dir / "lm_current.pth").exists():
+            result = train(None if resume else preset_for(model, cfg, seed, setup["train_dirs"], setup["tokenizer"], args),
+                           budget=args.budget, out_dir=run_dir, resume=resume, stop_at=None if final else tokens,
+                           reporter=Reporter(enabled=args.verbose))
+            if result.tokens < tokens:
+                return False
+            trained = result.tokens
+        else:
+            trained = args.budget
         seconds = time.perf_counter() - t0
-        if not result.finished:
-            return None
-        fin = load_finished(Path(out) / "lm_current.pth", warn=log)
-        held = evaluate(fin.model, setup["windows"], fin.tokenizer.eot_id, fin.device)
-        curves = curve(Path(out) / "metrics.jsonl")
-    for kind, points in curves.items():
-        for point in points:
-            emit({"kind": "curve", "model": model, "seed": seed, "row": kind, "tokens": point[0], "loss": point[1]})
-    speeds = [p[2] for p in curves["train"][1:]] or [p[2] for p in curves["train"]]  # the first includes warm-up
-    loss = held["eval_loss"]
-    return {"kind": "run", "key": cell_key(model, seed, args), "model": model, "seed": seed,
-            "params": param_count(cfg, args.vocab), "tokens": result.tokens, "budget": args.budget,
-            "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "mlp_mult": round(cfg.mlp_mult, 3),
-            "spiking": cfg.spiking, "beta_spike_floor": cfg.beta_spike_floor,
-            "alpha_spike_floor": cfg.alpha_spike_floor, "seq": args.seq, "batch": args.batch, "vocab": args.vocab, "lr": args.lr,
-            "heldout": sorted(args.heldout), "heldout_loss": round(loss, 4),
-            "heldout_bpb": round(loss * held["eval_tokens"] / setup["bytes"] / math.log(2), 4),
-            "heldout_tokens": held["eval_tokens"], "heldout_bytes": setup["bytes"],
-            "curve_eval_loss": result.eval.get("eval_loss"), "final_train_loss": (curves["train"] or [[0, None]])[-1][1],
-            "tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
-            "wall_s": round(seconds, 1), "curve": curves, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        domains = score(run_dir / ("lm_current.pth" if final else "run_state.pth"), setup["sets"])
+        curves = curve(run_dir / "metrics.jsonl")
+        speeds = [p[2] for p in curves["train"][1:]] or [p[2] for p in curves["train"]]  # the first includes warm-up
+        row = {"kind": "point", "key": key, "model": model, "seed": seed, "budget": args.budget, "tokens": trained,
+               "params": param_count(cfg, args.vocab), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
+               "n_heads": cfg.n_heads, "mlp_mult": round(cfg.mlp_mult, 3), "seq": args.seq, "batch": args.batch,
+               "vocab": args.vocab, "lr": args.lr, "domains": domains,
+               "mean_loss": round(statistics.mean(d["loss"] for d in domains.values()), 4),
+               "mean_bpb": round(statistics.mean(d["bpb"] for d in domains.values()), 4),
+               "tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
+               "segment_s": round(seconds, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if final:
+            row["curve"] = curves
+        results = Path(args.results)
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with results.open("ab", buffering=0) as f:  # one write: two benches may append to one file
+            f.write((json.dumps(row) + "\n").encode())
+        done[key] = row
+        emit({k: v for k, v in row.items() if k not in ("key", "curve")})
+        if final:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the row holds what the run was for
+    return True
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -276,47 +286,98 @@ def load_results(path: Path) -> dict[str, dict]:
     if not path.exists():
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["key"]: r for r in rows if r.get("kind") == "run"}
+    return {r["key"]: r for r in rows if r.get("kind") == "point"}
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """One row per model: mean, min, max and std over seeds of the held-out loss and bpb."""
+def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
+    """One row per (model, tokens): per domain and for the mean of the domains, the mean
+    over seeds with its min and max; and the percent against the transformer at the same
+    point (negative: lower loss than the transformer)."""
     out = []
-    for model in MODELS:
-        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        row = {"kind": "summary", "model": model, "seeds": [r["seed"] for r in mine], "params": mine[0]["params"],
-               "tokens": mine[0]["tokens"]}
-        for metric in ("heldout_loss", "heldout_bpb"):
-            values = [r[metric] for r in mine]
-            row.update({f"{metric}_mean": round(statistics.mean(values), 4), f"{metric}_min": min(values),
-                        f"{metric}_max": max(values),
-                        f"{metric}_std": round(statistics.stdev(values), 4) if len(values) > 1 else None})
-        row["tokens_per_s"] = round(statistics.mean(r["tokens_per_s"] or 0 for r in mine), 1)
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["tokens"]), []).append(r)
+    for (model, tokens), mine in sorted(groups.items(), key=lambda kv: (kv[0][1], MODELS.index(kv[0][0]))):
+        row = {"kind": "summary", "model": model, "tokens": tokens, "budget": mine[0]["budget"],
+               "seeds": sorted(r["seed"] for r in mine), "params": mine[0]["params"],
+               "tokens_per_s": round(statistics.mean(r["tokens_per_s"] or 0 for r in mine), 1)}
+        for name in [*domains, "mean"]:
+            for metric in ("loss", "bpb"):
+                values = [r["mean_" + metric] if name == "mean" else r["domains"][name][metric] for r in mine
+                          if name == "mean" or name in r["domains"]]
+                if values:
+                    row[f"{name}_{metric}"] = [round(statistics.mean(values), 4), min(values), max(values)]
         out.append(row)
+    base = {(s["tokens"], s["budget"]): s for s in out if s["model"] == "transformer"}
+    for s in out:
+        ref = base.get((s["tokens"], s["budget"]))
+        if ref is not None and s["model"] != "transformer":
+            s["vs_transformer_pct"] = {name: round(100 * (s[f"{name}_loss"][0] / ref[f"{name}_loss"][0] - 1), 2)
+                                       for name in [*domains, "mean"] if f"{name}_loss" in s and f"{name}_loss" in ref}
     return out
 
 
-def print_table(summary: list[dict]) -> None:
-    w = max([18] + [len(s["model"]) for s in summary])
-    head = f"{'model':<{w}} {'params':>8} {'tokens':>9} {'seeds':>5}  {'held-out loss':<24} {'bits/byte':<24} {'tok/s':>6}"
+def print_table(summary: list[dict], domains: list[str]) -> None:
+    """Held-out loss per domain (mean over seeds), one line per (model, tokens); the
+    hatchling lines are followed by their percent against the transformer."""
+    cols = [*domains, "mean"]
+    head = f"{'model':<26} {'tokens':>9} {'seeds':>5} " + " ".join(f"{c:>9}" for c in cols) + f" {'tok/s':>6}"
     lines = [head, "-" * len(head)]
     for s in summary:
-        loss, bpb = (f"{s[m + '_mean']:.4f} [{s[m + '_min']:.4f}, {s[m + '_max']:.4f}]"
-                     for m in ("heldout_loss", "heldout_bpb"))
-        lines.append(f"{s['model']:<{w}} {s['params'] / 1e6:>7.2f}M {s['tokens']:>9,} {len(s['seeds']):>5}  "
-                     f"{loss:<24} {bpb:<24} {s['tokens_per_s']:>6.0f}")
+        cells = " ".join(f"{s[c + '_loss'][0]:>9.4f}" if c + "_loss" in s else f"{'-':>9}" for c in cols)
+        lines.append(f"{s['model']:<26} {s['tokens']:>9,} {len(s['seeds']):>5} {cells} {s['tokens_per_s']:>6.0f}")
+        if "vs_transformer_pct" in s:
+            pct = s["vs_transformer_pct"]
+            lines.append(f"{'  vs transformer':<26} {'':>9} {'':>5} "
+                         + " ".join(f"{pct[c]:>+8.2f}%" if c in pct else f"{'':>9}" for c in cols))
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def plot(summary: list[dict], domains: list[str], path: Path) -> None:
+    """Loss against training tokens, one panel per domain and one for their mean; one line
+    per model (mean over seeds, the bar spans min to max). Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [*domains, "mean"]
+    n = len(cols)
+    fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(3.2 * ((n + 1) // 2), 6.4), squeeze=False)
+    for ax, name in zip(axes.flat, cols):
+        for model in MODELS:
+            pts = sorted((s["tokens"], s[f"{name}_loss"]) for s in summary if s["model"] == model and f"{name}_loss" in s)
+            if not pts:
+                continue
+            x = [p[0] / 1e6 for p in pts]
+            y = [p[1][0] for p in pts]
+            err = [[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]]
+            ax.errorbar(x, y, yerr=err, marker="o", ms=3, capsize=2, label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_title(name if name != "mean" else "mean of the domains", fontsize=10)
+        ax.set_xlabel("training tokens (M)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel("held-out loss (nats/token)", fontsize=8)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"plot written to {path}")
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("budget", type=int, nargs="?", default=DEFAULT_BUDGET, help="training tokens per run")
-    ap.add_argument("--models", default="transformer,hatchling,hatchling_nospike,hatchling_betaonly", help=f"comma list of {', '.join(MODELS)}")
+    ap.add_argument("--models", default="transformer,hatchling_betaonly", help=f"comma list of {', '.join(MODELS)}")
     ap.add_argument("--seeds", default="0,1", help="comma list of training seeds")
-    ap.add_argument("--corpus", default=f"{CORPUS / 'books'},{CORPUS / 'library'}", help="comma list of folders")
-    ap.add_argument("--heldout", default=DEFAULT_HELDOUT, help="comma list of '<corpus folder>/<file>' held out whole")
+    ap.add_argument("--corpus", default=str(CORPUS), help="the shared corpus folder")
+    ap.add_argument("--train-folders", default="books,library", help="its folders trained on (less the held-out files)")
+    ap.add_argument("--domains", default=",".join(DOMAINS), help=f"comma list of held-out domains: {', '.join(DOMAINS)}")
+    ap.add_argument("--points", default="", help="comma list of token counts below the budget to score along each run")
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="train each run only up to this many tokens now (its points past it are left for a rerun)")
     ap.add_argument("--d-model", type=int, default=224)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -324,20 +385,28 @@ def parse_args():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-tokens", type=int, default=65536,
-                    help="held-out tokens evaluated: whole documents evenly spaced through the held-out files")
+    ap.add_argument("--eval-tokens", type=int, default=32768,
+                    help="held-out tokens per domain: whole documents evenly spaced through the domain")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (see the docstring)")
     ap.add_argument("--curve-fraction", type=float, default=0.02,
                     help="share of training pieces held out for the loop's periodic eval curve only")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality.jsonl"))
+    ap.add_argument("--plot", default=None, help="also draw the table as a PNG here (needs matplotlib)")
+    ap.add_argument("--report", action="store_true", help="only the table (and plot) of what --results holds")
     ap.add_argument("--verbose", action="store_true", help="show the training loop's own progress")
     args = ap.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    args.heldout = [h for h in args.heldout.split(",") if h]
+    args.domains = [d for d in args.domains.split(",") if d]
+    args.points = sorted({int(float(p)) for p in args.points.split(",") if p} - {args.budget})
     unknown = set(args.models) - set(MODELS)
     if unknown:
         ap.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
+    unknown = set(args.domains) - set(DOMAINS)
+    if unknown:
+        ap.error(f"unknown domain(s) {', '.join(sorted(unknown))}; choose from {', '.join(DOMAINS)}")
+    if any(p > args.budget for p in args.points):
+        ap.error("every point must be below the budget")
     return args
 
 
@@ -345,41 +414,45 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     results_path = Path(args.results)
+    cache = results_path.parent
+    corpus = Path(args.corpus).resolve()
+    corpora = [corpus / f for f in args.train_folders.split(",") if f]
+    missing = [str(c) for c in corpora if not c.is_dir()]
+    if missing:
+        sys.exit(f"corpus folder not found: {', '.join(missing)}")
+    domains = all_domains(corpus, cache, args.domains, log)
+    args.domains = [d.name for d in domains]  # the key names what was really scored
     done = load_results(results_path)
     configs = model_configs(args)
+    points = [p for p in [*args.points, args.budget] if args.stop_after is None or p <= args.stop_after]
     cells = [(m, s) for s in args.seeds for m in args.models]
-    todo = [(m, s) for m, s in cells if cell_key(m, s, args) not in done]
-    log(f"{len(cells) - len(todo)} of {len(cells)} runs already in {results_path}; {len(todo)} to train")
+    todo = [] if args.report else [(m, s) for m, s in cells if any(point_key(m, s, p, args) not in done for p in points)]
+    log(f"{len(cells) - len(todo)} of {len(cells)} runs complete in {results_path}; {len(todo)} to train")
     if todo:
-        corpora = [Path(c).resolve() for c in args.corpus.split(",") if c]
-        missing = [str(c) for c in corpora if not c.is_dir()]
-        if missing:
-            sys.exit(f"corpus folder not found: {', '.join(missing)}")
         with tempfile.TemporaryDirectory(prefix="quality-split-") as tmp:
-            train_dirs, held = split_corpus(corpora, args.heldout, Path(tmp))
-            tokenizer = shared_tokenizer(train_dirs, args.vocab, results_path.parent)
-            windows, n_bytes, n_docs = heldout_set(held, tokenizer, args)
-            log(f"held out {len(held)} whole files; evaluating {n_docs} of their documents: "
-                f"{sum(w[:, 1:].numel() for w in windows):,} tokens, {n_bytes:,} bytes; "
-                f"training on {', '.join(str(d) for d in train_dirs)}")
-            setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "windows": windows, "bytes": n_bytes}
+            train_dirs = split_corpus(corpora, [f for d in domains for f in d.files], Path(tmp))
+            tokenizer = shared_tokenizer(train_dirs, args.vocab, cache)
+            tok = build_tokenizer(TokenizerConfig(type="file", path=str(tokenizer)))
+            sets = [heldout_set(d, tok, min(args.batch, 8), args.seq, args.eval_tokens) for d in domains]
+            for d, held in zip(domains, sets):
+                log(f"held out {d.name} ({d.what}): {held.documents} documents, "
+                    f"{sum(w[:, 1:].numel() for w in held.windows):,} tokens, {held.bytes:,} bytes")
+            log(f"training on {', '.join(str(d) for d in train_dirs)}")
+            setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "sets": sets}
             for i, (model, seed) in enumerate(todo):
-                log(f"run {i + 1}/{len(todo)}: {model} seed {seed}, {args.budget:,} tokens, "
-                    f"{param_count(configs[model], args.vocab) / 1e6:.2f}M parameters")
-                row = run_cell(model, configs[model], seed, setup, args)
-                if row is None:
-                    log("stopped; the finished runs are kept, rerun to continue")
+                log(f"run {i + 1}/{len(todo)}: {model} seed {seed}, {args.budget:,} tokens (points "
+                    f"{', '.join(f'{p:,}' for p in points)}), {param_count(configs[model], args.vocab) / 1e6:.2f}M parameters")
+                if not run_cell(model, configs[model], seed, points, setup, done, args):
+                    log("stopped; the run is saved in the cache and a rerun continues it")
                     break
-                results_path.parent.mkdir(parents=True, exist_ok=True)
-                with results_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                done[row["key"]] = row
-                emit({k: v for k, v in row.items() if k not in ("key", "curve")})
-    rows = [done[cell_key(m, s, args)] for m, s in cells if cell_key(m, s, args) in done]
-    summary = summarise(rows)
+    rows = [done[point_key(m, s, p, args)] for m, s in cells for p in [*args.points, args.budget]
+            if point_key(m, s, p, args) in done]
+    summary = summarise(rows, args.domains)
     for s in summary:
         emit(s)
-    print_table(summary)
+    print_table(summary, args.domains)
+    if args.plot:
+        plot(summary, args.domains, Path(args.plot))
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ class Trainer:
     """One run: the constructor's checks, `setup()`, then `run()` (train() does all three)."""
 
     def __init__(self, preset: Optional[Preset], budget: int, out_dir: Path, resume: bool,
-                 reporter: Optional[Reporter], on_speed: Optional[Callable[[Preset, float], None]] = None):
+                 reporter: Optional[Reporter], on_speed: Optional[Callable[[Preset, float], None]] = None,
+                 stop_at: Optional[int] = None):
         self.out, self.budget, self.stored = Path(out_dir), budget, None
+        self.stop_at = stop_at
         self.speed = SpeedReport(on_speed)
         if preset is None and not resume:
             raise TrainError("no preset to train and no interrupted run to resume")
@@ -299,7 +301,7 @@ class Trainer:
                     if counters.tokens >= counters.next_save and counters.tokens < self.budget:
                         self.save_run_state()
                         counters.next_save += cfg.checkpoint_every_tokens
-                    if any_rank(stop.requested, self.ddp, self.device):
+                    if any_rank(stop.requested, self.ddp, self.device) or self._reached_stop_at():
                         stopped = True
                         break
         finally:
@@ -310,6 +312,9 @@ class Trainer:
         if stopped:
             return self._stop(last_eval, stop.signum)
         return self._finish(self.evaluation.run(self.model, counters, samples=True))
+
+    def _reached_stop_at(self) -> bool:
+        return self.stop_at is not None and self.stop_at <= self.counters.tokens < self.budget
 
     def _record_kernels(self) -> bool:
         """After the first step that ran the fast ops, what ran for each (model.ops.report():
@@ -388,12 +393,15 @@ class Trainer:
 
 
 def train(preset: Optional[Preset], budget: int = TOKEN_BUDGET, out_dir: str | Path = "checkpoints", resume: bool = False,
-          reporter: Optional[Reporter] = None, on_speed: Optional[Callable[[Preset, float], None]] = None) -> RunResult:
+          reporter: Optional[Reporter] = None, on_speed: Optional[Callable[[Preset, float], None]] = None,
+          stop_at: Optional[int] = None) -> RunResult:
     """Train `preset` for `budget` tokens (the product always uses TOKEN_BUDGET; tests pass
     less). With resume=True, continue the interrupted run saved in out_dir/run_state.pth
     (its stored preset is used). `on_speed(preset, tokens_per_s)` is called once, when the
     run has trained for a minute past its first progress update, with the tokens/s of one
-    process. Raises PresetError, AllSourcesFailed, TokenizerError, CheckpointError or
+    process. `stop_at` stops the run, saved as an interrupted one, at the first step that
+    reaches that many tokens (a bench evaluates points along one schedule this way, resuming
+    the run after each). Raises PresetError, AllSourcesFailed, TokenizerError, CheckpointError or
     TrainError for problems the user can fix (FolderError, a CheckpointError, when out_dir
     cannot take a run or another run trains there: train/run_lock.py)."""
     from .run_lock import claim_folder, release_folder
@@ -402,7 +410,7 @@ def train(preset: Optional[Preset], budget: int = TOKEN_BUDGET, out_dir: str | P
     if main:
         claim_folder(out_dir)
     try:
-        trainer = Trainer(preset, budget, Path(out_dir), resume, reporter, on_speed)
+        trainer = Trainer(preset, budget, Path(out_dir), resume, reporter, on_speed, stop_at)
         trainer.setup()
         return trainer.run()
     finally:

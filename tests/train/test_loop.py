@@ -82,6 +82,24 @@ def test_interrupted_run_resumes_exactly(tiny_preset, tmp_path, arch):
     assert all(la[s] == lb[s] for s in la)
 
 
+
+def test_stop_at_saves_points_along_one_schedule(tiny_preset, tmp_path):
+    """train(stop_at=N) stops at N tokens as an interrupted run; its save loads as a model,
+    and resuming to the budget gives the weights of the run that never stopped."""
+    preset, budget = tiny_preset(), 3_840  # 30 steps of 128 tokens
+    straight = train(preset, budget=budget, out_dir=tmp_path / "a")
+    first = train(preset, budget=budget, out_dir=tmp_path / "b", stop_at=1_280)
+    assert not first.finished and first.tokens == 1_280 and first.stop_signal is None
+    point = load_finished(tmp_path / "b" / RUN_STATE)  # a point of the curve is evaluated from the save
+    assert point.model is not None and load_checkpoint(tmp_path / "b" / RUN_STATE)["budget"] == budget
+    second = train(None, budget=budget, out_dir=tmp_path / "b", resume=True, stop_at=2_000)
+    assert not second.finished and second.tokens == 2_048  # the first step boundary at or past it
+    last = train(None, budget=budget, out_dir=tmp_path / "b", resume=True, stop_at=budget)
+    assert last.finished and last.steps == straight.steps
+    a = load_checkpoint(tmp_path / "a" / CURRENT)["model"]
+    b = load_checkpoint(tmp_path / "b" / CURRENT)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 def test_rotation_order_after_runs(tiny_preset, tmp_path):
     preset = tiny_preset()
     stamps = []
