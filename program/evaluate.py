@@ -1,7 +1,10 @@
 """Evaluate a finished model: held-out cross-entropy, perplexity and bits per byte on the
 preset's own held-out documents (the same documents and windows training evaluated on,
-through train/heldout.py), then the lm-eval tasks of the preset's `eval` section. The
-results go to `<checkpoint>.eval.json` beside the checkpoint and to a table on screen."""
+through train/heldout.py), the loss on re-mentions beyond the window (tokens continuing a
+piece of text their document showed only further back than the model's attention
+reaches: what carried state and the memories are for), then the lm-eval tasks of the
+preset's `eval` section. The results go to `<checkpoint>.eval.json` beside the checkpoint
+and to a table on screen."""
 from __future__ import annotations
 
 import json
@@ -15,10 +18,17 @@ from rich.console import Console
 from rich.table import Table
 
 
+def attention_reach(model_cfg, seq_length: int) -> int:
+    """How far back the model's attention sees: a transformer its sequence; a hatchling's
+    working-memory attention the current sequence plus its window of cached keys."""
+    return seq_length + (model_cfg.wm_window if model_cfg.arch == "hatchling" else 0)
+
+
 def heldout(fin, log=print) -> dict:
-    """eval_loss (nats/token), eval_ppl, eval_bpb (bits per UTF-8 byte), eval_tokens."""
+    """eval_loss (nats/token), eval_ppl, eval_bpb (bits per UTF-8 byte), eval_tokens;
+    beyond_window_loss / _tokens (train.heldout.beyond_window) and the reach they use."""
     from data import eval_documents, eval_windows, open_sources
-    from train.heldout import evaluate
+    from train.heldout import beyond_window, evaluate
 
     preset, tok, cfg = fin.preset, fin.tokenizer, fin.preset.train
     sources = open_sources(preset.data, log=log)
@@ -29,7 +39,10 @@ def heldout(fin, log=print) -> dict:
     if not windows:
         log("[eval] no held-out text (raise data.eval_fraction): held-out figures skipped")
         return {}
-    row = evaluate(fin.model, windows, tok.eot_id, fin.device)
+    reach = attention_reach(preset.model, cfg.seq_length)
+    row = evaluate(fin.model, windows, tok.eot_id, fin.device,
+                   masks={"beyond_window": beyond_window(windows, tok.eot_id, reach)})
+    row["beyond_window_reach"] = reach
     n_bytes = sum(len(tok.decode(w[b, 1:].tolist()).encode("utf-8")) for w in windows for b in range(w.shape[0]))
     row["eval_bpb"] = row["eval_loss"] * row["eval_tokens"] / (math.log(2) * max(1, n_bytes))
     row["eval_bytes"] = n_bytes
@@ -98,6 +111,11 @@ def results_table(results: dict) -> Table:
         for n, (key, label, fmt) in enumerate((("eval_loss", "cross-entropy (nats/token)", "{:.4f}"),
                                                ("eval_ppl", "perplexity", "{:.2f}"), ("eval_bpb", "bits per byte", "{:.4f}"))):
             table.add_row(f"held-out, {h['eval_tokens']:,} tokens" if n == 0 else "", label, fmt.format(h[key]), "")
+        if "beyond_window_tokens" in h:
+            loss = h["beyond_window_loss"]
+            table.add_row(f"re-mentions beyond {h['beyond_window_reach']:,} tokens, {h['beyond_window_tokens']:,} tokens",
+                          "cross-entropy (nats/token)",
+                          f"{loss:.4f}" if loss is not None else "none in the held-out text", "")
     for task, r in results.get("tasks", {}).items():
         if "error" in r:
             table.add_row(task, "[red]skipped[/]", "", r["error"][:60])

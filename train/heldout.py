@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,27 +14,77 @@ from model import detach_state, generate
 
 
 @torch.no_grad()
-def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=nullcontext) -> dict:
+def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=nullcontext,
+             masks: Optional[dict[str, list[torch.Tensor]]] = None) -> dict:
     """Mean next-token cross-entropy over the held-out windows (each [B, T+1]).
-    Consecutive windows continue the same streams, so recurrent state carries."""
+    Consecutive windows continue the same streams, so recurrent state carries.
+    masks: name -> one [B, T] bool per window (which predicted tokens count); each adds
+    `<name>_loss` (mean over those tokens, None when there are none) and `<name>_tokens`."""
     if not windows:
         return {}
+    masks = masks or {}
     was_training = model.training
     model.eval()
     total, count, state = 0.0, 0, None
+    part = {name: [0.0, 0] for name in masks}
     first = torch.ones(windows[0].shape[0], dtype=torch.bool)
-    for w in windows:
+    for i, w in enumerate(windows):
         w = w.to(device)
         x, y = w[:, :-1], w[:, 1:]
         with autocast():
             out = model(x, state=state if model.carries_state else None, reset_mask=reset_mask(x, eot_id, first.to(device)))
-        total += F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        losses = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        total += losses.sum().item()
         count += y.numel()
+        for name, mask in masks.items():
+            m = mask[i].to(device)
+            part[name][0] += losses[m].sum().item()
+            part[name][1] += int(m.sum())
         state = detach_state(out.state) if model.carries_state else None
         first = x[:, -1] == eot_id
     model.train(was_training)
     loss = total / count
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    row = {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    for name, (loss_sum, n) in part.items():
+        row[f"{name}_loss"] = loss_sum / n if n else None
+        row[f"{name}_tokens"] = n
+    return row
+
+
+def beyond_window(windows: list[torch.Tensor], eot_id: int, reach: int) -> list[torch.Tensor]:
+    """Which predicted tokens of the held-out windows are re-mentions beyond the window:
+    one [B, T] bool per window (window [B, T+1]; target t is w[:, t+1]). A target is one
+    when the pair (previous token, target), a piece of a word or of a phrase, occurred
+    earlier in the same document, and its latest earlier occurrence lies more than
+    `reach` tokens back: the model can predict it from having seen it, but no attention
+    window of `reach` tokens shows it (only carried state or a memory can).
+
+    A document ends at end-of-text; a stream's first window starts a document (the model
+    saw nothing before it either). Positions count every token of the stream."""
+    if not windows:
+        return []
+    B = windows[0].shape[0]
+    last: list[dict] = [{} for _ in range(B)]  # per stream: pair -> its latest position
+    pos = [0] * B
+    out = []
+    for w in windows:
+        rows = w.tolist()
+        mask = torch.zeros(B, w.shape[1] - 1, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            seen, p = last[b], pos[b]
+            for t in range(len(row) - 1):
+                prev, target = row[t], row[t + 1]
+                if prev == eot_id:  # target starts a new document
+                    seen.clear()
+                elif target != eot_id:
+                    pair = (prev, target)
+                    before = seen.get(pair)
+                    mask[b, t] = before is not None and p + 1 - before > reach
+                    seen[pair] = p + 1
+                p += 1
+            pos[b] = p
+        out.append(mask)
+    return out
 
 
 def generate_samples(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int = 0) -> list[tuple[str, str]]:

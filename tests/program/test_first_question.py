@@ -162,6 +162,11 @@ def test_evaluate_writes_results_and_skips_what_cannot_run(project):
     results = json.loads((project.root / "checkpoints" / "lm_prev.eval.json").read_text())
     held = results["heldout"]
     assert 0 < held["eval_loss"] < 2.0 and held["eval_ppl"] > 1 and 0 < held["eval_bpb"] < 2.0, held
+    # the long-range row: facts re-stated further back than the model's attention reaches
+    reach = 32 + (32 if project.arch == "hatchling" else 0)  # seq_length (+ wm_window)
+    assert held["beyond_window_reach"] == reach and held["beyond_window_tokens"] > 0, held
+    assert 0 < held["beyond_window_loss"] < 2.0, held
+    assert "re-mentions beyond" in out
     assert results["tasks"]["own_facts"]["metrics"]["acc"] >= 0.9, results["tasks"]  # chance: 0.5
     for task in ("unfetchable", "no_such_task"):
         assert "error" in results["tasks"][task]
