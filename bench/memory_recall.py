@@ -227,21 +227,6 @@ def model_config(args, memories: bool) -> ModelConfig:
                        em_slots=args.em_slots, em_writes_per_span=args.em_writes, pm_slots=args.pm_slots)
 
 
-@contextlib.contextmanager
-def memories_switched_off(model):
-    """Inference ablation: the same weights with PM/EM reads (and writes) removed."""
-    saved = [(b.pm, b.em) for b in model.blocks], model.memories
-    for b in model.blocks:
-        b.pm = b.em = None
-    model.memories = False
-    try:
-        yield model
-    finally:
-        for b, (pm, em) in zip(model.blocks, saved[0]):
-            b.pm, b.em = pm, em
-        model.memories = saved[1]
-
-
 def train(model, streams: FactStreams, steps: int, lr: float, label: str, warm: tuple = (0, None)) -> dict:
     """warm = (steps, gap range): the first steps probe at these gaps (a curriculum: copying
     is learnt where attention sees the fact, then the gaps widen to streams.gap)."""
@@ -469,7 +454,7 @@ def main() -> None:
 
     def variant(label):  # a fresh context each time: the switch-off is undone on exit
         model = variants[label]
-        return memories_switched_off(model) if label.endswith("switched_off") else contextlib.nullcontext(model)
+        return model.memories_switched_off() if label.endswith("switched_off") else contextlib.nullcontext(model)
 
     for label in variants:
         t0 = time.time()

@@ -99,7 +99,7 @@ from train.memory_check import param_count  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
-          "hatchling_betaonly", "hatchling_betaonly_floor50")
+          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem")
 CORPUS = ROOT.parent / "shared" / "corpus"
 DOMAINS = ("novels", "satire", "dialogue", "paper", "qa", "technical", "speeches")
 DEFAULT_BUDGET = 1_200_000  # ~11 minutes a run on a shared 2-core CPU (see Budget above)
@@ -135,7 +135,9 @@ def model_configs(args) -> dict[str, ModelConfig]:
             "hatchling_floor50": replace(hatch, beta_spike_floor=0.5),
             "hatchling_alphaonly": replace(hatch, beta_spike_floor=1.0),
             "hatchling_betaonly": replace(hatch, alpha_spike_floor=1.0),
-            "hatchling_betaonly_floor50": replace(hatch, alpha_spike_floor=1.0, beta_spike_floor=0.5)}
+            "hatchling_betaonly_floor50": replace(hatch, alpha_spike_floor=1.0, beta_spike_floor=0.5),
+            "hatchling_pm": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True),  # phase B
+            "hatchling_mem": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True)}  # phase C
 
 
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
@@ -217,14 +219,23 @@ def curve(metrics: Path) -> dict[str, list]:
 
 
 def score(checkpoint: Path, sets: list[HeldOut]) -> dict:
-    """Held-out loss (nats/token) and bits per byte of a saved model, domain by domain."""
+    """Held-out loss (nats/token) and bits per byte of a saved model, domain by domain, and
+    the loss on the domain's re-mentions beyond the window (`beyond_loss`, over
+    `beyond_tokens`). A model with memories is also scored with them switched off
+    (`off_loss`, `off_beyond_loss`)."""
     fin = load_finished(checkpoint, warn=log)
     out = {}
     for held in sets:
-        r = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device)
+        r = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device, masks={"beyond": held.beyond})
         out[held.name] = {"loss": round(r["eval_loss"], 4),
                           "bpb": round(r["eval_loss"] * r["eval_tokens"] / held.bytes / math.log(2), 4),
-                          "tokens": r["eval_tokens"], "bytes": held.bytes}
+                          "tokens": r["eval_tokens"], "bytes": held.bytes,
+                          "beyond_loss": r["beyond_loss"] and round(r["beyond_loss"], 4), "beyond_tokens": r["beyond_tokens"]}
+        if getattr(fin.model, "memories", False):
+            with fin.model.memories_switched_off():
+                off = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device, masks={"beyond": held.beyond})
+            out[held.name].update({"off_loss": round(off["eval_loss"], 4),
+                                   "off_beyond_loss": off["beyond_loss"] and round(off["beyond_loss"], 4)})
     return out
 
 
@@ -266,6 +277,8 @@ def run_cell(model: str, cfg: ModelConfig, seed: int, points: list[int], setup: 
                "vocab": args.vocab, "lr": args.lr, "domains": domains,
                "mean_loss": round(statistics.mean(d["loss"] for d in domains.values()), 4),
                "mean_bpb": round(statistics.mean(d["bpb"] for d in domains.values()), 4),
+               **{f"mean_{m}": round(statistics.mean(d[m] for d in domains.values()), 4) for m in METRICS[2:]
+                  if all(d.get(m) is not None for d in domains.values())},
                "tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
                "segment_s": round(seconds, 1), "finished_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         if final:
@@ -289,6 +302,9 @@ def load_results(path: Path) -> dict[str, dict]:
     return {r["key"]: r for r in rows if r.get("kind") == "point"}
 
 
+METRICS = ("loss", "bpb", "beyond_loss", "off_loss", "off_beyond_loss")  # per domain; see score()
+
+
 def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
     """One row per (model, tokens): per domain and for the mean of the domains, the mean
     over seeds with its min and max; and the percent against the transformer at the same
@@ -302,9 +318,10 @@ def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
                "seeds": sorted(r["seed"] for r in mine), "params": mine[0]["params"],
                "tokens_per_s": round(statistics.mean(r["tokens_per_s"] or 0 for r in mine), 1)}
         for name in [*domains, "mean"]:
-            for metric in ("loss", "bpb"):
-                values = [r["mean_" + metric] if name == "mean" else r["domains"][name][metric] for r in mine
-                          if name == "mean" or name in r["domains"]]
+            for metric in METRICS:
+                values = [r["mean_" + metric] if name == "mean" else r["domains"][name].get(metric) for r in mine
+                          if (name == "mean" and "mean_" + metric in r) or name in r["domains"]]
+                values = [v for v in values if v is not None]
                 if values:
                     row[f"{name}_{metric}"] = [round(statistics.mean(values), 4), min(values), max(values)]
         out.append(row)
@@ -312,22 +329,26 @@ def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
     for s in out:
         ref = base.get((s["tokens"], s["budget"]))
         if ref is not None and s["model"] != "transformer":
-            s["vs_transformer_pct"] = {name: round(100 * (s[f"{name}_loss"][0] / ref[f"{name}_loss"][0] - 1), 2)
-                                       for name in [*domains, "mean"] if f"{name}_loss" in s and f"{name}_loss" in ref}
+            for metric in ("loss", "beyond_loss"):
+                s[f"vs_transformer_pct_{metric}"] = {
+                    name: round(100 * (s[f"{name}_{metric}"][0] / ref[f"{name}_{metric}"][0] - 1), 2)
+                    for name in [*domains, "mean"] if f"{name}_{metric}" in s and f"{name}_{metric}" in ref}
     return out
 
 
-def print_table(summary: list[dict], domains: list[str]) -> None:
-    """Held-out loss per domain (mean over seeds), one line per (model, tokens); the
-    hatchling lines are followed by their percent against the transformer."""
+def print_table(summary: list[dict], domains: list[str], metric: str = "loss") -> None:
+    """One held-out metric per domain (mean over seeds), one line per (model, tokens); each
+    line against the transformer at the same point follows it."""
     cols = [*domains, "mean"]
-    head = f"{'model':<26} {'tokens':>9} {'seeds':>5} " + " ".join(f"{c:>9}" for c in cols) + f" {'tok/s':>6}"
+    head = f"{metric:<26} {'tokens':>9} {'seeds':>5} " + " ".join(f"{c:>9}" for c in cols) + f" {'tok/s':>6}"
     lines = [head, "-" * len(head)]
     for s in summary:
-        cells = " ".join(f"{s[c + '_loss'][0]:>9.4f}" if c + "_loss" in s else f"{'-':>9}" for c in cols)
+        if not any(f"{c}_{metric}" in s for c in cols):
+            continue
+        cells = " ".join(f"{s[f'{c}_{metric}'][0]:>9.4f}" if f"{c}_{metric}" in s else f"{'-':>9}" for c in cols)
         lines.append(f"{s['model']:<26} {s['tokens']:>9,} {len(s['seeds']):>5} {cells} {s['tokens_per_s']:>6.0f}")
-        if "vs_transformer_pct" in s:
-            pct = s["vs_transformer_pct"]
+        pct = s.get(f"vs_transformer_pct_{metric}")
+        if pct:
             lines.append(f"{'  vs transformer':<26} {'':>9} {'':>5} "
                          + " ".join(f"{pct[c]:>+8.2f}%" if c in pct else f"{'':>9}" for c in cols))
     print("\n".join(lines), file=sys.stderr, flush=True)
@@ -433,10 +454,12 @@ def main() -> None:
             train_dirs = split_corpus(corpora, [f for d in domains for f in d.files], Path(tmp))
             tokenizer = shared_tokenizer(train_dirs, args.vocab, cache)
             tok = build_tokenizer(TokenizerConfig(type="file", path=str(tokenizer)))
-            sets = [heldout_set(d, tok, min(args.batch, 8), args.seq, args.eval_tokens) for d in domains]
+            reach = 3 * args.seq  # the hatchling's attention reach: the call plus its window of 2 x seq
+            sets = [heldout_set(d, tok, min(args.batch, 8), args.seq, args.eval_tokens, reach) for d in domains]
             for d, held in zip(domains, sets):
                 log(f"held out {d.name} ({d.what}): {held.documents} documents, "
-                    f"{sum(w[:, 1:].numel() for w in held.windows):,} tokens, {held.bytes:,} bytes")
+                    f"{sum(w[:, 1:].numel() for w in held.windows):,} tokens ({sum(int(m.sum()) for m in held.beyond):,} "
+                    f"re-mentions beyond {reach}), {held.bytes:,} bytes")
             log(f"training on {', '.join(str(d) for d in train_dirs)}")
             setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "sets": sets}
             for i, (model, seed) in enumerate(todo):
@@ -450,7 +473,9 @@ def main() -> None:
     summary = summarise(rows, args.domains)
     for s in summary:
         emit(s)
-    print_table(summary, args.domains)
+    for metric in METRICS:
+        if metric != "bpb":
+            print_table(summary, args.domains, metric)
     if args.plot:
         plot(summary, args.domains, Path(args.plot))
 

@@ -27,6 +27,7 @@ from then on extends the window in the key space the attention already learnt.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -210,6 +211,22 @@ class HatchlingLM(nn.Module):
                     idx = torch.arange(batch_size) % value.shape[0]
                     layer[name][key] = value[idx].to(device=device, dtype=layer[name][key].dtype).clone()
         return state
+
+    @contextlib.contextmanager
+    def memories_switched_off(self):
+        """Within the block, the same weights with the memories' reads and writes removed
+        (the inference ablation that shows what the memories contribute). A state made
+        inside has no memory entries: do not carry it out."""
+        saved, memories = [(b.pm, b.em) for b in self.blocks], self.memories
+        for b in self.blocks:
+            b.pm = b.em = None
+        self.memories = False
+        try:
+            yield self
+        finally:
+            for b, (pm, em) in zip(self.blocks, saved):
+                b.pm, b.em = pm, em
+            self.memories = memories
 
     def _has(self, name: str) -> bool:
         """Whether some block has the memory `name` ("pm" or "em")."""

@@ -57,7 +57,7 @@ def test_each_domains_bytes_are_counted_exactly(domains):
         for doc, doc_ids in zip(docs[:20], ids):  # every token's bytes add up to the document's UTF-8 size
             assert int(table[doc_ids].sum()) == len(doc.encode("utf-8")), domain.name
         streams, seq, max_tokens = 4, 64, 6_000
-        held = heldout_set(domain, tok, streams, seq, max_tokens)
+        held = heldout_set(domain, tok, streams, seq, max_tokens, reach=3 * seq)
         # recount from the documents taken: the windows predict flat[1 : streams x per-stream + 1]
         taken = ids[::max(1, -(-sum(len(x) + 1 for x in ids) // max_tokens))]
         flat = [t for x in taken for t in [*x, tok.eot_id]]

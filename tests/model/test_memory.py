@@ -108,6 +108,20 @@ def test_disabled_memories_are_exactly_the_phase_a_model():
     assert_same(out.logits, plain(tokens(2, 20)).logits)
 
 
+
+def test_memories_switched_off_is_the_backbone_and_is_undone_on_exit():
+    on = mem_model()
+    plain = mem_model(pm_enabled=False, em_enabled=False)
+    plain.load_state_dict({k: v for k, v in on.state_dict().items() if ".pm." not in k and ".em." not in k})
+    x = tokens(2, 40)
+    with_memories = on(x).logits
+    with on.memories_switched_off() as off:
+        out = off(x)
+        assert_same(out.logits, plain(x).logits)
+        assert not any("pm_" in k or "em_" in k for k in out.aux)
+    assert_same(on(x).logits, with_memories)  # the memories are back
+    assert not torch.allclose(with_memories, plain(x).logits, atol=1e-4)  # and they mattered
+
 def test_fresh_memories_change_nothing_before_a_token_leaves_the_window():
     """Same seed, memories on or off: the same backbone weights. A fresh PM reads through a
     zero projection and EM reads only tokens that have left the WM window, so with a

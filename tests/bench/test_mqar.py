@@ -1,0 +1,51 @@
+"""The MQAR streams of bench/mqar.py place pairs and queries where they say."""
+from __future__ import annotations
+
+import torch
+
+from bench.mqar import PairStreams
+
+
+def whole_stream(streams: PairStreams, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [B, L], gaps [B, L]) of consecutive batches: gap[b, i] belongs to token i."""
+    xs, ys, gs = zip(*(streams.next_batch() for _ in range(batches)))
+    x, y, g = torch.cat(xs, 1), torch.cat(ys, 1), torch.cat(gs, 1)
+    tokens = torch.cat([x[:, :1], y], 1)
+    gaps = torch.cat([torch.full_like(g[:, :1], -1), g], 1)
+    return tokens, gaps
+
+
+def check(streams: PairStreams, batches: int, lo: int, hi: int) -> int:
+    tokens, gaps = whole_stream(streams, batches)
+    n_f, n_k = streams.n_filler, streams.n_keys
+    answers = 0
+    for b in range(tokens.shape[0]):
+        row, gap = tokens[b].tolist(), gaps[b].tolist()
+        for i, g in enumerate(gap):
+            if g < 0:
+                continue
+            answers += 1
+            key, value = row[i - 1], row[i]
+            assert n_f <= key < n_f + n_k and value >= n_f + n_k  # a key, then its value
+            assert row[i - g] == value and row[i - g - 1] == key  # the pair lies exactly g back
+            assert lo <= g <= hi + 2, g  # as drawn (a query waits at most for one before it)
+            between = row[i - g: i - 1]
+            assert key not in between  # one right answer: the key is nowhere in between
+    return answers
+
+
+def test_pairs_and_queries_lie_where_their_gaps_say():
+    streams = PairStreams(B=4, T=64, n_filler=32, n_keys=128, n_values=16, gap=(2, 32), pair_every=12, seed=0,
+                          uniform=True)
+    assert check(streams, 40, 2, 32) > 300
+
+
+def test_long_fixed_gaps_and_text_filler():
+    text = list(b"It was the best of times, it was the worst of times. " * 40)
+    streams = PairStreams(B=2, T=64, n_filler=256, n_keys=256, n_values=16, gap=(500, 500), pair_every=40, seed=1,
+                          text=text)
+    assert check(streams, 100, 500, 500) > 100
+    tokens, gaps = whole_stream(PairStreams(B=1, T=64, n_filler=256, n_keys=256, n_values=16, gap=(500, 500),
+                                            pair_every=40, seed=1, text=text), 10)
+    filler = [t for t in tokens[0].tolist() if t < 256]
+    assert bytes(filler[:20]).decode() in bytes(text).decode() * 2  # the filler is the text, in order
