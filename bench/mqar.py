@@ -30,6 +30,7 @@ Chance is 1 / --values.
 
     python bench/mqar.py                    # random filler, ~15 min on one core
     python bench/mqar.py --filler text      # book text between the pairs
+    python bench/mqar.py --backbone bench/results/mqar_backbone.pth   # train the backbone once, reuse it
 
 Output: JSON lines {"bench": "mqar", "kind": "config" | "train" | "recall", ...}; progress on stderr.
 """
@@ -176,6 +177,7 @@ def train(model, streams: PairStreams, steps: int, args, label: str, until=None)
         x, y, gap = streams.next_batch()
         out = model(x, state=state)
         loss = loss_of(out.logits, y, gap, args.text_weight)
+        loss = loss + sum(v for k, v in out.aux.items() if k.startswith("loss/"))  # the memories' own terms
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -245,6 +247,9 @@ def main() -> None:
     ap.add_argument("--text-weight", type=float, default=None, help="weight of the filler's LM loss (text: 1, random: 0)")
     ap.add_argument("--probes", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backbone", default=None,
+                    help="a .pth file: the phase-A backbone is loaded from it if it exists, else trained and saved there "
+                         "(it must come from the same model and stream flags)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -268,10 +273,18 @@ def main() -> None:
 
     vocab = args.filler_vocab + args.keys + args.values
     backbone = build_model(model_config(args, False), vocab)
-    inside = lambda m: recall(m, W // 2, args, 99, eval_text if text else None)["recall_acc"] >= args.target  # noqa: E731
-    row = train(backbone, streams((1, W // 2), args.seed, uniform=True), args.steps, args, "backbone",
-                until=lambda: inside(backbone))
-    emit({"kind": "train", "model": "backbone", "phase": "A", **row})
+    saved = Path(args.backbone) if args.backbone else None
+    if saved is not None and saved.exists():
+        backbone.load_state_dict(torch.load(saved, weights_only=True))
+        emit({"kind": "train", "model": "backbone", "phase": "A", "loaded": str(saved)})
+    else:
+        inside = lambda m: recall(m, W // 2, args, 99, eval_text if text else None)["recall_acc"] >= args.target  # noqa: E731
+        row = train(backbone, streams((1, W // 2), args.seed, uniform=True), args.steps, args, "backbone",
+                    until=lambda: inside(backbone))
+        emit({"kind": "train", "model": "backbone", "phase": "A", **row})
+        if saved is not None:
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(backbone.state_dict(), saved)
     emit({"kind": "recall", "model": "backbone", **recall(backbone, W // 2, args, 7, eval_text if text else None)})
 
     models = {}

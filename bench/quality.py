@@ -311,8 +311,8 @@ def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
     point (negative: lower loss than the transformer)."""
     out = []
     groups: dict[tuple, list] = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["tokens"]), []).append(r)
+    for r in rows:  # by the point asked for (a run reaches it at its first step boundary past it)
+        groups.setdefault((r["model"], json.loads(r["key"])["tokens"]), []).append(r)
     for (model, tokens), mine in sorted(groups.items(), key=lambda kv: (kv[0][1], MODELS.index(kv[0][0]))):
         row = {"kind": "summary", "model": model, "tokens": tokens, "budget": mine[0]["budget"],
                "seeds": sorted(r["seed"] for r in mine), "params": mine[0]["params"],
@@ -351,7 +351,8 @@ def print_table(summary: list[dict], domains: list[str], metric: str = "loss") -
         if pct:
             lines.append(f"{'  vs transformer':<26} {'':>9} {'':>5} "
                          + " ".join(f"{pct[c]:>+8.2f}%" if c in pct else f"{'':>9}" for c in cols))
-    print("\n".join(lines), file=sys.stderr, flush=True)
+    if len(lines) > 2:
+        print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def plot(summary: list[dict], domains: list[str], path: Path) -> None:
@@ -448,7 +449,8 @@ def main() -> None:
     points = [p for p in [*args.points, args.budget] if args.stop_after is None or p <= args.stop_after]
     cells = [(m, s) for s in args.seeds for m in args.models]
     todo = [] if args.report else [(m, s) for m, s in cells if any(point_key(m, s, p, args) not in done for p in points)]
-    log(f"{len(cells) - len(todo)} of {len(cells)} runs complete in {results_path}; {len(todo)} to train")
+    if not args.report:
+        log(f"{len(cells) - len(todo)} of {len(cells)} runs complete in {results_path}; {len(todo)} to train")
     if todo:
         with tempfile.TemporaryDirectory(prefix="quality-split-") as tmp:
             train_dirs = split_corpus(corpora, [f for d in domains for f in d.files], Path(tmp))

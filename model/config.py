@@ -74,6 +74,9 @@ class ModelConfig:
     em_novelty_threshold: float = ranged(0.02, "[-2, 2]")
     em_decay: float = ranged(0.999, "(0, 1]")  # strengths decay by this every span
     em_strength_max: float = ranged(1.0, "(0, 1000]")
+    # weight of the salience head's own loss: predict the attention a token receives from later
+    # queries of its window (what is looked up is worth remembering); 0: trained by reads alone
+    em_salience_weight: float = ranged(1.0, "[0, 1000]")
 
     @property
     def kv_heads(self) -> int:

@@ -27,9 +27,19 @@ state. For each candidate, in order:
   write    = novelty + delta > threshold                 (hard gate: a near-copy of a
                                                           stored key is not stored again)
   the weakest slot j* = argmin S takes (k, v) with S_j* = s_max * strength * sigmoid(z).
+A candidate replaces the weakest slot only when it is stronger than what that slot holds,
+so a full memory of salient tokens is not worn away by the ordinary tokens of every span.
 Unlike the strength, the salience factor is not floored: the LM loss may silence a
 memory whose remembered tokens distract, and forced reads of such a memory would cost the
 backbone its in-window copying.
+
+Salience is retrieval-aware: besides the gradient of reads (which reaches only the tokens
+that were written), in training the salience head predicts, for every token of the call,
+the attention it receives from later queries of its window at least `MIN_LOOKUP` tokens on
+(`salience_loss`, binary cross-entropy against the largest such attention weight over the
+block's heads; a detached target). A token that the block looks up from further on (a
+value after its key, a name) is the kind worth keeping once it scrolls out; a token that
+only its neighbours read is not.
 The written key/value keep their graph inside the call, so reads later in the same call
 train the WM projections, the salience and the neuromodulator's strength; delta only
 enters the hard gate (it is left for phase D's reinforcement training, like PM's gate).
@@ -73,6 +83,7 @@ from .memory import SpanGrid, keep_streams
 COMMITTED = ("keys", "values", "strength", "age")
 OPEN = ("cand_keys", "cand_values", "cand_salience", "cand_score", "cand_age", "cand_live")  # the open span
 MASKED = -1e9  # a finite "minus infinity": an all-masked row stays NaN-free, forward and backward
+MIN_LOOKUP = 4  # the salience target counts attention from queries at least this many tokens on
 
 
 class EMNeuromodulator(nn.Module):
@@ -107,6 +118,7 @@ class EpisodicMemory(nn.Module):
         self.window = cfg.wm_window
         self.slots, self.topk, self.per_span = cfg.em_slots, cfg.em_topk, cfg.em_writes_per_span
         self.threshold, self.decay, self.s_max = cfg.em_novelty_threshold, cfg.em_decay, cfg.em_strength_max
+        self.salience_weight = cfg.em_salience_weight
         self.salience = nn.Linear(cfg.d_model, 1)  # which tokens of a span are worth remembering
         self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads))  # per head: how much remembered keys count
         self.neuromod = EMNeuromodulator()
@@ -251,15 +263,43 @@ class EpisodicMemory(nn.Module):
         salience = torch.where(ok, torch.sigmoid(z), 0.0)
         feats = torch.stack([novelty, surprise, S.mean(-1) / self.s_max, salience.detach()], -1).detach()
         delta, strength = self.neuromod(feats)
-        write = ((novelty + delta.detach() > self.threshold) & ok).float()
-        slot = F.one_hot(S.argmin(-1), self.slots).float() * write[:, None]  # the weakest slot, where writing
-        strength = self.s_max * strength * salience * write
+        strength = self.s_max * strength * salience
+        weakest = S.min(-1)
+        # written: novel enough, and stronger than the entry it replaces (an empty slot is 0)
+        write = ((novelty + delta.detach() > self.threshold) & ok & (strength.detach() > weakest.values)).float()
+        slot = F.one_hot(weakest.indices, self.slots).float() * write[:, None]  # the weakest slot, where writing
+        strength = strength * write
         K = K * (1.0 - slot[..., None]) + slot[..., None] * key[:, None]
         V = V * (1.0 - slot[..., None]) + slot[..., None] * value[:, None]
         S = S * (1.0 - slot) + slot * strength[:, None]
         at = at * (1.0 - slot) + slot * pos[:, None]
         ids = torch.where(slot > 0, entry, ids)
         return K, V, S, at, ids, strength, {"write": write, "novelty": novelty, "ok": ok.float()}
+
+    def salience_loss(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, reset: Optional[torch.Tensor]):
+        """h [B, T, d] (the block's normalised input), q [B, H, T, D], k [B, G, T, D] (the
+        WM layer's queries and keys of this call), reset [B, T] bool or None -> 0-dim loss:
+        binary cross-entropy of sigmoid(salience(h_j)) against a_j, the largest attention
+        weight any head's query i gives token j, over the queries of the call with
+        MIN_LOOKUP <= i - j <= W in j's document (softmax over the call's keys in the
+        window: an estimate, the cached keys of earlier calls left out). Detached target."""
+        B, H, T, D = q.shape
+        with torch.no_grad():
+            keys = k.float().repeat_interleave(H // k.shape[1], 1)  # [B, H, T, D]
+            scores = q.float() @ keys.transpose(-1, -2) / math.sqrt(D)  # [B, H, T(query), T(key)]
+            t = torch.arange(T, device=q.device)
+            delta = t[:, None] - t[None, :]
+            seen = (delta >= 0) & (delta <= self.window)
+            if reset is not None:
+                seg = reset.long().cumsum(1)
+                seen = seen & (seg[:, :, None] == seg[:, None, :])
+            else:
+                seen = seen[None]
+            probs = scores.masked_fill(~seen[:, None], -math.inf).softmax(-1)
+            far = (delta >= MIN_LOOKUP)[None, None]
+            target = torch.where(far, probs, 0.0).amax(dim=(1, 2))  # [B, T(key)]
+        z = self.salience(h.float()).squeeze(-1)
+        return F.binary_cross_entropy_with_logits(z, target)
 
     # ------------------------------------------------------------------ read
     def read_mask(self, q: torch.Tensor, entries: dict, grid: SpanGrid, soft: bool = False) -> torch.Tensor:

@@ -104,6 +104,10 @@ class HatchlingBlock(nn.Module):
             y, new_state, share = self.mixer.attend(q, k, v, state, reset, remembered)
             new_state["em"] = em_state
             stats.update(em_stats, em_read_share=share.detach().float().mean())
+            if self.training and self.em.salience_weight > 0:
+                salience = self.em.salience_loss(h, q, k, reset)
+                stats["em_salience"] = salience.detach()
+                stats["loss/em_salience"] = self.em.salience_weight * salience
         if self.pm is not None:
             y = y + pm_read.to(y.dtype)
             new_state["pm"] = pm_state
@@ -120,8 +124,9 @@ class HatchlingLM(nn.Module):
     aux: "metric/spike_rate/layer{i}" (0-dim, detached) for every Spike-KDA layer i, and
     with memories on, for every layer i: "metric/pm_{commit_rate, strength, evidence,
     surprise, gate_prob, read_norm}/layer{i}" and "metric/em_{write_rate, strength,
-    novelty, read_norm}/layer{i}" (commit/write statistics are over the spans that ended
-    in the call, 0 when none did).
+    novelty, read_norm, salience}/layer{i}" (commit/write statistics are over the spans that
+    ended in the call, 0 when none did); in training, with episodic memory, the salience
+    head's loss "loss/em_salience/layer{i}" (added to the training loss).
     """
 
     carries_state = True
@@ -256,8 +261,8 @@ class HatchlingLM(nn.Module):
             new_states.append(layer_state)
             if spikes is not None:
                 aux[f"metric/spike_rate/layer{i}"] = spikes.detach().mean()
-            for key, value in (metrics or {}).items():
-                aux[f"metric/{key}/layer{i}"] = value
+            for key, value in (metrics or {}).items():  # a block's "loss/..." terms join the training loss
+                aux[f"{key}/layer{i}" if key.startswith("loss/") else f"metric/{key}/layer{i}"] = value
         new_state = {"layers": new_states}
         if self.memories:
             new_state["clock"] = clock + tokens.shape[1]

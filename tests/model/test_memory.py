@@ -295,6 +295,53 @@ def test_episodic_writes_keep_the_most_salient_tokens_own_keys_and_values():
             torch.testing.assert_close(st[key][b], state[key][b])
 
 
+
+def test_a_full_memory_keeps_its_strong_entries_against_weaker_tokens():
+    """Once every slot is filled, a candidate replaces the weakest slot only when it is
+    stronger: a stream of ordinary tokens does not wear away what was salient."""
+    torch.manual_seed(0)
+    em = EpisodicMemory(mem_cfg(em_slots=4, em_writes_per_span=1, em_novelty_threshold=-1.0))
+    with torch.no_grad():
+        em.salience.weight.zero_()
+        em.salience.weight[0, 0] = 1.0  # salience = sigmoid(h[..., 0])
+    B, n, D = 1, 12, 16
+    T = n * P
+    h, k = torch.randn(B, T, 32), torch.randn(B, 1, T, D)
+    h[..., 0] = -2.0  # ordinary tokens
+    strong = [s * P + 3 for s in range(4)]  # one salient token in each of the first four spans
+    h[0, strong, 0] = 6.0
+    _, state, stats = em.write(h, k, k.clone(), None, SpanGrid(T, P, 0, None, "cpu"))
+    kept = sorted((T - state["age"][0]).round().long().tolist())
+    assert kept == strong  # the eight later spans' best tokens were weaker: nothing replaced
+    assert stats["em_write_rate"] == 4 / n
+
+
+def test_salience_learns_what_later_queries_look_up():
+    """The salience loss's target is the attention a token gets from queries at least
+    MIN_LOOKUP tokens on: a token looked up from afar is salient, and the loss trains the
+    salience head towards it."""
+    from model.episodic import MIN_LOOKUP
+
+    torch.manual_seed(0)
+    em = EpisodicMemory(mem_cfg(em_slots=8))
+    B, H, T, D = 1, 2, 24, 16
+    q, k = torch.zeros(B, H, T, D), torch.zeros(B, 1, T, D)
+    k[0, 0, 5, 0] = 30.0  # token 5's key ...
+    q[0, 0, 15, 0] = 1.0  # ... is what query 15 looks up (10 tokens on)
+    k[0, 0, 8, 1] = 30.0
+    q[0, 1, 8 + MIN_LOOKUP - 1, 1] = 1.0  # token 8 is read only from nearby
+    h = torch.randn(B, T, 32, requires_grad=True)
+    opt = torch.optim.SGD(em.salience.parameters(), lr=0.5)
+    first = em.salience_loss(h, q, k, None)
+    for _ in range(200):
+        opt.zero_grad()
+        em.salience_loss(h.detach(), q, k, None).backward()
+        opt.step()
+    assert em.salience_loss(h, q, k, None) < first
+    z = em.salience(h.detach()).squeeze(-1)[0]
+    assert z[5] > 2.0 and z[5] == z.max()  # the looked-up token stands out
+    assert torch.sigmoid(z[8]) < 0.5  # nearby reads do not count
+
 def test_episodic_novelty_sees_past_the_component_all_keys_share():
     """A trained attention's keys share a large component (it shifts all of a query's
     scores alike, so nothing trains it away): raw cosines are all ~1. Novelty is measured
