@@ -151,3 +151,22 @@ def heldout_set(domain: Domain, tok: TextTokenizer, streams: int, seq: int, max_
     table = token_bytes(tok)
     return HeldOut(domain.name, windows, sum(int(table[w[:, 1:]].sum()) for w in windows), len(ids),
                    beyond_window(windows, tok.eot_id, reach))
+
+
+POSITION_BUCKETS = ((0, 1_000), (1_000, 4_000), (4_000, 10_000), (10_000, 10**9))
+
+
+def position_set(files: tuple[Path, ...], tok: TextTokenizer, seq: int, length: int) -> tuple[list, dict]:
+    """Whole books as long documents, one stream each: each file's first `length` tokens
+    (a file shorter than that shortens every stream to its length), cut into seq-token
+    windows [n_files, seq + 1]; and per bucket of POSITION_BUCKETS ("pos_<lo>_<hi>") one
+    [n_files, seq] mask per window of the targets whose position in the book falls in it.
+    What a memory that adapts to its document should make cheaper: the late tokens."""
+    ids = [tok.encode(Path(f).read_text(encoding="utf-8", errors="replace")) for f in files]
+    n = min(length, *(len(x) - 1 for x in ids)) // seq * seq
+    rows = torch.tensor([x[:n + 1] for x in ids])
+    windows = [rows[:, i:i + seq + 1] for i in range(0, n, seq)]
+    position = torch.arange(1, n + 1).view(-1, seq)  # target t of window i sits at i * seq + t + 1
+    masks = {f"pos_{lo}_{min(hi, 99_999)}": [((position[i] >= lo) & (position[i] < hi)).expand(len(files), -1)
+                                              for i in range(len(windows))] for lo, hi in POSITION_BUCKETS if lo < n}
+    return windows, masks

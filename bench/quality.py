@@ -89,7 +89,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.domains import HeldOut, all_domains, heldout_set  # noqa: E402
+from bench.domains import HeldOut, all_domains, heldout_set, position_set  # noqa: E402
 from data import DataConfig, TextSourceSpec, TokenizerConfig, build_tokenizer, open_sources, sample_texts  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from program.first_question import load_finished  # noqa: E402
@@ -218,13 +218,23 @@ def curve(metrics: Path) -> dict[str, list]:
             "eval": [[r["tokens"], round(r["eval_loss"], 4)] for r in rows if r.get("kind") == "eval"]}
 
 
-def score(checkpoint: Path, sets: list[HeldOut]) -> dict:
+def score(checkpoint: Path, sets: list[HeldOut], positions=None) -> dict:
     """Held-out loss (nats/token) and bits per byte of a saved model, domain by domain, and
     the loss on the domain's re-mentions beyond the window (`beyond_loss`, over
     `beyond_tokens`). A model with memories is also scored with them switched off
-    (`off_loss`, `off_beyond_loss`)."""
+    (`off_loss`, `off_beyond_loss`). `positions` (domains.position_set): also the loss by
+    position in whole books, under "positions"."""
     fin = load_finished(checkpoint, warn=log)
     out = {}
+    if positions is not None:  # loss by position in whole books: "positions" -> bucket -> loss (and off_)
+        windows, masks = positions
+        r = evaluate(fin.model, windows, fin.tokenizer.eot_id, fin.device, masks=masks)
+        row = {name: r[f"{name}_loss"] and round(r[f"{name}_loss"], 4) for name in masks}
+        if getattr(fin.model, "memories", False):
+            with fin.model.memories_switched_off():
+                off = evaluate(fin.model, windows, fin.tokenizer.eot_id, fin.device, masks=masks)
+            row.update({f"off_{name}": off[f"{name}_loss"] and round(off[f"{name}_loss"], 4) for name in masks})
+        out["positions"] = row
     for held in sets:
         r = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device, masks={"beyond": held.beyond})
         out[held.name] = {"loss": round(r["eval_loss"], 4),
@@ -268,13 +278,14 @@ def run_cell(model: str, cfg: ModelConfig, seed: int, points: list[int], setup: 
         else:
             trained = args.budget
         seconds = time.perf_counter() - t0
-        domains = score(run_dir / ("lm_current.pth" if final else "run_state.pth"), setup["sets"])
+        domains = score(run_dir / ("lm_current.pth" if final else "run_state.pth"), setup["sets"], setup["positions"])
+        positions = domains.pop("positions", None)
         curves = curve(run_dir / "metrics.jsonl")
         speeds = [p[2] for p in curves["train"][1:]] or [p[2] for p in curves["train"]]  # the first includes warm-up
         row = {"kind": "point", "key": key, "model": model, "seed": seed, "budget": args.budget, "tokens": trained,
                "params": param_count(cfg, args.vocab), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                "n_heads": cfg.n_heads, "mlp_mult": round(cfg.mlp_mult, 3), "seq": args.seq, "batch": args.batch,
-               "vocab": args.vocab, "lr": args.lr, "domains": domains,
+               "vocab": args.vocab, "lr": args.lr, "domains": domains, **({"positions": positions} if positions else {}),
                "mean_loss": round(statistics.mean(d["loss"] for d in domains.values()), 4),
                "mean_bpb": round(statistics.mean(d["bpb"] for d in domains.values()), 4),
                **{f"mean_{m}": round(statistics.mean(d[m] for d in domains.values()), 4) for m in METRICS[2:]
@@ -355,6 +366,24 @@ def print_table(summary: list[dict], domains: list[str], metric: str = "loss") -
         print("\n".join(lines), file=sys.stderr, flush=True)
 
 
+def print_positions(rows: list[dict]) -> None:
+    """Loss by position in the whole held-out novels (--positions), per (model, seed,
+    point); memory models also with their memories switched off."""
+    rows = [r for r in rows if r.get("positions")]
+    if not rows:
+        return
+    buckets = [k for k in rows[0]["positions"] if not k.startswith("off_")]
+    head = f"{'loss by position':<26} {'tokens':>9} {'seed':>4} " + " ".join(f"{b[4:]:>13}" for b in buckets)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for prefix, label in (("", r["model"]), ("off_", "  memories switched off")):
+            if prefix and f"off_{buckets[0]}" not in r["positions"]:
+                continue
+            cells = " ".join(f"{r['positions'].get(prefix + b) or float('nan'):>13.4f}" for b in buckets)
+            lines.append(f"{label:<26} {json.loads(r['key'])['tokens']:>9,} {r['seed']:>4} {cells}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+
+
 def plot(summary: list[dict], domains: list[str], path: Path) -> None:
     """Loss against training tokens, one panel per domain and one for their mean; one line
     per model (mean over seeds, the bar spans min to max). Needs matplotlib."""
@@ -414,6 +443,8 @@ def parse_args():
                     help="share of training pieces held out for the loop's periodic eval curve only")
     ap.add_argument("--results", default=str(ROOT / "bench" / "results" / "quality.jsonl"))
     ap.add_argument("--plot", default=None, help="also draw the table as a PNG here (needs matplotlib)")
+    ap.add_argument("--positions", type=int, default=0,
+                    help="also the loss by position in the held-out novels read whole, their first this many tokens")
     ap.add_argument("--report", action="store_true", help="only the table (and plot) of what --results holds")
     ap.add_argument("--verbose", action="store_true", help="show the training loop's own progress")
     args = ap.parse_args()
@@ -463,7 +494,12 @@ def main() -> None:
                     f"{sum(w[:, 1:].numel() for w in held.windows):,} tokens ({sum(int(m.sum()) for m in held.beyond):,} "
                     f"re-mentions beyond {reach}), {held.bytes:,} bytes")
             log(f"training on {', '.join(str(d) for d in train_dirs)}")
-            setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "sets": sets}
+            positions = None
+            novels = next((d for d in domains if d.name == "novels"), None)
+            if args.positions and novels is not None:  # the held-out novels, whole, one stream each
+                positions = position_set(novels.files, tok, args.seq, args.positions)
+                log(f"loss by position: {len(novels.files)} whole novels, {len(positions[0]) * args.seq:,} tokens each")
+            setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "sets": sets, "positions": positions}
             for i, (model, seed) in enumerate(todo):
                 log(f"run {i + 1}/{len(todo)}: {model} seed {seed}, {args.budget:,} tokens (points "
                     f"{', '.join(f'{p:,}' for p in points)}), {param_count(configs[model], args.vocab) / 1e6:.2f}M parameters")
@@ -478,6 +514,7 @@ def main() -> None:
     for metric in METRICS:
         if metric != "bpb":
             print_table(summary, args.domains, metric)
+    print_positions(rows)
     if args.plot:
         plot(summary, args.domains, Path(args.plot))
 

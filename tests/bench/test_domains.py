@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.domains import all_domains, domain_documents, heldout_set, token_bytes
+from bench.domains import all_domains, domain_documents, heldout_set, position_set, token_bytes
 from bench.quality import split_corpus, text_sources
 from data import DataConfig, TextSourceSpec, TokenizerConfig, build_tokenizer, open_sources
 
@@ -64,3 +64,17 @@ def test_each_domains_bytes_are_counted_exactly(domains):
         predicted = len(held.windows) * seq * held.windows[0].shape[0]
         assert held.bytes == int(table[torch.tensor(flat[1:predicted + 1])].sum()), domain.name
         assert held.bytes > 0 and held.documents == len(taken)
+
+
+def test_positions_in_whole_books_are_bucketed_exactly(domains):
+    novels = next(d for d in domains if d.name == "novels")
+    tok = build_tokenizer(TokenizerConfig(type="bpe", vocab_size=600), [domain_documents(novels)[0][:20_000]])
+    windows, masks = position_set(novels.files, tok, seq=500, length=12_345)
+    assert len(windows) == 24 and all(w.shape == (2, 501) for w in windows)  # 12,000 tokens, one book a stream
+    first = tok.encode(novels.files[0].read_text(encoding="utf-8"))
+    assert windows[0][0].tolist() == first[:501] and windows[-1][0, -1].item() == first[12_000]
+    assert list(masks) == ["pos_0_1000", "pos_1000_4000", "pos_4000_10000", "pos_10000_99999"]
+    counts = {name: sum(int(m[0].sum()) for m in ms) for name, ms in masks.items()}
+    assert counts == {"pos_0_1000": 999, "pos_1000_4000": 3000, "pos_4000_10000": 6000, "pos_10000_99999": 2001}
+    together = sum(torch.stack([ms[i] for i in range(len(windows))]).long() for ms in masks.values())
+    assert together.eq(1).all()  # every target in exactly one bucket
