@@ -25,7 +25,9 @@ Method
     (plain KDA); hatchling_floor50 / hatchling_alphaonly = `model.beta_spike_floor` 0.5 /
     1.0; hatchling_betaonly = `model.alpha_spike_floor` 1.0 (the spikes gate writing only:
     what the shipped hatchling presets use, the default here), hatchling_betaonly_floor50 =
-    that with beta_spike_floor 0.5; transformer = the same width and depth with its MLP
+    that with beta_spike_floor 0.5; hatchling_ge2 = hatchling_betaonly with every 2nd layer
+    WM attention; hatchling_pm / hatchling_mem = hatchling_betaonly with the memories of
+    phase B / C (more parameters: the memories' own); transformer = the same width and depth with its MLP
     widened until its parameter count matches the hatchling's (up to the MLP's 64-wide
     rounding).
   - Training: `train.train` (the real loop) on a preset built here; every model sees the
@@ -99,7 +101,7 @@ from train.memory_check import param_count  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
-          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem")
+          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_ge2")
 CORPUS = ROOT.parent / "shared" / "corpus"
 DOMAINS = ("novels", "satire", "dialogue", "paper", "qa", "technical", "speeches")
 DEFAULT_BUDGET = 1_200_000  # ~11 minutes a run on a shared 2-core CPU (see Budget above)
@@ -137,7 +139,8 @@ def model_configs(args) -> dict[str, ModelConfig]:
             "hatchling_betaonly": replace(hatch, alpha_spike_floor=1.0),
             "hatchling_betaonly_floor50": replace(hatch, alpha_spike_floor=1.0, beta_spike_floor=0.5),
             "hatchling_pm": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True),  # phase B
-            "hatchling_mem": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True)}  # phase C
+            "hatchling_mem": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True),  # phase C
+            "hatchling_ge2": replace(hatch, alpha_spike_floor=1.0, global_every=2)}  # half the layers WM attention
 
 
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
