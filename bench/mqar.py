@@ -18,17 +18,17 @@ and detached between steps, as the trainer does.
 
 Method
  1. Backbone, phase A (memories off): gaps uniform in [1, W/2] (every query in the
-    window) until in-window recall is >= --target (checked every 100 steps) or --steps.
+    window) until recall at W/4 is >= --target (checked every 100 steps) or --steps.
     The in-window row comes first: a backbone that cannot copy says nothing about memory.
  2. Two copies train --phase-steps more on streams with gaps log-uniform in [1, --train-gap]:
     memories_off in phase A, memories_on in phase C (procedural and episodic memory on,
     their parameters fresh), as the trainer's phases do.
- 3. Recall (argmax of the answer = the value) at gaps W/2 (inside), 2W, 8W, 32W for
+ 3. Recall (argmax of the answer = the value) at gaps W/4, W/2 (inside), 2W, 8W, 32W for
     memories_off, memories_on, memories_on/switched_off (its memories removed at
     inference), with state carried across calls, until --probes answers per gap.
 Chance is 1 / --values.
 
-    python bench/mqar.py                    # random filler, ~15 min on one core
+    python bench/mqar.py                    # random filler, ~25 min on one core
     python bench/mqar.py --filler text      # book text between the pairs
     python bench/mqar.py --backbone bench/results/mqar_backbone.pth   # train the backbone once, reuse it
 
@@ -234,8 +234,8 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=256)
     ap.add_argument("--values", type=int, default=64)
     ap.add_argument("--filler-vocab", type=int, default=64, help="random filler: its vocabulary (text: bytes, 256)")
-    ap.add_argument("--pair-every", type=int, default=48, help="mean tokens between placed pairs")
-    ap.add_argument("--steps", type=int, default=3000, help="most phase-A backbone steps")
+    ap.add_argument("--pair-every", type=int, default=8, help="mean tokens between placed pairs (training streams)")
+    ap.add_argument("--steps", type=int, default=9000, help="most phase-A backbone steps")
     ap.add_argument("--target", type=float, default=0.9, help="in-window recall that ends the backbone's training")
     ap.add_argument("--phase-steps", type=int, default=600)
     ap.add_argument("--train-gap", type=int, default=1024, help="phase-C/A' gaps: log-uniform in [1, this]")
@@ -278,14 +278,15 @@ def main() -> None:
         backbone.load_state_dict(torch.load(saved, weights_only=True))
         emit({"kind": "train", "model": "backbone", "phase": "A", "loaded": str(saved)})
     else:
-        inside = lambda m: recall(m, W // 2, args, 99, eval_text if text else None)["recall_acc"] >= args.target  # noqa: E731
+        inside = lambda m: recall(m, W // 4, args, 99, eval_text if text else None)["recall_acc"] >= args.target  # noqa: E731
         row = train(backbone, streams((1, W // 2), args.seed, uniform=True), args.steps, args, "backbone",
                     until=lambda: inside(backbone))
         emit({"kind": "train", "model": "backbone", "phase": "A", **row})
         if saved is not None:
             saved.parent.mkdir(parents=True, exist_ok=True)
             torch.save(backbone.state_dict(), saved)
-    emit({"kind": "recall", "model": "backbone", **recall(backbone, W // 2, args, 7, eval_text if text else None)})
+    for gap in (W // 4, W // 2):
+        emit({"kind": "recall", "model": "backbone", **recall(backbone, gap, args, 7, eval_text if text else None)})
 
     models = {}
     for label, memories in (("memories_off", False), ("memories_on", True)):
@@ -297,7 +298,7 @@ def main() -> None:
         row = train(model, streams((1, args.train_gap), args.seed + 1), args.phase_steps, args, label)
         emit({"kind": "train", "model": label, "phase": "C" if memories else "A", **row})
         models[label] = model
-    for gap in (W // 2, 2 * W, 8 * W, 32 * W):
+    for gap in (W // 4, W // 2, 2 * W, 8 * W, 32 * W):
         for label in ("memories_off", "memories_on", "memories_on/switched_off", "memories_on/untrained"):
             model = models["memories_on" if label.endswith("switched_off") else label]
             ctx = model.memories_switched_off() if label.endswith("switched_off") else contextlib.nullcontext()
