@@ -67,7 +67,8 @@ the budget's point is scored.
 
 Flags: budget (positional, training tokens per run), --models, --seeds, --corpus,
 --train-folders, --domains, --points, --stop-after, --d-model, --layers, --heads, --seq,
---batch, --vocab, --lr, --eval-tokens, --curve-fraction, --results, --plot, --report (the
+--batch, --vocab, --lr, --eval-tokens, --curve-fraction, --results, --plot, --markdown,
+--positions (loss by position in the held-out novels read whole), --report (the
 table and plot of what --results holds, nothing trained), --threads (torch
 threads, default 1: on the shared 2-core machine one thread trained 2-3x faster than two),
 --verbose (show the loop's progress).
@@ -350,6 +351,24 @@ def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
     return out
 
 
+def markdown_table(summary: list[dict], domains: list[str], metric: str = "loss") -> str:
+    """The README's table: one row per (model, tokens), the metric per domain (mean over
+    seeds, [min, max] when several) and the mean, then the percent against the transformer."""
+    cols = [*domains, "mean"]
+    lines = ["| model | tokens | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
+    for s in summary:
+        if not any(f"{c}_{metric}" in s for c in cols):
+            continue
+        cells = []
+        for c in cols:
+            v = s.get(f"{c}_{metric}")
+            pct = (s.get(f"vs_transformer_pct_{metric}") or {}).get(c)
+            text = "-" if v is None else f"{v[0]:.3f}" + (f" [{v[1]:.3f}, {v[2]:.3f}]" if len(s["seeds"]) > 1 else "")
+            cells.append(text + (f" ({pct:+.1f}%)" if pct is not None else ""))
+        lines.append(f"| {s['model']} | {s['tokens'] / 1e6:g}M | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def print_table(summary: list[dict], domains: list[str], metric: str = "loss") -> None:
     """One held-out metric per domain (mean over seeds), one line per (model, tokens); each
     line against the transformer at the same point follows it."""
@@ -448,6 +467,7 @@ def parse_args():
     ap.add_argument("--plot", default=None, help="also draw the table as a PNG here (needs matplotlib)")
     ap.add_argument("--positions", type=int, default=0,
                     help="also the loss by position in the held-out novels read whole, their first this many tokens")
+    ap.add_argument("--markdown", action="store_true", help="also the tables as markdown on stdout (the README's)")
     ap.add_argument("--report", action="store_true", help="only the table (and plot) of what --results holds")
     ap.add_argument("--verbose", action="store_true", help="show the training loop's own progress")
     args = ap.parse_args()
@@ -518,6 +538,9 @@ def main() -> None:
         if metric != "bpb":
             print_table(summary, args.domains, metric)
     print_positions(rows)
+    if args.markdown:
+        for metric in ("loss", "bpb", "beyond_loss"):
+            print(f"\n{metric}\n\n{markdown_table(summary, args.domains, metric)}")
     if args.plot:
         plot(summary, args.domains, Path(args.plot))
 
