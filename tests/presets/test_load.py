@@ -86,7 +86,7 @@ def test_not_an_object(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.stem)
 def test_shipped_hatchling_presets_gate_only_writing_by_spikes(path):
-    """The configuration bench/quality.py found best (README, under the preset table): every
+    """The configuration bench/quality.py found best (README, How the hatchling compares): every
     shipped hatchling preset builds, as the trainer builds it, Spike-KDA layers whose
     forgetting is not gated by their spikes (alpha_spike_floor 1) and whose writing is."""
     from model import build_model
