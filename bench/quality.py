@@ -82,7 +82,6 @@ import math
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -147,7 +146,8 @@ def model_configs(args) -> dict[str, ModelConfig]:
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
 def split_corpus(corpora: list[Path], held: list[Path], tmp: Path) -> list[Path]:
     """The training folders: each corpus folder that holds a held-out file is replaced by a
-    folder of symlinks to its other files (same relative paths, so the same document ids)."""
+    folder of symlinks to its other files (same relative paths, so the same document ids),
+    made in `tmp` unless it is there already."""
     held = [h.resolve() for h in held]
     train_dirs = []
     for corpus in corpora:
@@ -155,6 +155,9 @@ def split_corpus(corpora: list[Path], held: list[Path], tmp: Path) -> list[Path]
             train_dirs.append(corpus)
             continue
         mirror = tmp / corpus.name
+        if mirror.is_dir():  # made by an earlier run (the split is kept in the cache): its runs resume from it
+            train_dirs.append(mirror)
+            continue
         for f in sorted(p for p in corpus.rglob("*") if p.is_file()):
             if f.resolve() in held or any(h in f.resolve().parents for h in held):
                 continue
@@ -162,6 +165,17 @@ def split_corpus(corpora: list[Path], held: list[Path], tmp: Path) -> list[Path]
             (mirror / f.relative_to(corpus)).symlink_to(f.resolve())
         train_dirs.append(mirror)
     return train_dirs
+
+
+def restore_split(run_state: Path, corpora: list[Path], held: list[Path]) -> None:
+    """Remake the split folders a saved run's preset names, if they are gone (runs saved
+    before the split was kept in the cache named a temporary folder)."""
+    preset = torch.load(run_state, map_location="cpu", weights_only=True)["preset"]
+    for source in preset["data"]["sources"]:
+        path = Path(source["path"]) if isinstance(source, dict) and "path" in source else None
+        if path is not None and not path.exists() and path.parent.name.startswith("quality-split-"):
+            log(f"remaking {path} (the split this run was saved with)")
+            split_corpus(corpora, held, path.parent)
 
 
 def text_sources(folders: list[Path]) -> list[dict]:
@@ -272,6 +286,8 @@ def run_cell(model: str, cfg: ModelConfig, seed: int, points: list[int], setup: 
         else:
             resume = (run_dir / "run_state.pth").exists()
         t0 = time.perf_counter()
+        if resume:
+            restore_split(run_dir / "run_state.pth", *setup["corpora"])
         if resume or not (run_dir / "lm_current.pth").exists():
             result = train(None if resume else preset_for(model, cfg, seed, setup["train_dirs"], setup["tokenizer"], args),
                            budget=args.budget, out_dir=run_dir, resume=resume, stop_at=None if final else tokens,
@@ -506,29 +522,33 @@ def main() -> None:
     if not args.report:
         log(f"{len(cells) - len(todo)} of {len(cells)} runs complete in {results_path}; {len(todo)} to train")
     if todo:
-        with tempfile.TemporaryDirectory(prefix="quality-split-") as tmp:
-            train_dirs = split_corpus(corpora, [f for d in domains for f in d.files], Path(tmp))
-            tokenizer = shared_tokenizer(train_dirs, args.vocab, cache)
-            tok = build_tokenizer(TokenizerConfig(type="file", path=str(tokenizer)))
-            reach = 3 * args.seq  # the hatchling's attention reach: the call plus its window of 2 x seq
-            sets = [heldout_set(d, tok, min(args.batch, 8), args.seq, args.eval_tokens, reach) for d in domains]
-            for d, held in zip(domains, sets):
-                log(f"held out {d.name} ({d.what}): {held.documents} documents, "
-                    f"{sum(w[:, 1:].numel() for w in held.windows):,} tokens ({sum(int(m.sum()) for m in held.beyond):,} "
-                    f"re-mentions beyond {reach}), {held.bytes:,} bytes")
-            log(f"training on {', '.join(str(d) for d in train_dirs)}")
-            positions = None
-            novels = next((d for d in domains if d.name == "novels"), None)
-            if args.positions and novels is not None:  # the held-out novels, whole, one stream each
-                positions = position_set(novels.files, tok, args.seq, args.positions)
-                log(f"loss by position: {len(novels.files)} whole novels, {len(positions[0]) * args.seq:,} tokens each")
-            setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "sets": sets, "positions": positions}
-            for i, (model, seed) in enumerate(todo):
-                log(f"run {i + 1}/{len(todo)}: {model} seed {seed}, {args.budget:,} tokens (points "
-                    f"{', '.join(f'{p:,}' for p in points)}), {param_count(configs[model], args.vocab) / 1e6:.2f}M parameters")
-                if not run_cell(model, configs[model], seed, points, setup, done, args):
-                    log("stopped; the run is saved in the cache and a rerun continues it")
-                    break
+        held_files = [f for d in domains for f in d.files]
+        # the split lives in the cache: a stopped run's stored preset names these folders, and
+        # resuming it needs them (a temporary folder would be gone by then)
+        digest = hashlib.blake2b(json.dumps(sorted(map(str, held_files))).encode(), digest_size=6).hexdigest()
+        train_dirs = split_corpus(corpora, held_files, cache / f"split_{digest}")
+        tokenizer = shared_tokenizer(train_dirs, args.vocab, cache)
+        tok = build_tokenizer(TokenizerConfig(type="file", path=str(tokenizer)))
+        reach = 3 * args.seq  # the hatchling's attention reach: the call plus its window of 2 x seq
+        sets = [heldout_set(d, tok, min(args.batch, 8), args.seq, args.eval_tokens, reach) for d in domains]
+        for d, held in zip(domains, sets):
+            log(f"held out {d.name} ({d.what}): {held.documents} documents, "
+                f"{sum(w[:, 1:].numel() for w in held.windows):,} tokens ({sum(int(m.sum()) for m in held.beyond):,} "
+                f"re-mentions beyond {reach}), {held.bytes:,} bytes")
+        log(f"training on {', '.join(str(d) for d in train_dirs)}")
+        positions = None
+        novels = next((d for d in domains if d.name == "novels"), None)
+        if args.positions and novels is not None:  # the held-out novels, whole, one stream each
+            positions = position_set(novels.files, tok, args.seq, args.positions)
+            log(f"loss by position: {len(novels.files)} whole novels, {len(positions[0]) * args.seq:,} tokens each")
+        setup = {"train_dirs": train_dirs, "tokenizer": tokenizer, "sets": sets, "positions": positions,
+                 "corpora": (corpora, held_files)}
+        for i, (model, seed) in enumerate(todo):
+            log(f"run {i + 1}/{len(todo)}: {model} seed {seed}, {args.budget:,} tokens (points "
+                f"{', '.join(f'{p:,}' for p in points)}), {param_count(configs[model], args.vocab) / 1e6:.2f}M parameters")
+            if not run_cell(model, configs[model], seed, points, setup, done, args):
+                log("stopped; the run is saved in the cache and a rerun continues it")
+                break
     rows = [done[point_key(m, s, p, args)] for m, s in cells for p in [*args.points, args.budget]
             if point_key(m, s, p, args) in done]
     summary = summarise(rows, args.domains)

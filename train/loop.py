@@ -118,6 +118,16 @@ class Trainer:
         self.device = pick_device(self.cfg.device, self.ddp)
         # data first: when no source opens, the run stops here, before any file is touched
         self.sources = open_sources(preset.data, log=self.reporter.log if self.ddp.is_main else (lambda m: None))
+        if resume and len(self.sources) < len(preset.data.sources):
+            # the save's stream positions and buffers are per source: with one gone they point nowhere
+            opened = {s.name for s in self.sources}
+            labels = [spec if isinstance(spec, str) else (spec.name or getattr(spec, "dataset", None) or spec.path)
+                      for spec in preset.data.sources]
+            gone = [str(label) for label in labels if str(label) not in opened]
+            raise TrainError(f"the interrupted run in {self.out} read {len(preset.data.sources)} sources and "
+                             f"{', '.join(gone) or 'some'} cannot be opened now (the lines above say why): make "
+                             f"{'it' if len(gone) == 1 else 'them'} readable again and resume, or move "
+                             f"{self.out / RUN_STATE} away to start a new run")
         check_training_documents(self.sources, preset.data, self.ddp, self.device)
         check_memory(preset, self.device)
         if self.ddp.is_main:

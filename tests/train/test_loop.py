@@ -100,6 +100,27 @@ def test_stop_at_saves_points_along_one_schedule(tiny_preset, tmp_path):
     b = load_checkpoint(tmp_path / "b" / CURRENT)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+def test_resuming_when_a_source_is_gone_says_so_and_keeps_the_save(tiny_preset, corpus, tmp_path):
+    """An interrupted run whose data folder was removed before the resume stops with one
+    message naming it (not an error deep in a training step), and its save is untouched."""
+    import shutil
+
+    from train import TrainError
+
+    extra = tmp_path / "extra"
+    shutil.copytree(corpus / "books", extra)
+    preset = tiny_preset(data={"sources": [{"type": "text", "path": str(corpus / "books"), "name": "books"},
+                                           {"type": "text", "path": str(extra), "name": "extra"}]})
+    out = tmp_path / "run"
+    stopped = train(preset, budget=6_400, out_dir=out, reporter=InterruptAt(1_280))
+    assert not stopped.finished
+    before = (out / RUN_STATE).read_bytes()
+    shutil.rmtree(extra)
+    with pytest.raises(TrainError, match="extra cannot be opened now"):
+        train(None, budget=6_400, out_dir=out, resume=True)
+    assert (out / RUN_STATE).read_bytes() == before
+
 def test_rotation_order_after_runs(tiny_preset, tmp_path):
     preset = tiny_preset()
     stamps = []
