@@ -88,12 +88,17 @@ def needs_hub(spec) -> bool:
     return bool(getattr(make_source(spec), "needs_hub", lambda: False)())
 
 
+def source_label(spec) -> str:
+    """How a `data.sources` entry is named in messages (and, for most, its source's name)."""
+    return str(spec if isinstance(spec, str) else (spec.name or getattr(spec, "dataset", None) or spec.path))
+
+
 def open_sources(cfg: DataConfig, log: Callable[[str], None] = print) -> list[Source]:
     """Every source that opens; the others are reported with their reason and skipped.
     Raises AllSourcesFailed (listing each source and why) when none opens."""
     opened, failures = [], []
     for spec in cfg.sources:
-        label = spec if isinstance(spec, str) else (spec.name or getattr(spec, "dataset", None) or spec.path)
+        label = source_label(spec)
         try:
             source = make_source(spec)
             source.check()

@@ -120,10 +120,10 @@ class Trainer:
         self.sources = open_sources(preset.data, log=self.reporter.log if self.ddp.is_main else (lambda m: None))
         if resume and len(self.sources) < len(preset.data.sources):
             # the save's stream positions and buffers are per source: with one gone they point nowhere
+            from data.registry import source_label
+
             opened = {s.name for s in self.sources}
-            labels = [spec if isinstance(spec, str) else (spec.name or getattr(spec, "dataset", None) or spec.path)
-                      for spec in preset.data.sources]
-            gone = [str(label) for label in labels if str(label) not in opened]
+            gone = [source_label(spec) for spec in preset.data.sources if source_label(spec) not in opened]
             raise TrainError(f"the interrupted run in {self.out} read {len(preset.data.sources)} sources and "
                              f"{', '.join(gone) or 'some'} cannot be opened now (the lines above say why): make "
                              f"{'it' if len(gone) == 1 else 'them'} readable again and resume, or move "
