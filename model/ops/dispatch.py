@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from . import check, fla as fla_glue, library
+from .boundary import outside_compile
 from .reference import forms
 from .reference.kda import kda_chunk, kda_recurrent, kda_step, prepare_inputs
 from .reference.layer import (
@@ -198,7 +199,7 @@ def kernel(op: str, device: torch.device, dtype: torch.dtype, head: int):
 library.provider = kernel
 
 
-@torch.compiler.disable
+@outside_compile
 def _kda_training(q: torch.Tensor, dtype: torch.dtype) -> str:
     """"fla" or "reference" for KDA training on these CUDA tensors, `dtype` the one chunk_kda
     computes in (v's): decided once per key, after the first-call check."""

@@ -50,9 +50,10 @@ def test_importing_model_builds_nothing_and_imports_no_kernel():
     import subprocess
     import sys
 
-    code = ("import sys, model, model.ops; from model.ops import cpu; "
+    code = ("import sys, model, model.ops, program, train; from model.ops import cpu; "
             "assert not cpu._state['tried'], 'built'; "
-            "assert not any(m.startswith(('model.ops.triton.', 'fla')) for m in sys.modules), 'imported'; print('ok')")
+            "assert not any(m.startswith(('model.ops.triton.', 'fla')) for m in sys.modules), 'imported'; "
+            "assert 'torch._dynamo' not in sys.modules, 'dynamo'; print('ok')")  # ~1.5 s of every start
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
 
@@ -292,3 +293,34 @@ def test_a_second_copy_of_the_package_reuses_the_ops(tmp_path, monkeypatch):
     finally:
         for name in [m for m in sys.modules if m == "model_copy" or m.startswith("model_copy.")]:
             del sys.modules[name]
+
+
+def test_outside_compile_runs_plainly_until_armed_then_breaks_the_graph_there():
+    """model.ops.boundary: a marked data-dependent choice is the plain function until a
+    compile is asked for (dynamo then stops at the .item() inside it); armed, a compiled
+    caller breaks its graph at the call itself, and still computes the eager result."""
+    from model.ops import boundary
+    from model.ops.reference.kda import _span_at_most
+
+    span = torch.tensor([0.5, 2.0])
+    assert _span_at_most(span, 1.0) is False and _span_at_most(span, 3.0) is True
+
+    def caller(x):
+        y = x.sin()
+        return y * 2 if _span_at_most(x, 1.0) else y - 1
+
+    def break_reasons():
+        torch._dynamo.reset()
+        return " ".join(str(b.reason) for b in torch._dynamo.explain(caller)(span).break_reasons)
+
+    saved = [target[0] for target, _ in boundary._marked]
+    try:
+        assert not boundary.armed() and "item()" in break_reasons()
+        boundary.arm()
+        assert boundary.armed() and "torch.compiler.disable" in break_reasons()
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(caller, backend="eager")(span), span.sin() - 1)
+    finally:
+        for (target, _), fn in zip(boundary._marked, saved):
+            target[0] = fn
+        torch._dynamo.reset()

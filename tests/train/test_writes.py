@@ -76,8 +76,10 @@ def test_read_only_in_the_middle_of_a_run_saves_it_elsewhere_and_it_resumes(tmp_
             proc.kill()
         ro.undo()
     assert proc.returncode == 2 and "Traceback" not in out, out
-    # the secondary write said once, the primary one retried, then the state elsewhere in one line
-    assert out.count(f"warning: cannot write {folder / 'metrics.jsonl'} (Read-only file system)") == 1, out
+    # a secondary write that fails is said at most once (whether a metrics row falls between the
+    # folder turning read-only and the next save is timing: a slow machine may save first); the
+    # primary one retried, then the state elsewhere in one line
+    assert out.count(f"warning: cannot write {folder / 'metrics.jsonl'} (Read-only file system)") <= 1, out
     assert "Read-only file system): retrying for 1 s" in out, out
     assert f"error: {folder} cannot be written (Read-only file system): the" in out, out
     state = load_run_state(rescued(out))

@@ -35,6 +35,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..boundary import outside_compile
+
 # ------------------------------------------------------------------------------------
 # One step and the sequential reference
 # ------------------------------------------------------------------------------------
@@ -171,14 +173,14 @@ _CPU_GROUP_ELEMENTS = 1 << 17  # elements of q per group of streams that kda_chu
 _FACTOR_MAX = 80.0  # largest log-decay across one sub-chunk that its factored form takes
 
 
-@torch.compiler.disable
+@outside_compile
 def _span_at_most(span: torch.Tensor, limit: float) -> bool:
     """Whether every log-decay in `span` (>= 0) is at most `limit` (True when empty). A
     data-dependent choice: under torch.compile, a graph break here rather than a traced .item()."""
     return bool(span.amax() <= limit) if span.numel() else True
 
 
-@torch.compiler.disable
+@outside_compile
 def _factorable_chunk(g: torch.Tensor, chunk_size: int, limit: float) -> Optional[int]:
     """The longest of chunk_size, chunk_size / 2, ... (halving while even and >= 16) whose
     chunks, aligned at t = 0, each decay by at most `limit` nats in every channel, or None.
