@@ -18,6 +18,9 @@ Method
     loss = mean cross-entropy (nats/token) over every predicted token; bpb = loss * tokens
     / bytes / ln 2 with the exact UTF-8 bytes of the predicted tokens (a byte-level BPE
     token of n symbols is n bytes; end-of-text is 0). "mean" is the plain mean over domains.
+    t_loss / t_best: the loss with the logits divided by the best of TEMPERATURES, and
+    that temperature (a diagnostic, tuned on the held-out text itself: how much of a
+    domain's loss is over-confidence rather than ranking; t_best > 1 is over-confident).
   - Tokenizer: one byte-level BPE (--vocab) learned once from the training files and
     cached beside the results file; every run loads it as `tokenizer.type: "file"`.
   - Models: hatchling = d_model x layers x heads, working-memory attention every 4th
@@ -236,6 +239,9 @@ def curve(metrics: Path) -> dict[str, list]:
             "eval": [[r["tokens"], round(r["eval_loss"], 4)] for r in rows if r.get("kind") == "eval"]}
 
 
+TEMPERATURES = (0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.7, 2.0)  # the grid t_loss takes the best of
+
+
 def score(checkpoint: Path, sets: list[HeldOut], positions=None) -> dict:
     """Held-out loss (nats/token) and bits per byte of a saved model, domain by domain, and
     the loss on the domain's re-mentions beyond the window (`beyond_loss`, over
@@ -254,8 +260,11 @@ def score(checkpoint: Path, sets: list[HeldOut], positions=None) -> dict:
             row.update({f"off_{name}": off[f"{name}_loss"] and round(off[f"{name}_loss"], 4) for name in masks})
         out["positions"] = row
     for held in sets:
-        r = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device, masks={"beyond": held.beyond})
+        r = evaluate(fin.model, held.windows, fin.tokenizer.eot_id, fin.device, masks={"beyond": held.beyond},
+                     temperatures=TEMPERATURES)
+        t_best = min(r["temperature_loss"], key=r["temperature_loss"].get)
         out[held.name] = {"loss": round(r["eval_loss"], 4),
+                          "t_loss": round(r["temperature_loss"][t_best], 4), "t_best": t_best,
                           "bpb": round(r["eval_loss"] * r["eval_tokens"] / held.bytes / math.log(2), 4),
                           "tokens": r["eval_tokens"], "bytes": held.bytes,
                           "beyond_loss": r["beyond_loss"] and round(r["beyond_loss"], 4), "beyond_tokens": r["beyond_tokens"]}
@@ -333,7 +342,7 @@ def load_results(path: Path) -> dict[str, dict]:
     return {r["key"]: r for r in rows if r.get("kind") == "point"}
 
 
-METRICS = ("loss", "bpb", "beyond_loss", "off_loss", "off_beyond_loss")  # per domain; see score()
+METRICS = ("loss", "bpb", "beyond_loss", "off_loss", "off_beyond_loss", "t_loss")  # per domain; see score()
 
 
 def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
@@ -360,7 +369,7 @@ def summarise(rows: list[dict], domains: list[str]) -> list[dict]:
     for s in out:
         ref = base.get((s["tokens"], s["budget"]))
         if ref is not None and s["model"] != "transformer":
-            for metric in ("loss", "beyond_loss"):
+            for metric in ("loss", "beyond_loss", "t_loss"):
                 s[f"vs_transformer_pct_{metric}"] = {
                     name: round(100 * (s[f"{name}_{metric}"][0] / ref[f"{name}_{metric}"][0] - 1), 2)
                     for name in [*domains, "mean"] if f"{name}_{metric}" in s and f"{name}_{metric}" in ref}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,11 +15,13 @@ from model import detach_state, generate
 
 @torch.no_grad()
 def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=nullcontext,
-             masks: Optional[dict[str, list[torch.Tensor]]] = None) -> dict:
+             masks: Optional[dict[str, list[torch.Tensor]]] = None, temperatures: Sequence[float] = ()) -> dict:
     """Mean next-token cross-entropy over the held-out windows (each [B, T+1]).
     Consecutive windows continue the same streams, so recurrent state carries.
     masks: name -> one [B, T] bool per window (which predicted tokens count); each adds
-    `<name>_loss` (mean over those tokens, None when there are none) and `<name>_tokens`."""
+    `<name>_loss` (mean over those tokens, None when there are none) and `<name>_tokens`.
+    temperatures: also the loss with the logits divided by each, under `temperature_loss`
+    ({T: loss}): how much of a loss is over- or under-confidence rather than ranking."""
     if not windows:
         return {}
     masks = masks or {}
@@ -27,13 +29,17 @@ def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=n
     model.eval()
     total, count, state = 0.0, 0, None
     part = {name: [0.0, 0] for name in masks}
+    tempered = {float(t): 0.0 for t in temperatures}
     first = torch.ones(windows[0].shape[0], dtype=torch.bool)
     for i, w in enumerate(windows):
         w = w.to(device)
         x, y = w[:, :-1], w[:, 1:]
         with autocast():
             out = model(x, state=state if model.carries_state else None, reset_mask=reset_mask(x, eot_id, first.to(device)))
-        losses = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        logits = out.logits.float().flatten(0, 1)
+        losses = F.cross_entropy(logits, y.flatten(), reduction="none").view_as(y)
+        for t in tempered:
+            tempered[t] += F.cross_entropy(logits / t, y.flatten(), reduction="sum").item()
         total += losses.sum().item()
         count += y.numel()
         for name, mask in masks.items():
@@ -48,6 +54,8 @@ def evaluate(model, windows: list[torch.Tensor], eot_id: int, device, autocast=n
     for name, (loss_sum, n) in part.items():
         row[f"{name}_loss"] = loss_sum / n if n else None
         row[f"{name}_tokens"] = n
+    if tempered:
+        row["temperature_loss"] = {t: v / count for t, v in tempered.items()}
     return row
 
 

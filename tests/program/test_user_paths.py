@@ -4,8 +4,10 @@ terminal at all (CI, a pipe, torchrun workers). Nothing is handed in but a small
 budget (tests/userpath.py)."""
 import json
 import os
+import shutil
 import signal
 import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -105,10 +107,18 @@ def test_terminal_ctrl_c_then_enter_resumes_and_finishes(tmp_path):
     assert not (project / "checkpoints" / RUN_STATE).exists()
 
 
-def interrupted_project(tmp_path):
-    project = make_project(tmp_path, [tiny_preset()])
+@pytest.fixture(scope="module")
+def interrupted_once(tmp_path_factory):
+    """One project whose run main.py stopped (Ctrl-C) after its first save."""
+    project = make_project(tmp_path_factory.mktemp("interrupted"), [tiny_preset()])
     assert stop_after_first_save(project, budget=60_000)[0] == 130
     return project
+
+
+@pytest.fixture
+def interrupted_project(interrupted_once, tmp_path):
+    """A fresh copy of `interrupted_once` for a test to answer, damage or edit."""
+    return Path(shutil.copytree(interrupted_once, tmp_path / "project"))
 
 
 def answer_resume_question(project, keys: str):
@@ -121,8 +131,8 @@ def answer_resume_question(project, keys: str):
     return child, before
 
 
-def test_terminal_no_to_resume_leads_to_the_picker_and_ctrl_c_there_keeps_the_run(tmp_path):
-    project = interrupted_project(tmp_path)
+def test_terminal_no_to_resume_leads_to_the_picker_and_ctrl_c_there_keeps_the_run(interrupted_project):
+    project = interrupted_project
     child, before = answer_resume_question(project, "n")
     child.expect("Preset to train")
     time.sleep(0.3)
@@ -133,8 +143,8 @@ def test_terminal_no_to_resume_leads_to_the_picker_and_ctrl_c_there_keeps_the_ru
     assert (project / "checkpoints" / RUN_STATE).read_bytes() == before  # nothing lost
 
 
-def test_terminal_ctrl_c_at_the_resume_question_exits_quietly(tmp_path):
-    project = interrupted_project(tmp_path)
+def test_terminal_ctrl_c_at_the_resume_question_exits_quietly(interrupted_project):
+    project = interrupted_project
     child, before = answer_resume_question(project, "\x03")
     child.expect(pexpect.EOF)
     child.close()
@@ -142,8 +152,8 @@ def test_terminal_ctrl_c_at_the_resume_question_exits_quietly(tmp_path):
     assert (project / "checkpoints" / RUN_STATE).read_bytes() == before
 
 
-def test_a_damaged_run_state_is_reported_and_a_new_run_starts(tmp_path):
-    project = interrupted_project(tmp_path)
+def test_a_damaged_run_state_is_reported_and_a_new_run_starts(interrupted_project):
+    project = interrupted_project
     (project / "checkpoints" / RUN_STATE).write_bytes(os.urandom(4096))
     proc = run_main(project, budget=2048)
     out = proc.stdout + proc.stderr
@@ -158,8 +168,8 @@ def test_a_damaged_run_state_is_reported_and_a_new_run_starts(tmp_path):
     (lambda s: s.update(format=99), "is an interrupted run in format 99, which this version of the trainer cannot "
                                     "read (it reads format 2)"),
 ])
-def test_a_run_state_that_cannot_resume_here_is_refused_and_kept(tmp_path, edit, expected):
-    project = interrupted_project(tmp_path)
+def test_a_run_state_that_cannot_resume_here_is_refused_and_kept(interrupted_project, edit, expected):
+    project = interrupted_project
     path = project / "checkpoints" / RUN_STATE
     state = load_checkpoint(path)
     edit(state)
@@ -251,12 +261,12 @@ def test_ctrl_c_while_the_tokenizer_learns_stops_at_once(tmp_path):
     assert "[tokenizer]" not in out  # it did not wait for the tokenizer to finish
 
 
-def test_disk_full_during_the_stop_save_says_so_and_keeps_the_previous_save(tmp_path):
+def test_disk_full_during_the_stop_save_says_so_and_keeps_the_previous_save(interrupted_project):
     """Every write of the run's save fails (the fallback folders' too: nothing can be
     written anywhere): the stop says exactly what is lost, and the previous save is kept."""
     from tests.writefaults import SHORT_RETRY
 
-    project = interrupted_project(tmp_path)
+    project = interrupted_project
     before = (project / "checkpoints" / RUN_STATE).read_bytes()
     saved = load_checkpoint(project / "checkpoints" / RUN_STATE)["counters"]["tokens"]
     # every later write of the run's save fails the way torch reports a full disk

@@ -56,3 +56,20 @@ def test_the_loss_over_re_mentions_is_the_mean_over_those_tokens():
     assert row["beyond_window_tokens"] == picked.numel() > 0
     assert abs(row["beyond_window_loss"] - picked.mean().item()) < 1e-5
     assert abs(row["eval_loss"] - torch.cat([x.flatten() for x in losses]).mean().item()) < 1e-5
+
+
+def test_the_loss_at_each_temperature_divides_the_logits_by_it():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="transformer", d_model=32, n_layers=1, n_heads=2), vocab_size=128).eval()
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(1, 128, (200,), generator=g).tolist() for _ in range(2)]
+    windows = eval_windows(iter(docs), EOT, batch_size=2, seq_length=16, max_tokens=10_000)
+    row = evaluate(model, windows, EOT, torch.device("cpu"), temperatures=(0.5, 1.0, 2.0))
+    assert set(row["temperature_loss"]) == {0.5, 1.0, 2.0}
+    assert abs(row["temperature_loss"][1.0] - row["eval_loss"]) < 1e-5
+    with torch.no_grad():
+        for t in (0.5, 2.0):
+            want = torch.cat([F.cross_entropy(model(w[:, :-1]).logits.flatten(0, 1) / t, w[:, 1:].flatten(),
+                                              reduction="none") for w in windows]).mean().item()
+            assert abs(row["temperature_loss"][t] - want) < 1e-5
+    assert "temperature_loss" not in evaluate(model, windows, EOT, torch.device("cpu"))
