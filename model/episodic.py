@@ -84,6 +84,7 @@ COMMITTED = ("keys", "values", "strength", "age")
 OPEN = ("cand_keys", "cand_values", "cand_salience", "cand_score", "cand_age", "cand_live")  # the open span
 MASKED = -1e9  # a finite "minus infinity": an all-masked row stays NaN-free, forward and backward
 MIN_LOOKUP = 4  # the salience target counts attention from queries at least this many tokens on
+SALIENCE_QUERY_BLOCK = 256  # queries per block of the salience target's scores
 
 
 class EMNeuromodulator(nn.Module):
@@ -286,18 +287,21 @@ class EpisodicMemory(nn.Module):
         B, H, T, D = q.shape
         with torch.no_grad():
             keys = k.float().repeat_interleave(H // k.shape[1], 1)  # [B, H, T, D]
-            scores = q.float() @ keys.transpose(-1, -2) / math.sqrt(D)  # [B, H, T(query), T(key)]
             t = torch.arange(T, device=q.device)
-            delta = t[:, None] - t[None, :]
-            seen = (delta >= 0) & (delta <= self.window)
-            if reset is not None:
-                seg = reset.long().cumsum(1)
-                seen = seen & (seg[:, :, None] == seg[:, None, :])
-            else:
-                seen = seen[None]
-            probs = scores.masked_fill(~seen[:, None], -math.inf).softmax(-1)
-            far = (delta >= MIN_LOOKUP)[None, None]
-            target = torch.where(far, probs, 0.0).amax(dim=(1, 2))  # [B, T(key)]
+            seg = reset.long().cumsum(1) if reset is not None else None
+            target = q.new_zeros(B, T, dtype=torch.float32)  # [B, T(key)]
+            # queries a block at a time: the scores are [B, H, block, T], not [B, H, T, T]
+            # (at T = 1024 the whole square was ~270 MB a layer)
+            for a in range(0, T, SALIENCE_QUERY_BLOCK):
+                rows = t[a:a + SALIENCE_QUERY_BLOCK]
+                scores = q[:, :, rows].float() @ keys.transpose(-1, -2) / math.sqrt(D)  # [B, H, block, T]
+                delta = rows[:, None] - t[None, :]
+                seen = ((delta >= 0) & (delta <= self.window))[None]
+                if seg is not None:
+                    seen = seen & (seg[:, rows, None] == seg[:, None, :])
+                probs = scores.masked_fill(~seen[:, None], -math.inf).softmax(-1)
+                far = (delta >= MIN_LOOKUP)[None, None]
+                target = torch.maximum(target, torch.where(far, probs, 0.0).amax(dim=(1, 2)))
         z = self.salience(h.float()).squeeze(-1)
         return F.binary_cross_entropy_with_logits(z, target)
 

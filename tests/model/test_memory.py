@@ -342,6 +342,23 @@ def test_salience_learns_what_later_queries_look_up():
     assert z[5] > 2.0 and z[5] == z.max()  # the looked-up token stands out
     assert torch.sigmoid(z[8]) < 0.5  # nearby reads do not count
 
+def test_salience_target_by_query_blocks_equals_the_whole_square(monkeypatch):
+    """The target is computed a block of queries at a time (memory): any block size gives
+    the same loss, documents (reset) and the window included."""
+    import model.episodic as episodic
+
+    torch.manual_seed(1)
+    em = EpisodicMemory(mem_cfg(em_slots=8))
+    B, H, T, D = 2, 4, 37, 16
+    q, k, h = torch.randn(B, H, T, D) * 2, torch.randn(B, 2, T, D) * 2, torch.randn(B, T, 32)
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    reset[0, 11] = reset[1, 30] = True
+    whole = em.salience_loss(h, q, k, reset)
+    for block in (1, 5, 16):
+        monkeypatch.setattr(episodic, "SALIENCE_QUERY_BLOCK", block)
+        torch.testing.assert_close(em.salience_loss(h, q, k, reset), whole)
+
+
 def test_episodic_novelty_sees_past_the_component_all_keys_share():
     """A trained attention's keys share a large component (it shifts all of a query's
     scores alike, so nothing trains it away): raw cosines are all ~1. Novelty is measured
