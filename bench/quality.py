@@ -29,7 +29,8 @@ Method
     1.0; hatchling_betaonly = `model.alpha_spike_floor` 1.0 (the spikes gate writing only:
     what the shipped hatchling presets use, the default here), hatchling_betaonly_floor50 =
     that with beta_spike_floor 0.5; hatchling_ge2 = hatchling_betaonly with every 2nd layer
-    WM attention; hatchling_pm / hatchling_mem = hatchling_betaonly with the memories of
+    WM attention; hatchling_lr1e3 / hatchling_lr3e3 = hatchling_betaonly trained at that
+    learning rate (every other model at --lr); hatchling_pm / hatchling_mem = hatchling_betaonly with the memories of
     phase B / C (more parameters: the memories' own); transformer = the same width and depth with its MLP
     widened until its parameter count matches the hatchling's (up to the MLP's 64-wide
     rounding).
@@ -104,7 +105,9 @@ from train.memory_check import param_count  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
-          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_ge2")
+          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_ge2",
+          "hatchling_lr1e3", "hatchling_lr3e3")
+TRAIN_CHANGES = {"hatchling_lr1e3": {"lr": 1e-3}, "hatchling_lr3e3": {"lr": 3e-3}}  # variants of the training only
 CORPUS = ROOT.parent / "shared" / "corpus"
 DOMAINS = ("novels", "satire", "dialogue", "paper", "qa", "technical", "speeches")
 DEFAULT_BUDGET = 1_200_000  # ~11 minutes a run on a shared 2-core CPU (see Budget above)
@@ -143,7 +146,8 @@ def model_configs(args) -> dict[str, ModelConfig]:
             "hatchling_betaonly_floor50": replace(hatch, alpha_spike_floor=1.0, beta_spike_floor=0.5),
             "hatchling_pm": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True),  # phase B
             "hatchling_mem": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True),  # phase C
-            "hatchling_ge2": replace(hatch, alpha_spike_floor=1.0, global_every=2)}  # half the layers WM attention
+            "hatchling_ge2": replace(hatch, alpha_spike_floor=1.0, global_every=2),  # half the layers WM attention
+            **{name: replace(hatch, alpha_spike_floor=1.0) for name in TRAIN_CHANGES}}
 
 
 # -- data: the whole-document split and the shared tokenizer ---------------------------------
@@ -221,7 +225,7 @@ def preset_for(model: str, cfg: ModelConfig, seed: int, train_dirs: list[Path], 
         "train": {"seq_length": args.seq, "batch_size": args.batch, "lr": args.lr, "seed": seed,
                   "warmup_tokens": max(1, min(t // 20, 60_000)), "eval_every_tokens": max(1, t // 8),
                   "eval_tokens": 16384, "checkpoint_every_tokens": 500_000, "samples": 0, "log_every_steps": 10,
-                  "device": "cpu"},
+                  "device": "cpu", **TRAIN_CHANGES.get(model, {})},
         "data": {"sources": text_sources(train_dirs), "eval_fraction": args.curve_fraction},
         "tokenizer": {"type": "file", "path": str(tokenizer_path)},
     }
@@ -314,7 +318,7 @@ def run_cell(model: str, cfg: ModelConfig, seed: int, points: list[int], setup: 
         row = {"kind": "point", "key": key, "model": model, "seed": seed, "budget": args.budget, "tokens": trained,
                "params": param_count(cfg, args.vocab), "d_model": cfg.d_model, "n_layers": cfg.n_layers,
                "n_heads": cfg.n_heads, "mlp_mult": round(cfg.mlp_mult, 3), "seq": args.seq, "batch": args.batch,
-               "vocab": args.vocab, "lr": args.lr, "domains": domains, **({"positions": positions} if positions else {}),
+               "vocab": args.vocab, "lr": TRAIN_CHANGES.get(model, {}).get("lr", args.lr), "domains": domains, **({"positions": positions} if positions else {}),
                "mean_loss": round(statistics.mean(d["loss"] for d in domains.values()), 4),
                "mean_bpb": round(statistics.mean(d["bpb"] for d in domains.values()), 4),
                **{f"mean_{m}": round(statistics.mean(d[m] for d in domains.values()), 4) for m in METRICS[2:]
