@@ -36,8 +36,8 @@ def test_sigterm_saves_exits_and_resumes():
 
 
 def test_random_kill9s_never_corrupt_and_the_run_completes():
-    row = faults.fault_kill9(kills=3, seed=1, budget=8192)
-    assert row["survived"] == 3 and not row["problems"], row
+    row = faults.fault_kill9(kills=2, seed=1, budget=8192)  # bench/faults.py kills more
+    assert row["survived"] == 2 and not row["problems"], row
 
 
 def test_a_dying_ddp_rank_stops_the_run_instead_of_hanging():
