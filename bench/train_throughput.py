@@ -88,6 +88,7 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
     if name == "baby-hatchling":
         return build_peer(d, layers, heads, seq, vocab)
     from model import ModelConfig, build_model, detach_state
+    from model.ops.boundary import compile_model
 
     if name == "hatchling-baseline":  # the same hatchling built by another checkout's model package
         base = baseline_package()
@@ -117,7 +118,7 @@ def build(name: str, d: int, layers: int, heads: int, seq: int, vocab: int, extr
 
     def compiled():
         nonlocal fwd
-        fwd = torch.compile(model)
+        fwd = compile_model(model)
 
     step_loss.compile = compiled
     return model, model, step_loss
@@ -191,7 +192,9 @@ class Runner:
             if hasattr(self.step_loss, "compile"):
                 self.step_loss.compile()
             else:
-                self.model = torch.compile(self.model)
+                from model.ops.boundary import compile_model as compiled
+
+                self.model = compiled(self.model)
         self.params = count_params(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=dev.type == "cuda")
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"

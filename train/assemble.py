@@ -167,11 +167,9 @@ def tolerant_load(model: torch.nn.Module, state: dict, report) -> int:
 
 def wrap_for_training(model: torch.nn.Module, compile: bool, ddp: Dist, device: torch.device) -> torch.nn.Module:
     """The module the training step calls: compiled when asked, data-parallel under torchrun."""
-    if compile:
-        from model.ops.boundary import arm
+    from model.ops.boundary import compile_model
 
-        arm()  # the ops' data-dependent choices become graph breaks (see model.ops.boundary)
-    wrapped = torch.compile(model) if compile else model
+    wrapped = compile_model(model) if compile else model  # the ops' data-dependent choices break the graph
     if ddp.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

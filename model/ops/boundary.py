@@ -3,9 +3,9 @@ rather than at import.
 
 `torch.compiler.disable` imports torch._dynamo (and with it Triton): about 1.5 s that every
 `python main.py` paid before its first line, for a boundary only a torch.compile'd run needs.
-A function marked `@outside_compile` runs as itself until `arm()` (train.assemble calls it
-before torch.compile) swaps in its disabled form, after which a compiled graph breaks there
-and calls it eagerly."""
+A function marked `@outside_compile` runs as itself until `arm()` swaps in its disabled
+form, after which a compiled graph breaks there and calls it eagerly. `compile_model` (arm,
+then torch.compile) is how the trainer and the benches compile."""
 from __future__ import annotations
 
 import functools
@@ -37,3 +37,11 @@ def arm() -> None:
 
 def armed() -> bool:
     return bool(_marked) and all(target[0] is not fn for target, fn in _marked)
+
+
+def compile_model(module, **kwargs):
+    """torch.compile(module, **kwargs) with the boundaries armed first."""
+    import torch
+
+    arm()
+    return torch.compile(module, **kwargs)
