@@ -153,7 +153,27 @@ def model_config(args, memories: bool) -> ModelConfig:
                        global_every=args.global_every, wm_window=args.window, chunk_size=16,
                        alpha_spike_floor=1.0, pm_enabled=memories, em_enabled=memories,
                        plasticity_span=args.span, em_slots=args.em_slots, em_writes_per_span=args.em_writes,
-                       em_topk=args.em_topk)
+                       em_topk=args.em_topk, em_keys=args.em_keys)
+
+
+class OracleSalience(torch.nn.Module):
+    """A diagnostic stand-in for the episodic memory's salience head: +5 at value tokens,
+    -5 elsewhere, read from the ids of the call being run (`tokens`, set before each
+    forward), so the memory is told which tokens to keep and only its read is on trial."""
+
+    tokens: torch.Tensor | None = None
+
+    def __init__(self, first_value: int):
+        super().__init__()
+        self.first_value = first_value
+
+    def forward(self, h):
+        return torch.where(OracleSalience.tokens >= self.first_value, 5.0, -5.0)[..., None].to(h.dtype)
+
+
+def run_model(model, x, state):
+    OracleSalience.tokens = x
+    return model(x, state=state)
 
 
 def loss_of(logits, y, gap, text_weight: float):
@@ -175,7 +195,7 @@ def train(model, streams: PairStreams, steps: int, args, label: str, until=None)
     state, t0, losses, step = None, time.time(), [], 0
     for step in range(1, steps + 1):
         x, y, gap = streams.next_batch()
-        out = model(x, state=state)
+        out = run_model(model, x, state)
         loss = loss_of(out.logits, y, gap, args.text_weight)
         loss = loss + sum(v for k, v in out.aux.items() if k.startswith("loss/"))  # the memories' own terms
         opt.zero_grad(set_to_none=True)
@@ -207,7 +227,7 @@ def recall(model, gap: int, args, seed: int, text) -> dict:
     calls = 0
     while n < args.probes and calls < 8 * (gap + pair_every * args.probes // args.eval_batch) // args.window + 16:
         x, y, g = streams.next_batch()
-        out = model(x, state=state)
+        out = run_model(model, x, state)
         state = detach_state(out.state)
         answer = g >= 0
         if calls * args.window >= gap:  # before that, every stream is still filling its first gap
@@ -236,13 +256,30 @@ def main() -> None:
     ap.add_argument("--filler-vocab", type=int, default=64, help="random filler: its vocabulary (text: bytes, 256)")
     ap.add_argument("--pair-every", type=int, default=8, help="mean tokens between placed pairs (training streams)")
     ap.add_argument("--steps", type=int, default=9000, help="most phase-A backbone steps")
+    ap.add_argument("--init", default=None, help="a .pth file: the backbone starts from these weights (same model flags) "
+                    "and trains on this run's streams, e.g. denser pairs than it learnt on")
+    ap.add_argument("--backbone-gap", type=int, default=None, help="backbone gaps: uniform in [1, this] (default W/2)")
     ap.add_argument("--target", type=float, default=0.9, help="in-window recall that ends the backbone's training")
     ap.add_argument("--phase-steps", type=int, default=600)
-    ap.add_argument("--train-gap", type=int, default=1024, help="phase-C/A' gaps: log-uniform in [1, this]")
+    ap.add_argument("--train-gap", type=int, default=1024, help="phase-C/A' gaps: log-uniform in [--train-gap-min, this]")
+    ap.add_argument("--train-gap-min", type=int, default=1)
+    ap.add_argument("--phase-call", type=int, default=None,
+                    help="call length of the phase-C/A' steps (default W; longer calls let a memory entry written "
+                         "and read in one call train the keys and salience that wrote it)")
+    ap.add_argument("--phase-pair-every", type=int, default=None, help="pair spacing of the phase-C/A' streams "
+                    "(default --pair-every)")
     ap.add_argument("--span", type=int, default=32, help="plasticity span P")
     ap.add_argument("--em-slots", type=int, default=64)
     ap.add_argument("--em-writes", type=int, default=2)
     ap.add_argument("--em-topk", type=int, default=4)
+    ap.add_argument("--em-keys", choices=("attention", "own"), default="attention",
+                    help="model.em_keys: the memory looked up by the attention's queries/keys or by its own")
+    ap.add_argument("--skip-off", action="store_true", help="train and score only memories_on (memories_off "
+                    "does not depend on the memory's flags: reuse its rows from a run with the same other flags)")
+    ap.add_argument("--save-models", default=None, help="a path prefix: the trained phase models are saved as "
+                    "PREFIX_memories_on.pth / PREFIX_memories_off.pth (to look into them)")
+    ap.add_argument("--oracle-salience", action="store_true", help="diagnostic: the memory is told to keep the "
+                    "value tokens (its salience head replaced by the token ids), so only its read is on trial")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--text-weight", type=float, default=None, help="weight of the filler's LM loss (text: 1, random: 0)")
     ap.add_argument("--probes", type=int, default=512)
@@ -267,8 +304,8 @@ def main() -> None:
     W = args.window
     emit({"kind": "config", **vars(args)})
 
-    def streams(gap, seed, uniform=False):
-        return PairStreams(args.batch, W, args.filler_vocab, args.keys, args.values, gap, args.pair_every, seed,
+    def streams(gap, seed, uniform=False, T=W, pair_every=args.pair_every):
+        return PairStreams(args.batch, T, args.filler_vocab, args.keys, args.values, gap, pair_every, seed,
                            text, uniform)
 
     vocab = args.filler_vocab + args.keys + args.values
@@ -278,8 +315,10 @@ def main() -> None:
         backbone.load_state_dict(torch.load(saved, weights_only=True))
         emit({"kind": "train", "model": "backbone", "phase": "A", "loaded": str(saved)})
     else:
+        if args.init:
+            backbone.load_state_dict(torch.load(args.init, weights_only=True))
         inside = lambda m: recall(m, W // 4, args, 99, eval_text if text else None)["recall_acc"] >= args.target  # noqa: E731
-        row = train(backbone, streams((1, W // 2), args.seed, uniform=True), args.steps, args, "backbone",
+        row = train(backbone, streams((1, args.backbone_gap or W // 2), args.seed, uniform=True), args.steps, args, "backbone",
                     until=lambda: inside(backbone))
         emit({"kind": "train", "model": "backbone", "phase": "A", **row})
         if saved is not None:
@@ -289,17 +328,25 @@ def main() -> None:
         emit({"kind": "recall", "model": "backbone", **recall(backbone, gap, args, 7, eval_text if text else None)})
 
     models = {}
-    for label, memories in (("memories_off", False), ("memories_on", True)):
+    for label, memories in (("memories_off", False), ("memories_on", True))[int(args.skip_off):]:
         model = build_model(model_config(args, memories), vocab)
         missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
         assert not unexpected, unexpected
         if memories:
+            if args.oracle_salience:
+                for block in model.blocks:
+                    if block.em is not None:
+                        block.em.salience = OracleSalience(args.filler_vocab + args.keys)
             models["memories_on/untrained"] = copy.deepcopy(model)
-        row = train(model, streams((1, args.train_gap), args.seed + 1), args.phase_steps, args, label)
+        row = train(model, streams((args.train_gap_min, args.train_gap), args.seed + 1, T=args.phase_call or W,
+                                   pair_every=args.phase_pair_every or args.pair_every),
+                    args.phase_steps, args, label)
         emit({"kind": "train", "model": label, "phase": "C" if memories else "A", **row})
+        if args.save_models:
+            torch.save(model.state_dict(), f"{args.save_models}_{label}.pth")
         models[label] = model
     for gap in (W // 4, W // 2, 2 * W, 8 * W, 32 * W):
-        for label in ("memories_off", "memories_on", "memories_on/switched_off", "memories_on/untrained"):
+        for label in ("memories_off", "memories_on", "memories_on/switched_off", "memories_on/untrained")[int(args.skip_off):]:
             model = models["memories_on" if label.endswith("switched_off") else label]
             ctx = model.memories_switched_off() if label.endswith("switched_off") else contextlib.nullcontext()
             with ctx:

@@ -44,6 +44,14 @@ The written key/value keep their graph inside the call, so reads later in the sa
 train the WM projections, the salience and the neuromodulator's strength; delta only
 enters the hard gate (it is left for phase D's reinforcement training, like PM's gate).
 
+Looked up by (cfg.em_keys): "attention", the block's own queries and keys, as above; or
+"own", a query and a key projection of the memory's own (`lookup`): the stored keys are
+key_proj(h) of the remembered tokens and each query scores them with query_proj(h),
+in the same softmax as the window (whose keys keep the attention's scores). For a
+backbone whose lookup is not in its attention: in the MQAR bench the Spike-KDA state
+recalls the pairs inside the window and the attention's weights at the answers are
+near uniform, so its keys offer the memory nothing to extend.
+
 Read, every query of the block: `write` returns the call's entries (the slots it starts
 with, then its candidates) with, per span, which of them the memory holds at the span's
 start; `read_mask` picks per query head the entries it reads: held at the start of the
@@ -121,6 +129,11 @@ class EpisodicMemory(nn.Module):
         self.threshold, self.decay, self.s_max = cfg.em_novelty_threshold, cfg.em_decay, cfg.em_strength_max
         self.salience_weight = cfg.em_salience_weight
         self.salience = nn.Linear(cfg.d_model, 1)  # which tokens of a span are worth remembering
+        # em_keys "own": the memory is looked up by projections of its own (see `lookup`)
+        self.own_keys = cfg.em_keys == "own"
+        if self.own_keys:
+            self.query_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+            self.key_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
         self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads))  # per head: how much remembered keys count
         self.neuromod = EMNeuromodulator()
         self.init_special()
@@ -137,6 +150,16 @@ class EpisodicMemory(nn.Module):
         return {"keys": z(B, M, m), "values": z(B, M, m), "strength": z(B, M), "age": z(B, M),
                 "cand_keys": z(B, c, m), "cand_values": z(B, c, m), "cand_salience": z(B, c), "cand_score": z(B, c),
                 "cand_age": z(B, c), "cand_live": z(B, c), "doc_age": z(B)}
+
+    def lookup(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """h [B, T, d]; q [B, H, T, D], k [B, G, T, D] (the WM layer's) -> the queries and keys
+        the memory is looked up by, same shapes: the attention's own (em_keys "attention"),
+        or the memory's projections of h (em_keys "own")."""
+        if not self.own_keys:
+            return q, k
+        B, T = h.shape[:2]
+        return (self.query_proj(h).view(B, T, q.shape[1], -1).transpose(1, 2),
+                self.key_proj(h).view(B, T, k.shape[1], -1).transpose(1, 2))
 
     # ------------------------------------------------------------------ write
     def write(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[dict], grid: SpanGrid,
@@ -279,7 +302,8 @@ class EpisodicMemory(nn.Module):
 
     def salience_loss(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, reset: Optional[torch.Tensor]):
         """h [B, T, d] (the block's normalised input), q [B, H, T, D], k [B, G, T, D] (the
-        WM layer's queries and keys of this call), reset [B, T] bool or None -> 0-dim loss:
+        queries and keys the memory is looked up by, `lookup`, of this call's tokens),
+        reset [B, T] bool or None -> 0-dim loss:
         binary cross-entropy of sigmoid(salience(h_j)) against a_j, the largest attention
         weight any head's query i gives token j, over the queries of the call with
         MIN_LOOKUP <= i - j <= W in j's document (softmax over the call's keys in the

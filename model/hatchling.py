@@ -96,16 +96,18 @@ class HatchlingBlock(nn.Module):
             y, new_state = self.mixer(h, state, reset)
         else:  # the episodic memory extends the WM window: written from, and read by, its keys
             q, k, v = self.mixer.project(h)
-            entries, em_state, em_stats = self.em.write(h, k, v, memory.get("em"), grid, soft, surprises)
+            q_mem, k_mem = self.em.lookup(h, q, k)  # the attention's own, or the memory's projections
+            entries, em_state, em_stats = self.em.write(h, k_mem, v, memory.get("em"), grid, soft, surprises)
             B, E = entries["keys"].shape[:2]
             heads = lambda t: t.view(B, E, self.mixer.kv_heads, -1).transpose(1, 2)  # noqa: E731 [B, G, E, D]
             remembered = (heads(entries["keys"]), heads(entries["values"]), entries["log_strength"],
-                          self.em.read_bias(grid, h.shape[1], h.device), self.em.read_mask(q, entries, grid, soft))
+                          self.em.read_bias(grid, h.shape[1], h.device), self.em.read_mask(q_mem, entries, grid, soft),
+                          q_mem if self.em.own_keys else None)
             y, new_state, share = self.mixer.attend(q, k, v, state, reset, remembered)
             new_state["em"] = em_state
             stats.update(em_stats, em_read_share=share.detach().float().mean())
             if self.training and self.em.salience_weight > 0:
-                salience = self.em.salience_loss(h, q, k, reset)
+                salience = self.em.salience_loss(h, q_mem, k_mem, reset)  # what the memory's lookup picks
                 stats["em_salience"] = salience.detach()
                 stats["loss/em_salience"] = self.em.salience_weight * salience
         if self.pm is not None:

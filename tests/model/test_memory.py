@@ -382,13 +382,15 @@ def test_episodic_novelty_sees_past_the_component_all_keys_share():
     assert again["em_write_rate"] == 0.0
 
 
-def test_episodic_read_is_one_softmax_over_window_and_memory():
+@pytest.mark.parametrize("em_keys", ["attention", "own"])
+def test_episodic_read_is_one_softmax_over_window_and_memory(em_keys):
     """The WM attention with remembered keys equals a naive per-query softmax over the
     window's keys and the entries read_mask picks, each scored q.k / sqrt(D) + log of its
     strength at the query's span + the head's log weight; the memory's share of attention
-    is returned too."""
+    is returned too. With em_keys "own" the memory's entries are scored by its own
+    queries, q_mem = query_proj(h), and its keys are key_proj(h) of the remembered tokens."""
     torch.manual_seed(0)
-    model = mem_model(pm_enabled=False, n_heads=4, n_kv_heads=2, em_writes_per_span=3)
+    model = mem_model(pm_enabled=False, n_heads=4, n_kv_heads=2, em_writes_per_span=3, em_keys=em_keys)
     block = model.blocks[1]
     with torch.no_grad():
         block.em.log_weight.copy_(torch.randn(4))
@@ -402,10 +404,25 @@ def test_episodic_read_is_one_softmax_over_window_and_memory():
         return seen["out"]
 
     block.mixer.attend = spy
+    block.norm1.register_forward_hook(lambda module, args, out: seen.update(h=out))
     model(tokens(2, 2 * P + 3, seed=5), state=state)
     q, k, v, st = seen["q"], seen["k"], seen["v"], seen["state"]
-    mem_k, mem_v, log_strength, bias, mask = seen["memory"]
+    mem_k, mem_v, log_strength, bias, mask, mem_q = seen["memory"]
     B, H, T, D = q.shape
+    reads = q
+    if em_keys == "own":
+        h = seen["h"]  # the block's normalised input [B, T, d]
+        reads = mem_q
+        torch.testing.assert_close(mem_q, block.em.query_proj(h).view(B, T, H, D).transpose(1, 2))
+        # the call's candidates (after the M slots it starts with) are key_proj of their tokens;
+        # the last span's (span 0 may hold candidates carried from the previous call)
+        own_keys = block.em.key_proj(h)  # [B, T, G*D]
+        cand = mem_k[:, :, -block.em.per_span:].transpose(1, 2).flatten(2)  # [B, c, G*D]
+        for b in range(B):
+            for key in cand[b]:
+                assert (own_keys[b] - key).abs().amax(-1).min() < 1e-5
+    else:
+        assert mem_q is None
     G, W = k.shape[1], block.mixer.window
     keys, values = torch.cat([st["k"], k], 2), torch.cat([st["v"], v], 2)
     out, share = torch.zeros(B, H, T, D), torch.zeros(B, H, T)
@@ -420,7 +437,7 @@ def test_episodic_read_is_one_softmax_over_window_and_memory():
                         vals.append(values[b, g, j])
                         is_mem.append(0.0)
                 for e in mask[b, h, t].nonzero().flatten().tolist():
-                    scores.append(q[b, h, t] @ mem_k[b, g, e] / math.sqrt(D) + log_strength[b, e] + bias[h, t])
+                    scores.append(reads[b, h, t] @ mem_k[b, g, e] / math.sqrt(D) + log_strength[b, e] + bias[h, t])
                     vals.append(mem_v[b, g, e])
                     is_mem.append(1.0)
                 p = torch.softmax(torch.stack(scores), 0)
@@ -433,8 +450,9 @@ def test_episodic_read_is_one_softmax_over_window_and_memory():
     assert share.max() > 0.01
 
 
-def test_gradients_reach_the_neuromodulator_heads():
-    model = mem_model().train()
+@pytest.mark.parametrize("em_keys", ["attention", "own"])
+def test_gradients_reach_the_neuromodulator_heads(em_keys):
+    model = mem_model(em_keys=em_keys).train()
     x = tokens(2, 5 * P + 3)  # long enough for remembered tokens to leave the window (16)
     out = model(x)
     F.cross_entropy(out.logits.flatten(0, 1), x.roll(-1, 1).flatten()).backward()
@@ -444,6 +462,8 @@ def test_gradients_reach_the_neuromodulator_heads():
         if block.em is not None:
             heads.update({"em.mlp": block.em.neuromod.mlp[-1].weight, "em.salience": block.em.salience.weight,
                           "em.log_weight": block.em.log_weight})
+            if em_keys == "own":
+                heads.update({"em.query_proj": block.em.query_proj.weight, "em.key_proj": block.em.key_proj.weight})
         for name, p in heads.items():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i}: no gradient into {name}"
 
