@@ -23,6 +23,10 @@ Method
  2. Two copies train --phase-steps more on streams with gaps log-uniform in [1, --train-gap]:
     memories_off in phase A, memories_on in phase C (procedural and episodic memory on,
     their parameters fresh), as the trainer's phases do.
+    The backbone's in-window recall is also measured with its WM attention's output
+    zeroed (backbone/attention_silenced): the episodic memory is read by that attention,
+    so if recall does not drop, the lookup lives in the Spike-KDA state and the memory
+    has nothing to extend.
  3. Recall (argmax of the answer = the value) at gaps W/4, W/2 (inside), 2W, 8W, 32W for
     memories_off, memories_on, memories_on/switched_off (its memories removed at
     inference), with state carried across calls, until --probes answers per gap.
@@ -53,6 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model import ModelConfig, build_model, detach_state  # noqa: E402
+from model.wm_attention import WorkingMemoryAttention  # noqa: E402
 
 BOOKS = ROOT.parent / "shared" / "corpus" / "books"
 
@@ -174,6 +179,20 @@ class OracleSalience(torch.nn.Module):
 def run_model(model, x, state):
     OracleSalience.tokens = x
     return model(x, state=state)
+
+
+@contextlib.contextmanager
+def attention_silenced(model):
+    """The backbone's WM attention blocks output zeros (a probe: does its recall go through
+    its attention at all?). Memories must be off: with them the block calls `attend`."""
+    silence = lambda module, inputs, out: (torch.zeros_like(out[0]), *out[1:])  # noqa: E731
+    hooks = [block.mixer.register_forward_hook(silence) for block in model.blocks
+             if isinstance(block.mixer, WorkingMemoryAttention)]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def loss_of(logits, y, gap, text_weight: float):
@@ -326,6 +345,9 @@ def main() -> None:
             torch.save(backbone.state_dict(), saved)
     for gap in (W // 4, W // 2):
         emit({"kind": "recall", "model": "backbone", **recall(backbone, gap, args, 7, eval_text if text else None)})
+        with attention_silenced(backbone):  # the same probes with the attention's output zeroed
+            emit({"kind": "recall", "model": "backbone/attention_silenced",
+                  **recall(backbone, gap, args, 7, eval_text if text else None)})
 
     models = {}
     for label, memories in (("memories_off", False), ("memories_on", True))[int(args.skip_off):]:

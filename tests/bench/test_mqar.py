@@ -49,3 +49,28 @@ def test_long_fixed_gaps_and_text_filler():
                                             pair_every=40, seed=1, text=text), 10)
     filler = [t for t in tokens[0].tolist() if t < 256]
     assert bytes(filler[:20]).decode() in bytes(text).decode() * 2  # the filler is the text, in order
+
+
+def test_attention_silenced_zeroes_only_the_wm_attention_and_only_inside():
+    """The probe behind backbone/attention_silenced: inside the context the model equals
+    one whose WM attention blocks output zeros (their state still advances); outside it
+    the model is what it was."""
+    from bench.mqar import attention_silenced
+    from model import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="hatchling", d_model=32, n_layers=2, n_heads=2, global_every=2, wm_window=8, chunk_size=8)
+    model = build_model(cfg, 50).eval()
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(x).logits
+        with attention_silenced(model):
+            silenced = model(x).logits
+        after = model(x).logits
+        wm = model.blocks[1].mixer
+        with torch.no_grad():
+            wm.out_proj.weight.zero_()  # the same model by its weights: its attention adds nothing
+        zeroed = model(x).logits
+    assert not torch.allclose(before, silenced)
+    torch.testing.assert_close(after, before)
+    torch.testing.assert_close(silenced, zeroed)
