@@ -158,7 +158,7 @@ def model_config(args, memories: bool) -> ModelConfig:
                        global_every=args.global_every, wm_window=args.window, chunk_size=16,
                        alpha_spike_floor=1.0, pm_enabled=memories, em_enabled=memories,
                        plasticity_span=args.span, em_slots=args.em_slots, em_writes_per_span=args.em_writes,
-                       em_topk=args.em_topk, em_keys=args.em_keys)
+                       em_topk=args.em_topk, em_keys=args.em_keys, em_salience_weight=args.salience_weight)
 
 
 class OracleSalience(torch.nn.Module):
@@ -240,7 +240,7 @@ def recall(model, gap: int, args, seed: int, text) -> dict:
     """Accuracy of the argmax answer at queries `gap` tokens after their pair, state carried."""
     pair_every = max(args.pair_every, gap // 16)
     streams = PairStreams(args.eval_batch, args.window, args.filler_vocab, args.keys, args.values, (gap, gap),
-                          pair_every, seed, text)
+                          pair_every, seed, text, cooldown=args.cooldown)
     model.eval()
     state, hits, n, nll = None, 0, 0, 0.0
     calls = 0
@@ -299,6 +299,10 @@ def main() -> None:
                     "PREFIX_memories_on.pth / PREFIX_memories_off.pth (to look into them)")
     ap.add_argument("--oracle-salience", action="store_true", help="diagnostic: the memory is told to keep the "
                     "value tokens (its salience head replaced by the token ids), so only its read is on trial")
+    ap.add_argument("--cooldown", type=int, default=None, help="tokens before a key is placed again (default: "
+                    "2x the stream's largest gap); a key re-bound sooner is answered from an older pair still in memory")
+    ap.add_argument("--salience-weight", type=float, default=1.0,
+                    help="model.em_salience_weight (0: the salience learns from the memory's reads alone)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--text-weight", type=float, default=None, help="weight of the filler's LM loss (text: 1, random: 0)")
     ap.add_argument("--probes", type=int, default=512)
@@ -325,7 +329,7 @@ def main() -> None:
 
     def streams(gap, seed, uniform=False, T=W, pair_every=args.pair_every):
         return PairStreams(args.batch, T, args.filler_vocab, args.keys, args.values, gap, pair_every, seed,
-                           text, uniform)
+                           text, uniform, cooldown=args.cooldown)
 
     vocab = args.filler_vocab + args.keys + args.values
     backbone = build_model(model_config(args, False), vocab)

@@ -32,7 +32,8 @@ Method
     WM attention; hatchling_lr3e3 = hatchling_betaonly trained at learning
     rate 3e-3 (every other model at --lr); hatchling_drop10 = hatchling_betaonly with
     `model.dropout` 0.1; hatchling_pm / hatchling_mem = hatchling_betaonly with the memories of
-    phase B / C (more parameters: the memories' own); transformer = the same width and depth with its MLP
+    phase B / C (more parameters: the memories' own), hatchling_mem_own = hatchling_mem with
+    `model.em_keys` "own"; transformer = the same width and depth with its MLP
     widened until its parameter count matches the hatchling's (up to the MLP's 64-wide
     rounding).
   - Training: `train.train` (the real loop) on a preset built here; every model sees the
@@ -106,7 +107,7 @@ from train.memory_check import param_count  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
-          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_ge2",
+          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_mem_own", "hatchling_ge2",
           "hatchling_lr3e3", "hatchling_drop10")
 TRAIN_CHANGES = {"hatchling_lr3e3": {"lr": 3e-3}}  # variants of the training only
 CORPUS = ROOT.parent / "shared" / "corpus"
@@ -147,6 +148,8 @@ def model_configs(args) -> dict[str, ModelConfig]:
             "hatchling_betaonly_floor50": replace(hatch, alpha_spike_floor=1.0, beta_spike_floor=0.5),
             "hatchling_pm": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True),  # phase B
             "hatchling_mem": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True),  # phase C
+            "hatchling_mem_own": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True,
+                                         em_keys="own"),  # phase C, the episodic memory's own lookup
             "hatchling_ge2": replace(hatch, alpha_spike_floor=1.0, global_every=2),  # half the layers WM attention
             "hatchling_drop10": replace(hatch, alpha_spike_floor=1.0, dropout=0.1),  # against over-fitting
             **{name: replace(hatch, alpha_spike_floor=1.0) for name in TRAIN_CHANGES}}

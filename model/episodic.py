@@ -44,10 +44,17 @@ The written key/value keep their graph inside the call, so reads later in the sa
 train the WM projections, the salience and the neuromodulator's strength; delta only
 enters the hard gate (it is left for phase D's reinforcement training, like PM's gate).
 
-Looked up by (cfg.em_keys): "attention", the block's own queries and keys, as above; or
-"own", a query and a key projection of the memory's own (`lookup`): the stored keys are
-key_proj(h) of the remembered tokens and each query scores them with query_proj(h),
-in the same softmax as the window (whose keys keep the attention's scores). For a
+Looked up by (cfg.em_keys): "attention", the block's own queries, keys and values, as
+above and below; or "own", projections of the memory's own (`lookup`, `read`): a
+remembered token t is stored under key_proj(h_{t-1}), the token before it, with
+value_proj(h_t), and each query reads the entries it picks with query_proj(h) in a
+softmax of its own (the picked entries and a null entry scored 0), through an output
+projection of its own added to the attention's output. The query and key projections
+start tied, so a query finds at once what followed the earlier occurrences of its own
+token (the lookup an induction head learns, built in); the output projection starts at
+zero, like PM's. For a backbone whose lookup is not in its attention: in the MQAR bench
+the Spike-KDA state recalls the pairs inside the window and zeroing the attention's
+output leaves that recall unchanged, so a memory read through the attention is ignored. For a
 backbone whose lookup is not in its attention: in the MQAR bench the Spike-KDA state
 recalls the pairs inside the window and the attention's weights at the answers are
 near uniform, so its keys offer the memory nothing to extend.
@@ -74,7 +81,8 @@ State (batch first): keys, values [B, M, G*D]; strength, age [B, M]; and the ope
 candidates: cand_keys, cand_values [B, c, G*D], cand_salience, cand_score, cand_age,
 cand_live [B, c];
 doc_age [B], tokens since the stream's document started (a lifelong stream keeps
-memories across documents, and the window never shows an earlier document).
+memories across documents, and the window never shows an earlier document); with em_keys
+"own", last_u [B, d], the call's last u (`lookup`: the key of the next call's first token).
 """
 from __future__ import annotations
 
@@ -130,10 +138,13 @@ class EpisodicMemory(nn.Module):
         self.salience_weight = cfg.em_salience_weight
         self.salience = nn.Linear(cfg.d_model, 1)  # which tokens of a span are worth remembering
         # em_keys "own": the memory is looked up by projections of its own (see `lookup`)
-        self.own_keys = cfg.em_keys == "own"
+        self.own_keys, self.d_model = cfg.em_keys == "own", cfg.d_model
         if self.own_keys:
+            self.n_heads = cfg.n_heads
             self.query_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
             self.key_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+            self.value_proj = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+            self.out_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.log_weight = nn.Parameter(torch.zeros(cfg.n_heads))  # per head: how much remembered keys count
         self.neuromod = EMNeuromodulator()
         self.init_special()
@@ -143,23 +154,64 @@ class EpisodicMemory(nn.Module):
         """Initialise the non-matrix parameters (call again after any blanket re-init)."""
         self.log_weight.zero_()
         self.neuromod.init_special()
+        if self.own_keys:  # tied, and scaled so that a token's key matches its own query sharply
+            nn.init.normal_(self.key_proj.weight, 0.0, self.d_model ** -0.5)
+            G, H = self.kv_heads, self.n_heads
+            self.query_proj.weight.copy_(
+                self.key_proj.weight.view(G, self.head_dim, -1).repeat_interleave(H // G, 0).flatten(0, 1))
+            nn.init.zeros_(self.out_proj.weight)  # silent until its reads are found useful, like PM
 
     def zero_state(self, batch_size: int, device) -> dict:
         B, M, c, m = batch_size, self.slots, self.per_span, self.kv_heads * self.head_dim
         z = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
         return {"keys": z(B, M, m), "values": z(B, M, m), "strength": z(B, M), "age": z(B, M),
                 "cand_keys": z(B, c, m), "cand_values": z(B, c, m), "cand_salience": z(B, c), "cand_score": z(B, c),
-                "cand_age": z(B, c), "cand_live": z(B, c), "doc_age": z(B)}
+                "cand_age": z(B, c), "cand_live": z(B, c), "doc_age": z(B)} | (
+                    {"last_u": z(B, self.d_model)} if self.own_keys else {})
 
-    def lookup(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """h [B, T, d]; q [B, H, T, D], k [B, G, T, D] (the WM layer's) -> the queries and keys
-        the memory is looked up by, same shapes: the attention's own (em_keys "attention"),
-        or the memory's projections of h (em_keys "own")."""
+    def lookup(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               state: Optional[dict] = None, reset: Optional[torch.Tensor] = None,
+               embedded: Optional[torch.Tensor] = None):
+        """h [B, T, d]; q [B, H, T, D], k, v [B, G, T, D] (the WM layer's); state: the
+        memory's (for the last token of the previous call); reset [B, T] bool or None;
+        embedded [B, T, d], the model's token embeddings -> (queries, keys, values, last):
+        what the memory is looked up by and remembers, same shapes as q, k, v, and the
+        state's next last_u [B, d] (None without own keys): the attention's
+        own (em_keys "attention"), or (em_keys "own") query_proj(u_t), key_proj(u_{t-1})
+        and value_proj(h_t), with u = h + rmsnorm(embedded): a token is remembered under the
+        token before it (zero for a document's first token), so a later query of that token
+        finds what followed it. The embedding is in u because the block's input h may say
+        little of its own token (in the MQAR bench's backbone a linear probe reads the
+        token from h 30% of the time): the context, not the token, fills it."""
         if not self.own_keys:
-            return q, k
-        B, T = h.shape[:2]
-        return (self.query_proj(h).view(B, T, q.shape[1], -1).transpose(1, 2),
-                self.key_proj(h).view(B, T, k.shape[1], -1).transpose(1, 2))
+            return q, k, v, None
+        B, T, d = h.shape
+        u = h if embedded is None else h + F.rms_norm(embedded.to(h.dtype), (d,))
+        last = state["last_u"] if state is not None else h.new_zeros(B, d)
+        before = torch.cat([last.to(h.dtype)[:, None], u[:, :-1]], 1)  # [B, T, d]
+        if reset is not None:
+            before = before.masked_fill(reset[..., None], 0.0)
+        heads = lambda t, n: t.view(B, T, n, -1).transpose(1, 2)  # noqa: E731
+        return (heads(self.query_proj(u), q.shape[1]), heads(self.key_proj(before), k.shape[1]),
+                heads(self.value_proj(h), v.shape[1]), u[:, -1].float())
+
+    def read(self, q: torch.Tensor, entries: dict, mask: torch.Tensor, bias: torch.Tensor):
+        """The memory's own read (em_keys "own"): q [B, H, T, D] (its queries), entries
+        (from `write`), mask [B, H, T, E] (`read_mask`), bias [H, T] (`read_bias`) ->
+        (y [B, T, d], share [B, H, T]). Each query's softmax runs over the entries it
+        picked, scored q.k / sqrt(D) + log strength + bias, and a null entry scored 0 whose
+        value is 0 (so a query that finds nothing like itself reads little); y is
+        out_proj of the heads' reads; share, the softmax mass on the entries."""
+        B, H, T, D = q.shape
+        E, G = entries["keys"].shape[1], self.kv_heads
+        heads = lambda t: t.view(B, E, G, D).transpose(1, 2).repeat_interleave(H // G, 1)  # noqa: E731 [B, H, E, D]
+        keys, values = heads(entries["keys"]), heads(entries["values"])
+        scores = (q.float() @ keys.transpose(-1, -2)) / math.sqrt(D) + entries["log_strength"][:, None, None] \
+            + bias[None, :, :, None]
+        scores = torch.cat([scores.new_zeros(B, H, T, 1), scores.masked_fill(~mask, MASKED)], -1)
+        p = scores.softmax(-1)[..., 1:]  # [B, H, T, E]: the null entry's mass dropped
+        y = (p @ values).transpose(1, 2).reshape(B, T, H * D)
+        return self.out_proj(y.to(self.out_proj.weight.dtype)), p.sum(-1)
 
     # ------------------------------------------------------------------ write
     def write(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[dict], grid: SpanGrid,
@@ -300,15 +352,32 @@ class EpisodicMemory(nn.Module):
         ids = torch.where(slot > 0, entry, ids)
         return K, V, S, at, ids, strength, {"write": write, "novelty": novelty, "ok": ok.float()}
 
-    def salience_loss(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, reset: Optional[torch.Tensor]):
+    def salience_loss(self, h: torch.Tensor, q: torch.Tensor, k: torch.Tensor, reset: Optional[torch.Tensor],
+                      tokens: Optional[torch.Tensor] = None):
         """h [B, T, d] (the block's normalised input), q [B, H, T, D], k [B, G, T, D] (the
         queries and keys the memory is looked up by, `lookup`, of this call's tokens),
         reset [B, T] bool or None -> 0-dim loss:
         binary cross-entropy of sigmoid(salience(h_j)) against a_j, the largest attention
         weight any head's query i gives token j, over the queries of the call with
         MIN_LOOKUP <= i - j <= W in j's document (softmax over the call's keys in the
-        window: an estimate, the cached keys of earlier calls left out). Detached target."""
+        window: an estimate, the cached keys of earlier calls left out). With the memory's
+        own keys the lookups are not the window's: every later query of the call counts,
+        over all the call's earlier keys of its document (a token whose lookup comes from
+        beyond the window is the one worth remembering), and the target is 1 where that
+        weight is at least 1/2, else 0: a token that follows a common token is matched by
+        its every later occurrence together with all the others that followed it, so its
+        weight is spread and it would look almost as salient as one that is looked up
+        alone. With the call's token ids (tokens [B, T]), a lookup counts only if the token
+        after the query is the remembered token: the read would have told what came next.
+        (In MQAR, "k v ... k v": v is remembered, looked up by the second k, and comes
+        next; the filler after the first v is looked up by the second v too, and does
+        not.) Detached target."""
         B, H, T, D = q.shape
+        # the attention's keys are looked up inside its window; the memory's own, from anywhere
+        horizon = T if self.own_keys else self.window
+        copied = None
+        if self.own_keys and tokens is not None:  # [B, T(query), T(key)]: token i + 1 is token j
+            copied = F.pad(tokens[:, 1:], (0, 1), value=-1)[:, :, None] == tokens[:, None, :]
         with torch.no_grad():
             keys = k.float().repeat_interleave(H // k.shape[1], 1)  # [B, H, T, D]
             t = torch.arange(T, device=q.device)
@@ -320,12 +389,16 @@ class EpisodicMemory(nn.Module):
                 rows = t[a:a + SALIENCE_QUERY_BLOCK]
                 scores = q[:, :, rows].float() @ keys.transpose(-1, -2) / math.sqrt(D)  # [B, H, block, T]
                 delta = rows[:, None] - t[None, :]
-                seen = ((delta >= 0) & (delta <= self.window))[None]
+                seen = ((delta >= 0) & (delta <= horizon))[None]
                 if seg is not None:
                     seen = seen & (seg[:, rows, None] == seg[:, None, :])
                 probs = scores.masked_fill(~seen[:, None], -math.inf).softmax(-1)
                 far = (delta >= MIN_LOOKUP)[None, None]
+                if copied is not None:  # only a lookup whose query is followed by the remembered token
+                    far = far & copied[:, None, a:a + SALIENCE_QUERY_BLOCK]
                 target = torch.maximum(target, torch.where(far, probs, 0.0).amax(dim=(1, 2)))
+            if self.own_keys:  # looked up: picked by some later query with at least half its weight
+                target = (target >= 0.5).float()
         z = self.salience(h.float()).squeeze(-1)
         return F.binary_cross_entropy_with_logits(z, target)
 
@@ -334,7 +407,8 @@ class EpisodicMemory(nn.Module):
         """q [B, H, T, D] (the WM layer's queries) -> [B, H, T, E] bool: the entries each
         query reads. An entry is readable by a query if it is held in the memory as it
         stood at the start of the query's span, its token is not in the query's window (it
-        has scrolled out, or it is from an earlier document, which the window never shows),
+        has scrolled out, or it is from an earlier document, which the window never shows;
+        with em_keys "own", whose read is not the window's, in the window or not),
         (with a hard reset) the query's document has not restarted in the span, and it
         is among the query head's top k by score q.k / sqrt(D) + log strength."""
         B, H, T, D = q.shape
@@ -343,7 +417,8 @@ class EpisodicMemory(nn.Module):
         span = (t + grid.offset) // P  # [T]
         ok = entries["alive"][:, span]  # [B, T, E]
         pos = entries["pos"][:, None, :]
-        ok = ok & ((t[None, :, None] - pos > self.window) | (pos < entries["doc_start"][..., None]))
+        if not self.own_keys:  # the window has its own tokens already; the memory's own read does not
+            ok = ok & ((t[None, :, None] - pos > self.window) | (pos < entries["doc_start"][..., None]))
         if not soft and grid.since_reset is not None:  # a hard reset emptied the memory for these tokens
             ok = ok & ~grid.from_grid(grid.since_reset)[..., None]
         with torch.no_grad():

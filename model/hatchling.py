@@ -80,7 +80,11 @@ class HatchlingBlock(nn.Module):
         return state
 
     def forward(self, x, state=None, reset=None, grid: Optional[SpanGrid] = None, soft: bool = False,
-                metrics: Optional[dict] = None):
+                metrics: Optional[dict] = None, embedded: Optional[torch.Tensor] = None,
+                tokens: Optional[torch.Tensor] = None):
+        """embedded [B, T, d], tokens [B, T]: the model's token embeddings and ids (an
+        episodic memory with its own keys is looked up by the embeddings, and its salience
+        target checks the ids, `EpisodicMemory.lookup` / `salience_loss`)."""
         spikes = None
         memory = {k: state[k] for k in ("pm", "em") if k in state} if state is not None else {}
         if memory:
@@ -96,18 +100,25 @@ class HatchlingBlock(nn.Module):
             y, new_state = self.mixer(h, state, reset)
         else:  # the episodic memory extends the WM window: written from, and read by, its keys
             q, k, v = self.mixer.project(h)
-            q_mem, k_mem = self.em.lookup(h, q, k)  # the attention's own, or the memory's projections
-            entries, em_state, em_stats = self.em.write(h, k_mem, v, memory.get("em"), grid, soft, surprises)
-            B, E = entries["keys"].shape[:2]
-            heads = lambda t: t.view(B, E, self.mixer.kv_heads, -1).transpose(1, 2)  # noqa: E731 [B, G, E, D]
-            remembered = (heads(entries["keys"]), heads(entries["values"]), entries["log_strength"],
-                          self.em.read_bias(grid, h.shape[1], h.device), self.em.read_mask(q_mem, entries, grid, soft),
-                          q_mem if self.em.own_keys else None)
-            y, new_state, share = self.mixer.attend(q, k, v, state, reset, remembered)
+            # the attention's queries/keys/values, or the memory's own
+            q_mem, k_mem, v_mem, last_u = self.em.lookup(h, q, k, v, memory.get("em"), reset, embedded)
+            entries, em_state, em_stats = self.em.write(h, k_mem, v_mem, memory.get("em"), grid, soft, surprises)
+            if last_u is not None:  # the next call's first token is remembered under this call's last
+                em_state["last_u"] = last_u
+            bias, picked = self.em.read_bias(grid, h.shape[1], h.device), self.em.read_mask(q_mem, entries, grid, soft)
+            if self.em.own_keys:  # its own read, added to the attention's output
+                y, new_state, _ = self.mixer.attend(q, k, v, state, reset)
+                read, share = self.em.read(q_mem, entries, picked, bias)
+                y = y + read.to(y.dtype)
+            else:  # remembered keys join the attention's softmax
+                B, E = entries["keys"].shape[:2]
+                heads = lambda t: t.view(B, E, self.mixer.kv_heads, -1).transpose(1, 2)  # noqa: E731 [B, G, E, D]
+                remembered = (heads(entries["keys"]), heads(entries["values"]), entries["log_strength"], bias, picked)
+                y, new_state, share = self.mixer.attend(q, k, v, state, reset, remembered)
             new_state["em"] = em_state
             stats.update(em_stats, em_read_share=share.detach().float().mean())
             if self.training and self.em.salience_weight > 0:
-                salience = self.em.salience_loss(h, q_mem, k_mem, reset)  # what the memory's lookup picks
+                salience = self.em.salience_loss(h, q_mem, k_mem, reset, tokens)  # what the memory's lookup picks
                 stats["em_salience"] = salience.detach()
                 stats["loss/em_salience"] = self.em.salience_weight * salience
         if self.pm is not None:
@@ -241,7 +252,7 @@ class HatchlingLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor, state=None, reset_mask: Optional[torch.Tensor] = None) -> ModelOutput:
         layer_states = state["layers"] if state is not None else [None] * len(self.blocks)
-        x = self.drop(self.embed(tokens))
+        x = embedded = self.drop(self.embed(tokens))
         new_states, aux = [], {}
         grid, clock = None, None
         if self.memories:
@@ -257,7 +268,8 @@ class HatchlingLM(nn.Module):
         tap, mid = (heads.tap_layer if heads is not None else None), None
         for i, block in enumerate(self.blocks):
             metrics = {} if self.memories else None
-            x, layer_state, spikes = block(x, layer_states[i], reset_mask, grid, self.lifelong, metrics)
+            x, layer_state, spikes = block(x, layer_states[i], reset_mask, grid, self.lifelong, metrics, embedded,
+                                             tokens)
             if i == tap:
                 mid = x  # the policy head's input
             new_states.append(layer_state)

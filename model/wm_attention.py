@@ -87,15 +87,13 @@ class WorkingMemoryAttention(nn.Module):
 
         memory: None, or remembered keys from the block's episodic memory
         (`episodic.py`): (keys, values [B, G, E, D], log_strength [B, E], bias [H, T],
-        mask [B, H, T, E] bool, queries [B, H, T, D] or None). Window and memory are one
-        softmax (per query block, as without memory, so a long call stays O(T (W + E))): a
-        remembered key j scores q.k_j / sqrt(D) + log_strength_j + bias[h, t], like a window
-        key plus the log of its strength (so it counts strength times as much); with
-        `queries` (the memory's own, em_keys "own"), those take q's place for remembered
-        keys. The extra terms ride on extra q/k dimensions (the memory's queries, then two
-        more), so one SDPA call with a boolean mask computes it and their gradients flow
-        through the keys, not the mask. An extra value channel, 1 on remembered keys,
-        returns each query's share of attention on the memory."""
+        mask [B, H, T, E] bool). Window and memory are one softmax (per query block, as
+        without memory, so a long call stays O(T (W + E))): a remembered key j
+        scores q.k_j / sqrt(D) + log_strength_j + bias[h, t], like a window key plus the
+        log of its strength (so it counts strength times as much). The extra terms ride on
+        two extra q/k dimensions, so one SDPA call with a boolean mask computes it and
+        their gradients flow through the keys, not the mask. An extra value channel, 1 on
+        remembered keys, returns each query's share of attention on the memory."""
         B, H, T, D = q.shape
         G, W = self.kv_heads, self.window
         if state is None:
@@ -125,24 +123,18 @@ class WorkingMemoryAttention(nn.Module):
         if memory is None:
             y = self._windowed(q, keys, values, mask, dropout)
         else:
-            mem_k, mem_v, log_strength, bias, mem_mask, mem_q = memory
+            mem_k, mem_v, log_strength, bias, mem_mask = memory
             E, dt = mem_k.shape[2], q.dtype
-            one = lambda *shape, n=1: torch.ones(*shape, n, dtype=dt, device=q.device)  # noqa: E731
-            zero = lambda *shape, n=1: torch.zeros(*shape, n, dtype=dt, device=q.device)  # noqa: E731
+            one = lambda *shape: torch.ones(*shape, 1, dtype=dt, device=q.device)  # noqa: E731
+            zero = lambda *shape: torch.zeros(*shape, 1, dtype=dt, device=q.device)  # noqa: E731
             per_query = (bias.to(dt) * D ** 0.5)[None, :, :, None].expand(B, -1, -1, -1)  # [B, H, T, 1]
             per_key = log_strength.to(dt)[:, None, :, None].expand(-1, G, -1, -1)  # [B, G, E, 1]
-            if mem_q is None:  # remembered keys are scored by the attention's queries
-                q_ext = torch.cat([q, one(B, H, T) * D ** 0.5, per_query], -1)
-                k_win = torch.cat([keys, zero(B, G, W + T, n=2)], -1)
-                k_mem = torch.cat([mem_k.to(dt), per_key, one(B, G, E)], -1)
-            else:  # by the memory's own: [q, q_mem] against [k, 0] (window) and [0, k_mem] (memory)
-                q_ext = torch.cat([q, mem_q.to(dt), one(B, H, T) * D ** 0.5, per_query], -1)
-                k_win = torch.cat([keys, zero(B, G, W + T, n=D + 2)], -1)
-                k_mem = torch.cat([zero(B, G, E, n=D), mem_k.to(dt), per_key, one(B, G, E)], -1)
+            q_ext = torch.cat([q, one(B, H, T) * D ** 0.5, per_query], -1)
+            k_win = torch.cat([keys, zero(B, G, W + T), zero(B, G, W + T)], -1)
+            k_mem = torch.cat([mem_k.to(dt), per_key, one(B, G, E)], -1)
             # values padded to q/k's width: SDPA's fused CPU kernel wants them equal (2x faster)
-            pad = q_ext.shape[-1] - D - 1
-            v_win = torch.cat([values, zero(B, G, W + T, n=pad + 1)], -1)
-            v_mem = torch.cat([mem_v.to(dt), one(B, G, E), zero(B, G, E, n=pad)], -1)
+            v_win = torch.cat([values, zero(B, G, W + T), zero(B, G, W + T)], -1)
+            v_mem = torch.cat([mem_v.to(dt), one(B, G, E), zero(B, G, E)], -1)
             out = self._windowed(q_ext, k_win, v_win, mask, dropout, (k_mem, v_mem, mem_mask), scale=D ** -0.5)
             y, share = out[..., :D], out[..., D]
         y = self.out_proj(y.transpose(1, 2).reshape(B, T, H * D))

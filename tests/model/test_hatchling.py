@@ -140,16 +140,13 @@ def test_wm_attention_is_a_sliding_window_over_the_document(query_block):
     assert_same(torch.cat([a, b], 1), y)
 
 
-@pytest.mark.parametrize("own_queries", [False, True])
 @pytest.mark.parametrize("query_block", [None, 3, 14])
-def test_wm_attention_with_remembered_keys_is_one_softmax_per_query(query_block, own_queries):
+def test_wm_attention_with_remembered_keys_is_one_softmax_per_query(query_block):
     """With episodic entries (attend(..., memory=...)), each query's softmax covers its
     window and the entries its per-head mask picks, a remembered key scoring
-    q.k / sqrt(D) + log strength + bias[h, t] (with the memory's own queries q_mem,
-    em_keys "own": q_mem.k / sqrt(D) + ...); checked against an explicit per-query
+    q.k / sqrt(D) + log strength + bias[h, t]; checked against an explicit per-query
     softmax, in query blocks of W (the default once T > 2W), of 3, or all in one call,
-    values and the gradients of q, k, v, the remembered keys/values and log strengths
-    (and q_mem)."""
+    values and the gradients of q, k, v, the remembered keys/values and log strengths."""
     torch.manual_seed(0)
     B, H, G, D, T, W, E = 2, 2, 1, 16, 14, 5, 6
     layer = WorkingMemoryAttention(tiny_cfg(wm_window=W, n_heads=H, n_kv_heads=G, d_model=H * D)).eval()
@@ -161,9 +158,7 @@ def test_wm_attention_with_remembered_keys_is_one_softmax_per_query(query_block,
     pick = torch.rand(B, H, T, E) < 0.4
     reset = torch.zeros(B, T, dtype=torch.bool)
     reset[1, 9] = True
-    q_mem = torch.randn(B, H, T, D, requires_grad=True) if own_queries else None
-    y, _, share = layer.attend(q, k, v, None, reset, (mem_k, mem_v, log_s, bias, pick, q_mem))
-    reads = q_mem if own_queries else q
+    y, _, share = layer.attend(q, k, v, None, reset, (mem_k, mem_v, log_s, bias, pick))
     outs, shares = [], []
     for b in range(B):
         for t in range(T):
@@ -171,7 +166,7 @@ def test_wm_attention_with_remembered_keys_is_one_softmax_per_query(query_block,
             heads = []
             for h in range(H):
                 s_win = q[b, h, t] @ k[b, 0, lo:t + 1].T / D ** 0.5
-                s_mem = (reads[b, h, t] @ mem_k[b, 0].T / D ** 0.5 + log_s[b] + bias[h, t])[pick[b, h, t]]
+                s_mem = (q[b, h, t] @ mem_k[b, 0].T / D ** 0.5 + log_s[b] + bias[h, t])[pick[b, h, t]]
                 p = torch.softmax(torch.cat([s_win, s_mem]), -1)
                 n = t + 1 - lo
                 heads.append(p[:n] @ v[b, 0, lo:t + 1] + p[n:] @ mem_v[b, 0][pick[b, h, t]])
@@ -181,7 +176,7 @@ def test_wm_attention_with_remembered_keys_is_one_softmax_per_query(query_block,
     assert_same(y, ref)
     assert_same(share, torch.stack(shares).view(B, T, H).transpose(1, 2))
     w = torch.randn_like(y)
-    params = [q, k, v, mem_k, mem_v, log_s] + ([q_mem] if own_queries else [])
+    params = [q, k, v, mem_k, mem_v, log_s]
     for a, b in zip(torch.autograd.grad((y * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
         assert_same(a, b)
 

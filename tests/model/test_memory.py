@@ -144,6 +144,24 @@ def test_fresh_memories_change_nothing_before_a_token_leaves_the_window():
     assert (a - b).abs().max() > 1e-3
 
 
+def test_own_memory_reads_its_entries_inside_the_window_too():
+    """With em_keys "own" the memory's read is not the window's, so an entry is readable
+    as soon as the memory holds it (from the span after its token), in the window or not;
+    with the attention's keys, only once its token has left the window."""
+    x = tokens(2, 3 * P + 5)
+    for em_keys, first_read in (("own", P), ("attention", None)):
+        model = mem_model(pm_enabled=False, wm_window=64, em_keys=em_keys)
+        block, seen = model.blocks[1], {}
+        read_mask = block.em.read_mask
+        block.em.read_mask = lambda *a, **kw: seen.setdefault("mask", read_mask(*a, **kw))
+        model(x)
+        reads = seen["mask"].any(-1).any(1)  # [B, T]: queries that read an entry
+        if first_read is None:  # the window (64) is longer than the stream
+            assert not reads.any()
+        else:
+            assert not reads[:, :first_read].any() and reads[:, first_read:].all()
+
+
 def test_memories_are_causal():
     """A commit or write at a span end only ever serves later tokens: changing the tokens
     from t on leaves every logit before t unchanged, at and around span ends."""
@@ -156,11 +174,13 @@ def test_memories_are_causal():
         assert torch.equal(model(y).logits[:, :t], base[:, :t]), t
 
 
+@pytest.mark.parametrize("em_keys", ["attention", "own"])
 @pytest.mark.parametrize("lifelong", [False, True])
-def test_split_calls_equal_one_call(lifelong):
+def test_split_calls_equal_one_call(lifelong, em_keys):
     """Any cut of the stream into calls (spans straddling calls, T = 1 decoding, resets)
-    gives the same logits and state as one call."""
-    model = mem_model(lifelong=lifelong)
+    gives the same logits and state as one call (with em_keys "own", a call's first token
+    is keyed by the previous call's last)."""
+    model = mem_model(lifelong=lifelong, em_keys=em_keys)
     x = tokens(2, 45)
     reset = torch.zeros(2, 45, dtype=torch.bool)
     reset[0, 13], reset[1, 30] = True, True
@@ -174,10 +194,12 @@ def test_split_calls_equal_one_call(lifelong):
     assert_states_same(state, full.state)
 
 
-def test_hard_reset_touches_only_the_stream_whose_document_ended():
+@pytest.mark.parametrize("em_keys", ["attention", "own"])
+def test_hard_reset_touches_only_the_stream_whose_document_ended(em_keys):
     """History fills the memories; a reset at p in stream 0 makes its outputs from p
-    identical to the new document run alone from an empty state; stream 1 is untouched."""
-    model = mem_model()
+    identical to the new document run alone from an empty state; stream 1 is untouched
+    (with em_keys "own", the document's first token is keyed by nothing before it)."""
+    model = mem_model(em_keys=em_keys)
     history, x = tokens(2, 37, seed=2), tokens(2, 25, seed=3)
     state = model(history).state
     assert all(em["strength"].sum() > 0 for em in em_layers(state))
@@ -342,6 +364,56 @@ def test_salience_learns_what_later_queries_look_up():
     assert z[5] > 2.0 and z[5] == z.max()  # the looked-up token stands out
     assert torch.sigmoid(z[8]) < 0.5  # nearby reads do not count
 
+@pytest.mark.parametrize("em_keys", ["attention", "own"])
+def test_salience_counts_lookups_beyond_the_window_only_with_the_memorys_own_keys(em_keys):
+    """A token looked up 20 tokens on, past the window (16): with the attention's keys
+    the window never makes that lookup, so the token is not salient; with the memory's
+    own keys every later query of the call counts, and it is."""
+    torch.manual_seed(0)
+    em = EpisodicMemory(mem_cfg(em_slots=8, em_keys=em_keys))
+    B, H, T, D = 1, 2, 32, 16
+    q, k = torch.zeros(B, H, T, D), torch.zeros(B, 1, T, D)
+    k[0, 0, 5, 0] = 30.0
+    q[0, 0, 25, 0] = 1.0  # query 25 looks up token 5, 20 tokens back
+    h = torch.randn(B, T, 32)
+    opt = torch.optim.SGD(em.salience.parameters(), lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        em.salience_loss(h, q, k, None).backward()
+        opt.step()
+    z = em.salience(h).squeeze(-1)[0]
+    if em_keys == "own":
+        assert z[5] > 2.0 and z[5] == z.max()
+    else:
+        assert torch.sigmoid(z[5]) < 0.5
+
+
+def test_own_salience_counts_a_lookup_only_when_the_remembered_token_comes_next():
+    """With the call's token ids, a token is salient for the memory's own keys when a later
+    query looks it up and the token after that query is the remembered token (the read
+    would have told what came next); a token looked up just as sharply but not followed
+    again (MQAR's filler after a value, looked up by the value's second occurrence) is not."""
+    torch.manual_seed(0)
+    em = EpisodicMemory(mem_cfg(em_slots=8, em_keys="own"))
+    B, H, T, D = 1, 2, 32, 16
+    q, k = torch.zeros(B, H, T, D), torch.zeros(B, 1, T, D)
+    k[0, 0, 5, 0] = 30.0
+    q[0, 0, 25, 0] = 1.0  # query 25 looks up token 5 ...
+    k[0, 0, 10, 1] = 30.0
+    q[0, 1, 20, 1] = 1.0  # ... and query 20 token 10
+    tokens = torch.arange(T)[None] + 100
+    tokens[0, 26] = tokens[0, 5]  # after query 25 comes token 5 again; after query 20, not token 10
+    h = torch.randn(B, T, 32)
+    opt = torch.optim.SGD(em.salience.parameters(), lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        em.salience_loss(h, q, k, None, tokens).backward()
+        opt.step()
+    z = em.salience(h).squeeze(-1)[0]
+    assert z[5] > 2.0 and z[5] == z.max()
+    assert torch.sigmoid(z[10]) < 0.5
+
+
 def test_salience_target_by_query_blocks_equals_the_whole_square(monkeypatch):
     """The target is computed a block of queries at a time (memory): any block size gives
     the same loss, documents (reset) and the window included."""
@@ -382,15 +454,13 @@ def test_episodic_novelty_sees_past_the_component_all_keys_share():
     assert again["em_write_rate"] == 0.0
 
 
-@pytest.mark.parametrize("em_keys", ["attention", "own"])
-def test_episodic_read_is_one_softmax_over_window_and_memory(em_keys):
+def test_episodic_read_is_one_softmax_over_window_and_memory():
     """The WM attention with remembered keys equals a naive per-query softmax over the
     window's keys and the entries read_mask picks, each scored q.k / sqrt(D) + log of its
     strength at the query's span + the head's log weight; the memory's share of attention
-    is returned too. With em_keys "own" the memory's entries are scored by its own
-    queries, q_mem = query_proj(h), and its keys are key_proj(h) of the remembered tokens."""
+    is returned too."""
     torch.manual_seed(0)
-    model = mem_model(pm_enabled=False, n_heads=4, n_kv_heads=2, em_writes_per_span=3, em_keys=em_keys)
+    model = mem_model(pm_enabled=False, n_heads=4, n_kv_heads=2, em_writes_per_span=3)
     block = model.blocks[1]
     with torch.no_grad():
         block.em.log_weight.copy_(torch.randn(4))
@@ -404,25 +474,10 @@ def test_episodic_read_is_one_softmax_over_window_and_memory(em_keys):
         return seen["out"]
 
     block.mixer.attend = spy
-    block.norm1.register_forward_hook(lambda module, args, out: seen.update(h=out))
     model(tokens(2, 2 * P + 3, seed=5), state=state)
     q, k, v, st = seen["q"], seen["k"], seen["v"], seen["state"]
-    mem_k, mem_v, log_strength, bias, mask, mem_q = seen["memory"]
+    mem_k, mem_v, log_strength, bias, mask = seen["memory"]
     B, H, T, D = q.shape
-    reads = q
-    if em_keys == "own":
-        h = seen["h"]  # the block's normalised input [B, T, d]
-        reads = mem_q
-        torch.testing.assert_close(mem_q, block.em.query_proj(h).view(B, T, H, D).transpose(1, 2))
-        # the call's candidates (after the M slots it starts with) are key_proj of their tokens;
-        # the last span's (span 0 may hold candidates carried from the previous call)
-        own_keys = block.em.key_proj(h)  # [B, T, G*D]
-        cand = mem_k[:, :, -block.em.per_span:].transpose(1, 2).flatten(2)  # [B, c, G*D]
-        for b in range(B):
-            for key in cand[b]:
-                assert (own_keys[b] - key).abs().amax(-1).min() < 1e-5
-    else:
-        assert mem_q is None
     G, W = k.shape[1], block.mixer.window
     keys, values = torch.cat([st["k"], k], 2), torch.cat([st["v"], v], 2)
     out, share = torch.zeros(B, H, T, D), torch.zeros(B, H, T)
@@ -437,7 +492,7 @@ def test_episodic_read_is_one_softmax_over_window_and_memory(em_keys):
                         vals.append(values[b, g, j])
                         is_mem.append(0.0)
                 for e in mask[b, h, t].nonzero().flatten().tolist():
-                    scores.append(reads[b, h, t] @ mem_k[b, g, e] / math.sqrt(D) + log_strength[b, e] + bias[h, t])
+                    scores.append(q[b, h, t] @ mem_k[b, g, e] / math.sqrt(D) + log_strength[b, e] + bias[h, t])
                     vals.append(mem_v[b, g, e])
                     is_mem.append(1.0)
                 p = torch.softmax(torch.stack(scores), 0)
@@ -449,10 +504,65 @@ def test_episodic_read_is_one_softmax_over_window_and_memory(em_keys):
     torch.testing.assert_close(got_share, share, atol=1e-5, rtol=1e-4)
     assert share.max() > 0.01
 
+def test_own_memory_reads_what_followed_the_querys_token_with_its_own_softmax():
+    """em_keys "own": a remembered token is stored under key_proj(u) of the token before it
+    (u = h + its normalised embedding) and value_proj(h) of itself; a query picks entries
+    with query_proj(u) and reads them in
+    a softmax of its own (the picked entries and a null entry scored 0), through the
+    memory's out_proj added to the attention's output. Checked against a naive per-query
+    softmax; the attention itself reads no entry."""
+    torch.manual_seed(0)
+    model = mem_model(pm_enabled=False, n_heads=4, n_kv_heads=2, em_writes_per_span=3, em_keys="own")
+    block, em = model.blocks[1], model.blocks[1].em
+    with torch.no_grad():
+        em.log_weight.copy_(torch.randn(4))
+        em.out_proj.weight.normal_(0.0, 0.2)  # a trained memory's output, not the silent start
+    state = model(tokens(2, 3 * P + 2)).state
+    seen = {}
+    read, attend = em.read, block.mixer.attend
+    em.read = lambda q, entries, mask, bias: seen.update(q=q, entries=entries, mask=mask, bias=bias,
+                                                         out=read(q, entries, mask, bias)) or seen["out"]
+    block.mixer.attend = lambda *a, **kw: seen.update(memory=a[5:] or kw.get("memory")) or attend(*a, **kw)
+    block.norm1.register_forward_hook(lambda module, args, out: seen.update(h=out))
+    model.embed.register_forward_hook(lambda module, args, out: seen.update(embedded=out))
+    model(tokens(2, 2 * P + 3, seed=5), state=state)
+    assert not seen["memory"]  # the attention reads no entry
+    h, q, entries, mask, bias = seen["h"], seen["q"], seen["entries"], seen["mask"], seen["bias"]
+    B, H, T, D = q.shape
+    G = 2
+    u = h + F.rms_norm(seen["embedded"], (h.shape[-1],))  # the block's input and its token
+    torch.testing.assert_close(q, em.query_proj(u).view(B, T, H, D).transpose(1, 2))
+    # the last span's candidates (span 0 may hold ones carried from the previous call): each is
+    # key_proj of u of the token before a token of the call, and value_proj of h of that token
+    before, own_v = em.key_proj(u[:, :-1]), em.value_proj(h[:, 1:])
+    for b in range(B):
+        for key, value in zip(entries["keys"][b, -em.per_span:], entries["values"][b, -em.per_span:]):
+            j = (before[b] - key).abs().amax(-1).argmin()
+            assert (before[b, j] - key).abs().max() < 1e-5 and (own_v[b, j] - value).abs().max() < 1e-5
+    keys = entries["keys"].view(B, -1, G, D)
+    values = entries["values"].view(B, -1, G, D)
+    out = torch.zeros(B, T, H, D)
+    for b in range(B):
+        for hh in range(H):
+            g = hh // (H // G)
+            for t in range(T):
+                picked = mask[b, hh, t].nonzero().flatten()
+                scores = [torch.zeros(())] + [q[b, hh, t] @ keys[b, e, g] / math.sqrt(D) + entries["log_strength"][b, e]
+                                               + bias[hh, t] for e in picked.tolist()]
+                p = torch.softmax(torch.stack(scores), 0)[1:]
+                out[b, t, hh] = p @ values[b, picked, g] if len(picked) else 0.0
+    assert mask.sum() > 0 and (mask.sum(-1) <= em.topk).all()
+    y, share = seen["out"]
+    torch.testing.assert_close(y, em.out_proj(out.flatten(2)), atol=1e-5, rtol=1e-4)
+    assert share.max() > 0.01
+
 
 @pytest.mark.parametrize("em_keys", ["attention", "own"])
 def test_gradients_reach_the_neuromodulator_heads(em_keys):
     model = mem_model(em_keys=em_keys).train()
+    if em_keys == "own":  # its output starts silent (zero, like PM's): a trained one, as live=True gives PM
+        with torch.no_grad():
+            model.blocks[1].em.out_proj.weight.normal_(0.0, 0.1)
     x = tokens(2, 5 * P + 3)  # long enough for remembered tokens to leave the window (16)
     out = model(x)
     F.cross_entropy(out.logits.flatten(0, 1), x.roll(-1, 1).flatten()).backward()
@@ -463,7 +573,8 @@ def test_gradients_reach_the_neuromodulator_heads(em_keys):
             heads.update({"em.mlp": block.em.neuromod.mlp[-1].weight, "em.salience": block.em.salience.weight,
                           "em.log_weight": block.em.log_weight})
             if em_keys == "own":
-                heads.update({"em.query_proj": block.em.query_proj.weight, "em.key_proj": block.em.key_proj.weight})
+                heads.update({f"em.{name}": getattr(block.em, name).weight
+                              for name in ("query_proj", "key_proj", "value_proj", "out_proj")})
         for name, p in heads.items():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"layer {i}: no gradient into {name}"
 
