@@ -144,22 +144,22 @@ def test_fresh_memories_change_nothing_before_a_token_leaves_the_window():
     assert (a - b).abs().max() > 1e-3
 
 
-def test_own_memory_reads_its_entries_inside_the_window_too():
+@pytest.mark.parametrize("em_keys, first_read", [("own", P), ("attention", None)])
+def test_own_memory_reads_its_entries_inside_the_window_too(em_keys, first_read):
     """With em_keys "own" the memory's read is not the window's, so an entry is readable
     as soon as the memory holds it (from the span after its token), in the window or not;
     with the attention's keys, only once its token has left the window."""
     x = tokens(2, 3 * P + 5)
-    for em_keys, first_read in (("own", P), ("attention", None)):
-        model = mem_model(pm_enabled=False, wm_window=64, em_keys=em_keys)
-        block, seen = model.blocks[1], {}
-        read_mask = block.em.read_mask
-        block.em.read_mask = lambda *a, **kw: seen.setdefault("mask", read_mask(*a, **kw))
-        model(x)
-        reads = seen["mask"].any(-1).any(1)  # [B, T]: queries that read an entry
-        if first_read is None:  # the window (64) is longer than the stream
-            assert not reads.any()
-        else:
-            assert not reads[:, :first_read].any() and reads[:, first_read:].all()
+    model = mem_model(pm_enabled=False, wm_window=64, em_keys=em_keys)
+    block, seen = model.blocks[1], {}
+    read_mask = block.em.read_mask
+    block.em.read_mask = lambda *a, **kw: seen.setdefault("mask", read_mask(*a, **kw))
+    model(x)
+    reads = seen["mask"].any(-1).any(1)  # [B, T]: queries that read an entry
+    if first_read is None:  # the window (64) is longer than the stream
+        assert not reads.any()
+    else:
+        assert not reads[:, :first_read].any() and reads[:, first_read:].all()
 
 
 def test_memories_are_causal():
