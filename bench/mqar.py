@@ -17,22 +17,30 @@ in a query's attention, whatever its place in the call), state carried from call
 and detached between steps, as the trainer does.
 
 Method
- 1. Backbone, phase A (memories off): gaps uniform in [1, W/2] (every query in the
-    window) until recall at W/4 is >= --target (checked every 100 steps) or --steps.
-    The in-window row comes first: a backbone that cannot copy says nothing about memory.
- 2. Two copies train --phase-steps more on streams with gaps log-uniform in [1, --train-gap]:
-    memories_off in phase A, memories_on in phase C (procedural and episodic memory on,
-    their parameters fresh), as the trainer's phases do.
-    The backbone's in-window recall is also measured with its WM attention's output
-    zeroed (backbone/attention_silenced): the episodic memory is read by that attention,
-    so if recall does not drop, the lookup lives in the Spike-KDA state and the memory
-    has nothing to extend.
+ 1. Backbone, phase A (memories off): gaps uniform in [1, --backbone-gap] (default W/2:
+    every query in the window) until recall at W/4 is >= --target (checked every 100
+    steps) or --steps (--init: start from saved weights). The in-window row comes first: a
+    backbone that cannot copy says nothing about memory. It is measured again with the
+    WM attention's output zeroed (backbone/attention_silenced): with --em-keys attention
+    the episodic memory is read by that attention, so if recall does not drop, the lookup
+    lives in the Spike-KDA state and such a memory has nothing to extend.
+ 2. Two copies train --phase-steps more on streams with gaps log-uniform in
+    [--train-gap-min, --train-gap], pairs every --phase-pair-every tokens, calls of
+    --phase-call tokens (longer than W, an entry is written and read inside one call, so
+    its key and salience get the read's gradient): memories_off in phase A, memories_on
+    in phase C (procedural and episodic memory on, their parameters fresh), as the
+    trainer's phases do. --em-keys picks the memory's lookup (model.em_keys);
+    --oracle-salience, a diagnostic, tells the memory to keep the value tokens, so only
+    its read is on trial; --skip-off reuses memories_off from a run with the same flags.
  3. Recall (argmax of the answer = the value) at gaps W/4, W/2 (inside), 2W, 8W, 32W for
     memories_off, memories_on, memories_on/switched_off (its memories removed at
     inference), with state carried across calls, until --probes answers per gap.
 Chance is 1 / --values.
 
     python bench/mqar.py                    # random filler, ~25 min on one core
+    python bench/mqar.py --backbone bench/results/mqar_backbone_pe8b.pth --phase-steps 1000 \
+        --phase-call 256 --train-gap-min 1 --phase-pair-every 32 --cooldown 2048 --em-keys own \
+        --em-writes 4 --skip-off                                 # the memory's own lookup, ~12 min
     python bench/mqar.py --filler text      # book text between the pairs
     python bench/mqar.py --backbone bench/results/mqar_backbone.pth   # train the backbone once, reuse it
 
