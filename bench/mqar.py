@@ -303,6 +303,7 @@ def main() -> None:
                     help="model.em_keys: the memory looked up by the attention's queries/keys or by its own")
     ap.add_argument("--skip-off", action="store_true", help="train and score only memories_on (memories_off "
                     "does not depend on the memory's flags: reuse its rows from a run with the same other flags)")
+    ap.add_argument("--skip-on", action="store_true", help="train and score only memories_off")
     ap.add_argument("--save-models", default=None, help="a path prefix: the trained phase models are saved as "
                     "PREFIX_memories_on.pth / PREFIX_memories_off.pth (to look into them)")
     ap.add_argument("--oracle-salience", action="store_true", help="diagnostic: the memory is told to keep the "
@@ -362,7 +363,7 @@ def main() -> None:
                   **recall(backbone, gap, args, 7, eval_text if text else None)})
 
     models = {}
-    for label, memories in (("memories_off", False), ("memories_on", True))[int(args.skip_off):]:
+    for label, memories in (("memories_off", False), ("memories_on", True))[int(args.skip_off):2 - int(args.skip_on)]:
         model = build_model(model_config(args, memories), vocab)
         missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
         assert not unexpected, unexpected
@@ -380,7 +381,8 @@ def main() -> None:
             torch.save(model.state_dict(), f"{args.save_models}_{label}.pth")
         models[label] = model
     for gap in (W // 4, W // 2, 2 * W, 8 * W, 32 * W):
-        for label in ("memories_off", "memories_on", "memories_on/switched_off", "memories_on/untrained")[int(args.skip_off):]:
+        labels = ("memories_off", "memories_on", "memories_on/switched_off", "memories_on/untrained")
+        for label in labels[int(args.skip_off):1 if args.skip_on else 4]:
             model = models["memories_on" if label.endswith("switched_off") else label]
             ctx = model.memories_switched_off() if label.endswith("switched_off") else contextlib.nullcontext()
             with ctx:
