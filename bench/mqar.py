@@ -166,7 +166,8 @@ def model_config(args, memories: bool) -> ModelConfig:
                        global_every=args.global_every, wm_window=args.window, chunk_size=16,
                        alpha_spike_floor=1.0, pm_enabled=memories, em_enabled=memories,
                        plasticity_span=args.span, em_slots=args.em_slots, em_writes_per_span=args.em_writes,
-                       em_topk=args.em_topk, em_keys=args.em_keys, em_salience_weight=args.salience_weight)
+                       em_topk=args.em_topk, em_keys=args.em_keys, em_salience_weight=args.salience_weight,
+                       em_strength_max=args.em_strength_max)
 
 
 class OracleSalience(torch.nn.Module):
@@ -299,6 +300,7 @@ def main() -> None:
     ap.add_argument("--em-slots", type=int, default=64)
     ap.add_argument("--em-writes", type=int, default=2)
     ap.add_argument("--em-topk", type=int, default=4)
+    ap.add_argument("--em-strength-max", type=float, default=1.0, help="model.em_strength_max")
     ap.add_argument("--em-keys", choices=("attention", "own"), default="attention",
                     help="model.em_keys: the memory looked up by the attention's queries/keys or by its own")
     ap.add_argument("--skip-off", action="store_true", help="train and score only memories_on (memories_off "
