@@ -195,9 +195,9 @@ def test_resume_is_exact_with(tiny_preset, tmp_path, change):
     assert straight.finished and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("phase", ["B", "C", "E"])
-def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, phase, capsys):
-    model = {**HATCHLING, "plasticity_span": 8, "pm_slots": 4, "em_slots": 8}
+@pytest.mark.parametrize("phase, em_keys", [("B", "attention"), ("C", "attention"), ("E", "attention"), ("E", "own")])
+def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, phase, em_keys, capsys):
+    model = {**HATCHLING, "plasticity_span": 8, "pm_slots": 4, "em_slots": 8, "em_keys": em_keys}
     preset = tiny_preset(model=model, train={"phase": phase})
     assert preset.model.pm_enabled and preset.model.em_enabled == (phase != "B")
     assert preset.model.lifelong == (phase == "E")
@@ -223,6 +223,14 @@ def test_memory_phases_train_and_lifelong_keeps_memory(tiny_preset, tmp_path, ph
         assert restored and len(restored) == len(stored)
         assert all(torch.equal(a.cpu(), b) for a, b in zip(restored, stored))
         assert any(bool(b.abs().sum() > 0) for b in stored)  # there was something to carry
+
+
+def test_em_keys_takes_one_of_its_two_values(tmp_path):
+    from train import PresetError, preset_from_dict
+
+    with pytest.raises(PresetError, match='model.em_keys: expected one of "attention", "own", got "mine"'):
+        preset_from_dict({"name": "x", "model": {"arch": "hatchling", "em_keys": "mine"}, "train": {"phase": "C"},
+                          "data": {"sources": ["a"]}}, "x.json")
 
 
 def test_phases_need_hatchling(tmp_path):
