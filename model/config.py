@@ -77,9 +77,10 @@ class ModelConfig:
     # weight of the salience head's own loss: predict the attention a token receives from later
     # queries of its window (what is looked up is worth remembering); 0: trained by reads alone
     em_salience_weight: float = ranged(1.0, "[0, 1000]")
-    # what the episodic memory is looked up by: "attention", the WM attention's own queries and keys
-    # (its in-window lookup extended); "own", query/key projections of its own, learnt for the memory
-    # (for a backbone whose lookup is not in its attention, e.g. its Spike-KDA state does it)
+    # how the episodic memory is read: "attention", by the WM attention as extra keys of its window (its
+    # in-window lookup extended); "own", by a lookup of its own (a token remembered under the token before
+    # it, its own softmax and output projection: episodic.py), for a backbone whose lookup is not in its
+    # attention (in the MQAR bench the Spike-KDA state does it)
     em_keys: Literal["attention", "own"] = "attention"
 
     @property
