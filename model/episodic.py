@@ -46,18 +46,16 @@ enters the hard gate (it is left for phase D's reinforcement training, like PM's
 
 Looked up by (cfg.em_keys): "attention", the block's own queries, keys and values, as
 above and below; or "own", projections of the memory's own (`lookup`, `read`): a
-remembered token t is stored under key_proj(h_{t-1}), the token before it, with
-value_proj(h_t), and each query reads the entries it picks with query_proj(h) in a
-softmax of its own (the picked entries and a null entry scored 0), through an output
-projection of its own added to the attention's output. The query and key projections
-start tied, so a query finds at once what followed the earlier occurrences of its own
-token (the lookup an induction head learns, built in); the output projection starts at
-zero, like PM's. For a backbone whose lookup is not in its attention: in the MQAR bench
+remembered token t is stored under key_proj(u_{t-1}), the token before it (u = h plus
+the token's normalised embedding), with value_proj(h_t), and each query reads the
+entries it picks with query_proj(u) in a softmax of its own (the picked entries and a
+null entry scored 0), through an output projection of its own added to the attention's
+output; entries are readable in the window too. The query and key projections start
+tied, so a query finds at once what followed the earlier occurrences of its own token
+(the lookup an induction head learns, built in); the output projection starts at zero,
+like PM's. It is for a backbone whose lookup is not in its attention: in the MQAR bench
 the Spike-KDA state recalls the pairs inside the window and zeroing the attention's
-output leaves that recall unchanged, so a memory read through the attention is ignored. For a
-backbone whose lookup is not in its attention: in the MQAR bench the Spike-KDA state
-recalls the pairs inside the window and the attention's weights at the answers are
-near uniform, so its keys offer the memory nothing to extend.
+output leaves that recall unchanged, so a memory read through the attention is ignored.
 
 Read, every query of the block: `write` returns the call's entries (the slots it starts
 with, then its candidates) with, per span, which of them the memory holds at the span's
@@ -375,9 +373,8 @@ class EpisodicMemory(nn.Module):
         B, H, T, D = q.shape
         # the attention's keys are looked up inside its window; the memory's own, from anywhere
         horizon = T if self.own_keys else self.window
-        copied = None
-        if self.own_keys and tokens is not None:  # [B, T(query), T(key)]: token i + 1 is token j
-            copied = F.pad(tokens[:, 1:], (0, 1), value=-1)[:, :, None] == tokens[:, None, :]
+        # with own keys and the token ids: the token after each query (-1 after the call's last)
+        following = F.pad(tokens[:, 1:], (0, 1), value=-1) if self.own_keys and tokens is not None else None
         with torch.no_grad():
             keys = k.float().repeat_interleave(H // k.shape[1], 1)  # [B, H, T, D]
             t = torch.arange(T, device=q.device)
@@ -394,8 +391,8 @@ class EpisodicMemory(nn.Module):
                     seen = seen & (seg[:, rows, None] == seg[:, None, :])
                 probs = scores.masked_fill(~seen[:, None], -math.inf).softmax(-1)
                 far = (delta >= MIN_LOOKUP)[None, None]
-                if copied is not None:  # only a lookup whose query is followed by the remembered token
-                    far = far & copied[:, None, a:a + SALIENCE_QUERY_BLOCK]
+                if following is not None:  # only a lookup whose query is followed by the remembered token
+                    far = far & (following[:, rows, None] == tokens[:, None, :])[:, None]
                 target = torch.maximum(target, torch.where(far, probs, 0.0).amax(dim=(1, 2)))
             if self.own_keys:  # looked up: picked by some later query with at least half its weight
                 target = (target >= 0.5).float()

@@ -414,21 +414,24 @@ def test_own_salience_counts_a_lookup_only_when_the_remembered_token_comes_next(
     assert torch.sigmoid(z[10]) < 0.5
 
 
-def test_salience_target_by_query_blocks_equals_the_whole_square(monkeypatch):
+@pytest.mark.parametrize("em_keys", ["attention", "own"])
+def test_salience_target_by_query_blocks_equals_the_whole_square(monkeypatch, em_keys):
     """The target is computed a block of queries at a time (memory): any block size gives
-    the same loss, documents (reset) and the window included."""
+    the same loss, documents (reset) and the window included (with own keys, the token ids'
+    next-token check too)."""
     import model.episodic as episodic
 
     torch.manual_seed(1)
-    em = EpisodicMemory(mem_cfg(em_slots=8))
+    em = EpisodicMemory(mem_cfg(em_slots=8, em_keys=em_keys))
     B, H, T, D = 2, 4, 37, 16
     q, k, h = torch.randn(B, H, T, D) * 2, torch.randn(B, 2, T, D) * 2, torch.randn(B, T, 32)
+    ids = torch.randint(0, 4, (B, T)) if em_keys == "own" else None  # few ids: the check often holds
     reset = torch.zeros(B, T, dtype=torch.bool)
     reset[0, 11] = reset[1, 30] = True
-    whole = em.salience_loss(h, q, k, reset)
+    whole = em.salience_loss(h, q, k, reset, ids)
     for block in (1, 5, 16):
         monkeypatch.setattr(episodic, "SALIENCE_QUERY_BLOCK", block)
-        torch.testing.assert_close(em.salience_loss(h, q, k, reset), whole)
+        torch.testing.assert_close(em.salience_loss(h, q, k, reset, ids), whole)
 
 
 def test_episodic_novelty_sees_past_the_component_all_keys_share():
