@@ -74,6 +74,10 @@ class ModelConfig:
     em_novelty_threshold: float = ranged(0.02, "[-2, 2]")
     em_decay: float = ranged(0.999, "(0, 1]")  # strengths decay by this every span
     em_strength_max: float = ranged(1.0, "(0, 1000]")
+    # what a full memory replaces: the entry with the lowest strength x em_age_decay ** (spans since it was
+    # written); 1 = the weakest. Below 1, old entries give way to new ones of like strength (a salience that is
+    # the same for every token of a kind would otherwise keep whichever happened to score highest, for good)
+    em_age_decay: float = ranged(1.0, "(0, 1]")
     # weight of the salience head's own loss: predict the attention a token receives from later
     # queries of its window (what is looked up is worth remembering); 0: trained by reads alone
     em_salience_weight: float = ranged(1.0, "[0, 1000]")

@@ -26,9 +26,13 @@ state. For each candidate, in order:
   delta, strength = EM neuromodulator(novelty, surprise, usage, sigmoid(z))
   write    = novelty + delta > threshold                 (hard gate: a near-copy of a
                                                           stored key is not stored again)
-  the weakest slot j* = argmin S takes (k, v) with S_j* = s_max * strength * sigmoid(z).
+  the weakest slot j* = argmin S r^age takes (k, v) with S_j* = s_max * strength * sigmoid(z)
+  (age: spans since the slot was written; r = em_age_decay, 1 by default).
 A candidate replaces the weakest slot only when it is stronger than what that slot holds,
 so a full memory of salient tokens is not worn away by the ordinary tokens of every span.
+With r < 1 the age discount (which the read does not see) makes old entries give way to
+new ones of like strength: a salience that scores every token of a kind alike, up to
+noise, would otherwise keep whichever scored highest, for good, and turn the newer away.
 Unlike the strength, the salience factor is not floored: the LM loss may silence a
 memory whose remembered tokens distract, and forced reads of such a memory would cost the
 backbone its in-window copying.
@@ -133,6 +137,7 @@ class EpisodicMemory(nn.Module):
         self.window = cfg.wm_window
         self.slots, self.topk, self.per_span = cfg.em_slots, cfg.em_topk, cfg.em_writes_per_span
         self.threshold, self.decay, self.s_max = cfg.em_novelty_threshold, cfg.em_decay, cfg.em_strength_max
+        self.age_decay, self.span = cfg.em_age_decay, cfg.plasticity_span
         self.salience_weight = cfg.em_salience_weight
         self.salience = nn.Linear(cfg.d_model, 1)  # which tokens of a span are worth remembering
         # em_keys "own": the memory is looked up by projections of its own (see `lookup`)
@@ -278,7 +283,8 @@ class EpisodicMemory(nn.Module):
             for i in range(c):
                 if grid.complete[s]:
                     K, V, S, at, ids, strength, info = self._write_one(
-                        K, V, S, at, ids, M + s * c + i, ck[:, i], cv[:, i], cz[:, i], cpos[:, i], ok[:, i], surprise)
+                        K, V, S, at, ids, M + s * c + i, ck[:, i], cv[:, i], cz[:, i], cpos[:, i], ok[:, i], surprise,
+                        now=float((s + 1) * P - grid.offset))
                     writes.append(info)
                 else:
                     strength = S.new_zeros(B)
@@ -328,9 +334,10 @@ class EpisodicMemory(nn.Module):
         """[B, E] bool: the entries held by a slot with strength > 0."""
         return torch.zeros(S.shape[0], E, dtype=torch.bool, device=S.device).scatter_(1, ids, S > 0)
 
-    def _write_one(self, K, V, S, at, ids, entry, key, value, z, pos, ok, surprise):
+    def _write_one(self, K, V, S, at, ids, entry, key, value, z, pos, ok, surprise, now: float):
         """One candidate, entry number `entry`. K, V [B, M, G*D]; S, at [B, M]; ids [B, M]
-        long; key, value [B, G*D]; z, pos, surprise [B]; ok [B] bool (a real token).
+        long; key, value [B, G*D]; z, pos, surprise [B]; ok [B] bool (a real token); now,
+        the span's end (relative to the call, like `at`): the slots' ages for em_age_decay.
         Returns the new (K, V, S, at, ids), the strength it was written with [B] (0 where
         not written) and detached per-stream info for the metrics."""
         novelty = self._novelty(K, S, key[:, None])[:, 0]
@@ -338,8 +345,10 @@ class EpisodicMemory(nn.Module):
         feats = torch.stack([novelty, surprise, S.mean(-1) / self.s_max, salience.detach()], -1).detach()
         delta, strength = self.neuromod(feats)
         strength = self.s_max * strength * salience
-        weakest = S.min(-1)
-        # written: novel enough, and stronger than the entry it replaces (an empty slot is 0)
+        # the slot to replace: the weakest, its strength discounted by its age (em_age_decay < 1)
+        keep = S if self.age_decay == 1.0 else S * self.age_decay ** ((now - at) / self.span).clamp(min=0)
+        weakest = keep.detach().min(-1)
+        # written: novel enough, and stronger than what it replaces (an empty slot is 0)
         write = ((novelty + delta.detach() > self.threshold) & ok & (strength.detach() > weakest.values)).float()
         slot = F.one_hot(weakest.indices, self.slots).float() * write[:, None]  # the weakest slot, where writing
         strength = strength * write

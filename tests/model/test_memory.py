@@ -338,6 +338,33 @@ def test_a_full_memory_keeps_its_strong_entries_against_weaker_tokens():
     assert stats["em_write_rate"] == 4 / n
 
 
+@pytest.mark.parametrize("age_decay", [1.0, 0.9])
+def test_a_full_memory_gives_way_to_new_entries_of_like_strength_only_with_an_age_discount(age_decay):
+    """One salient token a span, each a little less salient than the one before, into 4
+    slots: by strength alone (em_age_decay 1) the first four stay for good; discounted by
+    age (0.9 a span) old entries give way and the memory holds the last four. The read
+    strengths are the entries' own, undiscounted."""
+    torch.manual_seed(0)
+    em = EpisodicMemory(mem_cfg(em_slots=4, em_writes_per_span=1, em_novelty_threshold=-1.0, em_decay=1.0,
+                                em_age_decay=age_decay))
+    with torch.no_grad():
+        em.salience.weight.zero_()
+        em.salience.weight[0, 0] = 1.0  # salience = sigmoid(h[..., 0])
+        em.salience.bias.zero_()
+        em.neuromod.mlp[-1].weight.zero_()  # a constant neuromodulator strength: salience alone ranks
+    B, n, D = 1, 12, 16
+    T = n * P
+    h, k = torch.randn(B, T, 32), torch.randn(B, 1, T, D)
+    h[..., 0] = -4.0  # ordinary tokens
+    salient = [s * P + 3 for s in range(n)]
+    h[0, salient, 0] = 3.0 - 0.1 * torch.arange(float(n))  # like strength, each a little weaker
+    _, state, _ = em.write(h, k, k.clone(), None, SpanGrid(T, P, 0, None, "cpu"))
+    kept = sorted((T - state["age"][0]).round().long().tolist())
+    assert kept == (salient[:4] if age_decay == 1.0 else salient[-4:])
+    strength = em.s_max * em.neuromod(torch.zeros(1, 4))[1] * torch.sigmoid(h[0, kept, 0])
+    torch.testing.assert_close(state["strength"][0].sort().values, strength.sort().values)
+
+
 def test_salience_learns_what_later_queries_look_up():
     """The salience loss's target is the attention a token gets from queries at least
     MIN_LOOKUP tokens on: a token looked up from afar is salient, and the loss trains the
