@@ -25,7 +25,8 @@ Method
     the episodic memory is read by that attention, so if recall does not drop, the lookup
     lives in the Spike-KDA state and such a memory has nothing to extend.
  2. Two copies train --phase-steps more on streams with gaps log-uniform in
-    [--train-gap-min, --train-gap], pairs every --phase-pair-every tokens, calls of
+    [--train-gap-min, --train-gap], pairs every --phase-pair-every tokens (a list: the
+    batch's streams take its spacings in turn), calls of
     --phase-call tokens (longer than W, an entry is written and read inside one call, so
     its key and salience get the read's gradient): memories_off in phase A, memories_on
     in phase C (procedural and episodic memory on, their parameters fresh), as the
@@ -84,28 +85,30 @@ class PairStreams:
     Token ids: filler [0, n_filler), keys [n_filler, n_filler + n_keys), values after the
     keys. `text` (a list of filler ids) is read in order from a random start per stream;
     without it the filler is uniform random. A pair is placed every ~`pair_every`
-    tokens, its query `gap` tokens after it (a (lo, hi) range: log-uniform, or uniform
+    tokens (exponential spacing; a tuple: stream b uses pair_every[b % len], a batch of
+    dense and sparse streams), its query `gap` tokens after it (a (lo, hi) range: log-uniform, or uniform
     when `uniform`).
 
     next_batch() -> (x [B, T], y [B, T], gap [B, T]): inputs, targets, and for every
     target that is a query's answer the gap to its pair's value (-1 elsewhere)."""
 
     def __init__(self, B: int, T: int, n_filler: int, n_keys: int, n_values: int, gap: tuple[int, int],
-                 pair_every: int, seed: int, text: list[int] | None = None, uniform: bool = False,
+                 pair_every: int | tuple[int, ...], seed: int, text: list[int] | None = None, uniform: bool = False,
                  cooldown: int | None = None):
         self.B, self.T, self.n_filler, self.n_keys, self.n_values = B, T, n_filler, n_keys, n_values
-        self.gap, self.pair_every, self.text, self.uniform = gap, pair_every, text, uniform
+        self.gap, self.text, self.uniform = gap, text, uniform
+        spacing = pair_every if isinstance(pair_every, tuple) else (pair_every,)
         self.cooldown = cooldown if cooldown is not None else 2 * gap[1]
         self.rng = random.Random(seed)
-        self.streams = [self._new() for _ in range(B)]
+        self.streams = [self._new(spacing[b % len(spacing)]) for b in range(B)]
 
     @property
     def vocab(self) -> int:
         return self.n_filler + self.n_keys + self.n_values
 
-    def _new(self) -> dict:
-        return {"tok": [], "gap": [], "pos": 0, "pending": [], "last_use": {},
-                "at": self.rng.randrange(len(self.text)) if self.text else 0, "next_pair": self.rng.randrange(self.pair_every)}
+    def _new(self, pair_every: int) -> dict:
+        return {"tok": [], "gap": [], "pos": 0, "pending": [], "last_use": {}, "pair_every": pair_every,
+                "at": self.rng.randrange(len(self.text)) if self.text else 0, "next_pair": self.rng.randrange(pair_every)}
 
     def _draw_gap(self) -> int:
         lo, hi = self.gap
@@ -141,7 +144,7 @@ class PairStreams:
                 value_pos = s["pos"] - 1
                 s["pending"].append((key, value, value_pos + max(2, self._draw_gap()), value_pos))
                 s["last_use"][key] = s["pos"]
-                s["next_pair"] = s["pos"] + max(1, int(self.rng.expovariate(1 / self.pair_every)))
+                s["next_pair"] = s["pos"] + max(1, int(self.rng.expovariate(1 / s["pair_every"])))
                 return
         if self.text:
             self._push(s, self.text[s["at"]])
@@ -167,7 +170,7 @@ def model_config(args, memories: bool) -> ModelConfig:
                        alpha_spike_floor=1.0, pm_enabled=memories, em_enabled=memories,
                        plasticity_span=args.span, em_slots=args.em_slots, em_writes_per_span=args.em_writes,
                        em_topk=args.em_topk, em_keys=args.em_keys, em_salience_weight=args.salience_weight,
-                       em_strength_max=args.em_strength_max)
+                       em_strength_max=args.em_strength_max, em_age_decay=args.em_age_decay)
 
 
 class OracleSalience(torch.nn.Module):
@@ -294,13 +297,16 @@ def main() -> None:
     ap.add_argument("--phase-call", type=int, default=None,
                     help="call length of the phase-C/A' steps (default W; longer calls let a memory entry written "
                          "and read in one call train the keys and salience that wrote it)")
-    ap.add_argument("--phase-pair-every", type=int, default=None, help="pair spacing of the phase-C/A' streams "
-                    "(default --pair-every)")
+    ap.add_argument("--phase-pair-every", type=lambda v: tuple(int(x) for x in v.split(",")), default=None,
+                    help="pair spacing of the phase-C/A' streams (default --pair-every); a list such as 8,32 "
+                         "gives the batch's streams these spacings in turn")
     ap.add_argument("--span", type=int, default=32, help="plasticity span P")
     ap.add_argument("--em-slots", type=int, default=64)
     ap.add_argument("--em-writes", type=int, default=2)
     ap.add_argument("--em-topk", type=int, default=4)
     ap.add_argument("--em-strength-max", type=float, default=1.0, help="model.em_strength_max")
+    ap.add_argument("--em-age-decay", type=float, default=1.0, help="model.em_age_decay: a full memory replaces "
+                    "the entry of lowest strength x this ** (spans since written)")
     ap.add_argument("--em-keys", choices=("attention", "own"), default="attention",
                     help="model.em_keys: the memory looked up by the attention's queries/keys or by its own")
     ap.add_argument("--skip-off", action="store_true", help="train and score only memories_on (memories_off "

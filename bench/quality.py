@@ -33,7 +33,8 @@ Method
     rate 3e-3 (every other model at --lr); hatchling_drop10 = hatchling_betaonly with
     `model.dropout` 0.1; hatchling_pm / hatchling_mem = hatchling_betaonly with the memories of
     phase B / C (more parameters: the memories' own), hatchling_mem_own = hatchling_mem with
-    `model.em_keys` "own"; transformer = the same width and depth with its MLP
+    `model.em_keys` "own" and `model.em_age_decay` 0.95, hatchling_em_own = that episodic
+    memory without the procedural one; transformer = the same width and depth with its MLP
     widened until its parameter count matches the hatchling's (up to the MLP's 64-wide
     rounding).
   - Training: `train.train` (the real loop) on a preset built here; every model sees the
@@ -107,8 +108,8 @@ from train.memory_check import param_count  # noqa: E402
 from train.progress import Reporter  # noqa: E402
 
 MODELS = ("transformer", "hatchling", "hatchling_nospike", "hatchling_floor50", "hatchling_alphaonly",
-          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_mem_own", "hatchling_ge2",
-          "hatchling_lr3e3", "hatchling_drop10")
+          "hatchling_betaonly", "hatchling_betaonly_floor50", "hatchling_pm", "hatchling_mem", "hatchling_mem_own",
+          "hatchling_em_own", "hatchling_ge2", "hatchling_lr3e3", "hatchling_drop10")
 TRAIN_CHANGES = {"hatchling_lr3e3": {"lr": 3e-3}}  # variants of the training only
 CORPUS = ROOT.parent / "shared" / "corpus"
 DOMAINS = ("novels", "satire", "dialogue", "paper", "qa", "technical", "speeches")
@@ -149,7 +150,9 @@ def model_configs(args) -> dict[str, ModelConfig]:
             "hatchling_pm": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True),  # phase B
             "hatchling_mem": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True),  # phase C
             "hatchling_mem_own": replace(hatch, alpha_spike_floor=1.0, pm_enabled=True, em_enabled=True,
-                                         em_keys="own"),  # phase C, the episodic memory's own lookup
+                                         em_keys="own", em_age_decay=0.95),  # phase C, the EM's own lookup
+            "hatchling_em_own": replace(hatch, alpha_spike_floor=1.0, em_enabled=True, em_keys="own",
+                                        em_age_decay=0.95),  # the episodic memory alone
             "hatchling_ge2": replace(hatch, alpha_spike_floor=1.0, global_every=2),  # half the layers WM attention
             "hatchling_drop10": replace(hatch, alpha_spike_floor=1.0, dropout=0.1),  # against over-fitting
             **{name: replace(hatch, alpha_spike_floor=1.0) for name in TRAIN_CHANGES}}

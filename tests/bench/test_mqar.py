@@ -40,6 +40,17 @@ def test_pairs_and_queries_lie_where_their_gaps_say():
     assert check(streams, 40, 2, 32) > 300
 
 
+def test_a_tuple_of_spacings_gives_the_streams_of_a_batch_their_own_pair_density():
+    """pair_every=(8, 64): streams 0 and 2 dense, 1 and 3 sparse, pairs still where they say."""
+    streams = PairStreams(B=4, T=64, n_filler=32, n_keys=256, n_values=16, gap=(2, 32), pair_every=(8, 64), seed=0,
+                          uniform=True, cooldown=64)
+    tokens, gaps = whole_stream(streams, 60)
+    keys = ((tokens >= 32) & (tokens < 32 + 256)).sum(1).tolist()  # a key per pair and one per query
+    assert min(keys[0], keys[2]) > 3 * max(keys[1], keys[3]), keys
+    assert check(PairStreams(B=4, T=64, n_filler=32, n_keys=256, n_values=16, gap=(2, 32), pair_every=(8, 64),
+                             seed=0, uniform=True, cooldown=64), 60, 2, 32) > 300
+
+
 def test_long_fixed_gaps_and_text_filler():
     text = list(b"It was the best of times, it was the worst of times. " * 40)
     streams = PairStreams(B=2, T=64, n_filler=256, n_keys=256, n_values=16, gap=(500, 500), pair_every=40, seed=1,
