@@ -249,19 +249,22 @@ def train(model, streams: PairStreams, steps: int, args, label: str, until=None)
 
 @torch.no_grad()
 def recall(model, gap: int, args, seed: int, text) -> dict:
-    """Accuracy of the argmax answer at queries `gap` tokens after their pair, state carried."""
+    """Accuracy of the argmax answer at queries `gap` tokens after their pair, state carried,
+    counted once the streams have run max(gap, --warmup) tokens (a warm-up: the trained
+    model has only seen memories in their steady state)."""
     pair_every = max(args.pair_every, gap // 16)
     streams = PairStreams(args.eval_batch, args.window, args.filler_vocab, args.keys, args.values, (gap, gap),
                           pair_every, seed, text, cooldown=args.cooldown)
     model.eval()
     state, hits, n, nll = None, 0, 0, 0.0
     calls = 0
-    while n < args.probes and calls < 8 * (gap + pair_every * args.probes // args.eval_batch) // args.window + 16:
+    start = max(gap, args.warmup)
+    while n < args.probes and calls < 8 * (start + pair_every * args.probes // args.eval_batch) // args.window + 16:
         x, y, g = streams.next_batch()
         out = run_model(model, x, state)
         state = detach_state(out.state)
         answer = g >= 0
-        if calls * args.window >= gap:  # before that, every stream is still filling its first gap
+        if calls * args.window >= start:  # before gap, every stream is still filling its first gap
             logits = out.logits.float()[answer]
             hits += int((logits.argmax(-1) == y[answer]).sum())
             nll += float(F.cross_entropy(logits, y[answer], reduction="sum"))
@@ -269,7 +272,7 @@ def recall(model, gap: int, args, seed: int, text) -> dict:
         calls += 1
     return {"gap": gap, "gap_windows": round(gap / args.window, 2), "probes": n,
             "recall_acc": round(hits / max(1, n), 4), "answer_loss": round(nll / max(1, n), 4),
-            "chance": round(1 / args.values, 4)}
+            "chance": round(1 / args.values, 4), "warmup": args.warmup}
 
 
 def main() -> None:
@@ -323,6 +326,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--text-weight", type=float, default=None, help="weight of the filler's LM loss (text: 1, random: 0)")
     ap.add_argument("--probes", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=0, help="recall counts answers once a stream has run this many "
+                    "tokens (and its gap): 0 measures from the stream's start, the memory still filling")
+    ap.add_argument("--load-models", default=None, help="a --save-models prefix: the phase models are loaded from "
+                    "it (same flags) instead of trained")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backbone", default=None,
                     help="a .pth file: the phase-A backbone is loaded from it if it exists, else trained and saved there "
@@ -381,11 +388,15 @@ def main() -> None:
                     if block.em is not None:
                         block.em.salience = OracleSalience(args.filler_vocab + args.keys)
             models["memories_on/untrained"] = copy.deepcopy(model)
-        row = train(model, streams((args.train_gap_min, args.train_gap), args.seed + 1, T=args.phase_call or W,
-                                   pair_every=args.phase_pair_every or args.pair_every),
-                    args.phase_steps, args, label)
+        if args.load_models:
+            model.load_state_dict(torch.load(f"{args.load_models}_{label}.pth", weights_only=True))
+            row = {"loaded": f"{args.load_models}_{label}.pth"}
+        else:
+            row = train(model, streams((args.train_gap_min, args.train_gap), args.seed + 1, T=args.phase_call or W,
+                                       pair_every=args.phase_pair_every or args.pair_every),
+                        args.phase_steps, args, label)
         emit({"kind": "train", "model": label, "phase": "C" if memories else "A", **row})
-        if args.save_models:
+        if args.save_models and not args.load_models:
             torch.save(model.state_dict(), f"{args.save_models}_{label}.pth")
         models[label] = model
     for gap in (W // 4, W // 2, 2 * W, 8 * W, 32 * W):
