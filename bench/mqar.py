@@ -35,13 +35,14 @@ Method
     its read is on trial; --skip-off reuses memories_off from a run with the same flags.
  3. Recall (argmax of the answer = the value) at gaps W/4, W/2 (inside), 2W, 8W, 32W for
     memories_off, memories_on, memories_on/switched_off (its memories removed at
-    inference), with state carried across calls, until --probes answers per gap.
+    inference), with state carried across calls, until --probes answers per gap, counted
+    from the stream's start or (--warmup) once the memory has filled.
 Chance is 1 / --values.
 
     python bench/mqar.py                    # random filler, ~25 min on one core
-    python bench/mqar.py --backbone bench/results/mqar_backbone_pe8b.pth --phase-steps 1000 \
-        --phase-call 256 --train-gap-min 1 --phase-pair-every 32 --cooldown 2048 --em-keys own \
-        --em-writes 4 --skip-off                                 # the memory's own lookup, ~12 min
+    python bench/mqar.py --backbone bench/results/mqar_backbone_pe8b.pth --phase-steps 1500 \
+        --phase-call 256 --train-gap-min 1 --phase-pair-every 8,32 --cooldown 2048 --em-keys own \
+        --em-writes 4 --em-age-decay 0.95 --warmup 2048 --skip-off   # the memory that recalls, ~20 min
     python bench/mqar.py --filler text      # book text between the pairs
     python bench/mqar.py --backbone bench/results/mqar_backbone.pth   # train the backbone once, reuse it
 
