@@ -179,8 +179,10 @@ def test_memories_are_causal():
 def test_split_calls_equal_one_call(lifelong, em_keys):
     """Any cut of the stream into calls (spans straddling calls, T = 1 decoding, resets)
     gives the same logits and state as one call (with em_keys "own", a call's first token
-    is keyed by the previous call's last)."""
-    model = mem_model(lifelong=lifelong, em_keys=em_keys)
+    is keyed by the previous call's last; with it, as the presets ship it, a full memory's
+    choice of the slot to replace discounted by age)."""
+    own = dict(em_age_decay=0.7, em_slots=2) if em_keys == "own" else {}  # 2 slots: full, and replacing
+    model = mem_model(lifelong=lifelong, em_keys=em_keys, **own)
     x = tokens(2, 45)
     reset = torch.zeros(2, 45, dtype=torch.bool)
     reset[0, 13], reset[1, 30] = True, True
