@@ -98,3 +98,18 @@ def test_shipped_hatchling_presets_gate_only_writing_by_spikes(path):
     model = build_model(preset.model, 256, preset.auxiliary)
     layers = [m for m in model.modules() if isinstance(m, SpikeKDA)]
     assert layers and all(m.spiking and m.alpha_floor == 1.0 and m.beta_floor == 0.0 for m in layers)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.json")), ids=lambda p: p.stem)
+def test_shipped_episodic_memories_have_their_own_lookup_and_give_way_by_age(path):
+    """The episodic memory that recalls beyond the window on bench/mqar.py (README, What the
+    memories do): every shipped preset whose phase turns it on builds it with its own lookup
+    and the age discount, as the trainer builds it."""
+    from model import build_model
+
+    preset, _ = load_preset(path)  # the phase's memories on, as the trainer loads it
+    if not preset.model.em_enabled:
+        pytest.skip("no episodic memory in this preset's phase")
+    model = build_model(preset.model, 256, preset.auxiliary)
+    memories = [block.em for block in model.blocks if block.em is not None]
+    assert memories and all(em.own_keys and em.age_decay == 0.95 for em in memories)
